@@ -1,0 +1,182 @@
+import importlib.util
+import itertools
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.envs.registration import EnvSpec
+
+from utils import UserError, discounted_returns, evaluate, kendall_tau, make_env, normalized_score
+from utils.evaluation import exact_return_mask, q_diagnostics
+
+
+class ChainEnv(gym.Env):
+    """Reward 1 per step; a positive action makes the episode terminate after 5 steps, else it runs on."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float64)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([self.np_random.uniform(0, 0.01)]), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.array([float(self.t)]), 1.0, bool(action[0] > 0 and self.t >= 5), False, {}
+
+
+class FakeAntMaze(gym.Env):
+    """Dict observations like Minari's AntMaze; reward 1 from step 3 on if the action is positive, never ends."""
+
+    observation_space = gym.spaces.Dict(
+        {
+            "achieved_goal": gym.spaces.Box(-np.inf, np.inf, (2,), np.float64),
+            "desired_goal": gym.spaces.Box(-np.inf, np.inf, (2,), np.float64),
+            "observation": gym.spaces.Box(-np.inf, np.inf, (27,), np.float64),
+        }
+    )
+    action_space = gym.spaces.Box(-1.0, 1.0, (8,), np.float32)
+
+    def _obs(self):
+        return {
+            "achieved_goal": np.full(2, float(self.t)),
+            "desired_goal": np.full(2, 9.0),
+            "observation": np.arange(27.0),
+        }
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), float(action[0] > 0 and self.t >= 3), False, False, {}
+
+
+@pytest.fixture
+def registered():
+    """Register test envs under ids whose names select utils' task rules; remove them afterwards."""
+    made = []
+
+    def register(env_id, entry_point, max_episode_steps):
+        if env_id in gym.registry:
+            pytest.skip(f"{env_id} is registered by an installed package")
+        gym.register(env_id, entry_point=f"tests.test_evaluation:{entry_point}", max_episode_steps=max_episode_steps)
+        made.append(env_id)
+        return gym.spec(env_id).to_json()
+
+    yield register
+    for env_id in made:
+        del gym.registry[env_id]
+
+
+def test_discounted_returns_by_hand():
+    np.testing.assert_allclose(discounted_returns(np.array([1.0, 2.0, 4.0]), 0.5), [1 + 1 + 1, 2 + 2, 4])
+
+
+def test_exact_return_mask():
+    assert exact_return_mask(4, True, 0.99, 0.01).all()
+    # gamma 0.5: the tail weight 0.5^(10-t) is <= 0.01 for 10 - t >= 7, i.e. t <= 3
+    np.testing.assert_array_equal(exact_return_mask(10, False, 0.5, 0.01), np.arange(10) <= 3)
+
+
+def brute_force_tau_b(x, y):
+    concordant = discordant = ties_x = ties_y = 0
+    for i, j in itertools.combinations(range(len(x)), 2):
+        sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+        if sx == 0 and sy == 0:
+            continue
+        if sx == 0:
+            ties_x += 1
+        elif sy == 0:
+            ties_y += 1
+        elif sx == sy:
+            concordant += 1
+        else:
+            discordant += 1
+    return (concordant - discordant) / np.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+
+
+def test_kendall_tau_matches_brute_force_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y = rng.integers(0, 5, 40).astype(float), rng.integers(0, 5, 40).astype(float)
+        assert kendall_tau(x, y, chunk=7) == pytest.approx(brute_force_tau_b(x, y), abs=1e-12)
+    x = rng.normal(size=100)
+    assert kendall_tau(x, 3 * x + 1) == pytest.approx(1.0)
+    assert kendall_tau(x, -x) == pytest.approx(-1.0)
+
+
+def test_q_diagnostics_by_hand():
+    true = np.array([10.0, -20.0, 40.0])
+    result = q_diagnostics(np.array([11.0, -18.0, 20.0]), true)
+    assert result["q_bias"] == pytest.approx(np.mean([1 / 10, 2 / 20, -20 / 40]))
+    assert result["q_rank_tau"] == pytest.approx(1.0)
+    assert result["q_pairs"] == 3
+
+
+def test_evaluate_known_policies(registered):
+    spec = registered("Chain-v0", "ChainEnv", max_episode_steps=10)
+    env = make_env(spec, seed=0)
+    gamma = 0.5
+    true_q = lambda obs, act: discounted_returns(np.ones(5), gamma)[np.round(obs[:, 0]).astype(int)]
+
+    forward = evaluate(env, lambda obs: np.ones(1), episodes=3, seed=0, q_function=true_q, gamma=gamma)
+    assert forward["episodic_return"] == 5 and forward["return_std"] == 0 and forward["episode_length"] == 5
+    assert forward["q_bias"] == pytest.approx(0, abs=1e-2) and forward["q_rank_tau"] == pytest.approx(1.0)
+    assert forward["q_pairs"] == 15  # terminated episodes: every pair has an exact return
+    assert np.isnan(forward["normalized_score"]) and np.isnan(forward["success_rate"])  # no D4RL refs
+
+    doubled = evaluate(env, lambda obs: np.ones(1), 3, 0, lambda o, a: 2 * true_q(o, a), gamma=gamma)
+    assert doubled["q_bias"] == pytest.approx(1.0, abs=2e-2)  # Q_est = 2 Q_true everywhere
+
+    backward = evaluate(env, lambda obs: -np.ones(1), 2, 0, lambda o, a: np.zeros(len(o)), gamma=gamma)
+    assert backward["episodic_return"] == 10 and backward["episode_length"] == 10
+    assert backward["q_pairs"] == 8  # truncated at 10: only t <= 3 has a negligible tail at gamma 0.5
+    assert backward["q_bias"] == pytest.approx(-1.0)
+
+    shifted = evaluate(env, lambda obs: np.ones(1), 1, 0, true_q, gamma=gamma, q_reward_fn=lambda r: r - 1)
+    assert shifted["q_bias"] > 1e6 or np.isnan(shifted["q_bias"])  # Q_true is 0 for r - 1 = 0
+
+
+def test_evaluate_is_seeded_and_scores_hopper():
+    spec = gym.spec("Hopper-v5").to_json()
+    zero = lambda obs: np.zeros(3)
+    first = evaluate(make_env(spec, 0), zero, episodes=2, seed=5)
+    second = evaluate(make_env(spec, 1), zero, episodes=2, seed=5)
+    other = evaluate(make_env(spec, 0), zero, episodes=2, seed=6)
+    assert first["episodic_return"] == second["episodic_return"] != other["episodic_return"]
+    assert first["normalized_score"] == pytest.approx(normalized_score("hopper", first["episodic_return"]))
+    refs = evaluate(make_env(spec, 0), zero, 2, 5, minari_ref_scores=(0.0, 2 * first["episodic_return"]))
+    assert refs["minari_normalized_score"] == pytest.approx(50.0)
+
+
+def test_antmaze_env_is_flattened_d4rl_style_and_ends_at_the_goal(registered):
+    env = make_env(registered("AntMaze_Fake-v4", "FakeAntMaze", max_episode_steps=20), seed=0)
+    assert env.observation_space.shape == (29,)
+    observation, _ = env.reset()
+    np.testing.assert_array_equal(observation, np.concatenate([[0.0, 0.0], np.arange(27.0)]))
+    reaching = evaluate(env, lambda obs: np.ones(8), episodes=2, seed=0)
+    assert reaching["episode_length"] == 3 and reaching["success_rate"] == 1.0
+    assert reaching["normalized_score"] == 100.0
+    idle = evaluate(env, lambda obs: -np.ones(8), episodes=2, seed=0)
+    assert idle["episode_length"] == 20 and idle["success_rate"] == 0.0 and idle["normalized_score"] == 0.0
+
+
+def test_pen_uses_d4rl_horizon(registered):
+    env = make_env(registered("AdroitHandPen-v1", "ChainEnv", max_episode_steps=200), seed=0)
+    assert evaluate(env, lambda obs: -np.ones(1), episodes=1, seed=0)["episode_length"] == 100
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gymnasium_robotics") is not None, reason="gymnasium-robotics present")
+def test_missing_gymnasium_robotics_is_a_clear_error():
+    spec = EnvSpec("AntMaze_UMaze-v4", entry_point="gymnasium_robotics.envs.maze.ant_maze_v4:AntMazeEnv").to_json()
+    with pytest.raises(UserError, match=r"requirements-robotics\.txt"):
+        make_env(spec, seed=0)
+
+
+def test_unknown_env_is_a_clear_error():
+    with pytest.raises(UserError, match="cannot build the environment NoSuchEnv-v0"):
+        make_env(EnvSpec("NoSuchEnv-v0", entry_point="no_such_module:Env").to_json(), seed=0)

@@ -1,0 +1,408 @@
+"""Offline datasets: D4RL-style names -> Minari ids, guarded loading, flat float32 arrays, scores."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import UserError
+
+# ---------------------------------------------------------------------------------------------------
+# Name table
+# ---------------------------------------------------------------------------------------------------
+
+LOCOMOTION = {"hopper": "Hopper", "halfcheetah": "HalfCheetah", "walker2d": "Walker2d", "ant": "Ant"}
+LOCOMOTION_LEVELS = ("simple", "medium", "expert")
+ANTMAZE_LEVELS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+ADROIT_TASKS = ("pen", "door", "hammer", "relocate")
+ADROIT_LEVELS = ("human", "cloned", "expert")
+# Our own namespace for data generated here, so it never shadows a remote Minari id.
+LOCAL_NAMESPACE = "o2o-local"
+RANDOM_DATASET_STEPS = 1_000_000
+VERSIONED_ID = re.compile(r"-v\d+$")
+
+
+@dataclass(frozen=True)
+class DatasetName:
+    """What a user-facing name stands for."""
+
+    name: str
+    minari_ids: tuple[str, ...]  # concatenated in this order (medium-expert = medium then expert)
+    generate_env_id: str | None = None  # set for data we create locally on first use (the random level)
+
+
+def _name_table() -> dict[str, DatasetName]:
+    table = {}
+    for env, Env in LOCOMOTION.items():
+        for level in LOCOMOTION_LEVELS:
+            table[f"{env}-{level}"] = DatasetName(f"{env}-{level}", (f"mujoco/{env}/{level}-v0",))
+        table[f"{env}-medium-expert"] = DatasetName(
+            f"{env}-medium-expert", (f"mujoco/{env}/medium-v0", f"mujoco/{env}/expert-v0")
+        )
+        table[f"{env}-random"] = DatasetName(
+            f"{env}-random", (f"{LOCAL_NAMESPACE}/{env}/random-v0",), generate_env_id=f"{Env}-v5"
+        )
+    for level in ANTMAZE_LEVELS:
+        table[f"antmaze-{level}"] = DatasetName(f"antmaze-{level}", (f"D4RL/antmaze/{level}-v1",))
+    for task in ADROIT_TASKS:
+        for level in ADROIT_LEVELS:
+            table[f"{task}-{level}"] = DatasetName(f"{task}-{level}", (f"D4RL/{task}/{level}-v2",))
+    return table
+
+
+NAMES = _name_table()
+
+_REFUSED = {
+    "medium-replay": "Minari has no medium-replay data for the MuJoCo tasks (only simple, medium and expert "
+    "exist remotely); use {env}-simple or {env}-random, or make a dataset with `python -m utils.make_dataset`",
+    "full-replay": "Minari has no full-replay data; use {env}-medium or {env}-random",
+    "kitchen": "FrankaKitchen-v1 does not run on mujoco 4 (its make fails in get_joint_qpos), so kitchen "
+    "datasets cannot be fine-tuned online",
+}
+
+
+def resolve_name(name: str) -> DatasetName:
+    """Map a D4RL-style name (with or without a -vN suffix) or a raw Minari id to Minari ids."""
+    name = name.strip()
+    if "/" in name:  # a raw Minari id
+        if not VERSIONED_ID.search(name):
+            raise UserError(
+                f"Minari id '{name}' has no version suffix; Minari needs one, e.g. '{name}-v0' "
+                "(a versionless id crashes inside minari)"
+            )
+        return DatasetName(name, (name,))
+    short = VERSIONED_ID.sub("", name)
+    if short in NAMES:
+        return NAMES[short]
+    env = short.split("-")[0]
+    for key, why in _REFUSED.items():
+        if key in short:
+            raise UserError(f"'{name}' is not available: {why.format(env=env)}")
+    raise UserError(
+        f"unknown dataset name '{name}'. Known names: {', '.join(sorted(NAMES))}; "
+        "or give a raw Minari id such as mujoco/hopper/medium-v0"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tasks and normalized scores
+# ---------------------------------------------------------------------------------------------------
+
+# D4RL reference returns (random, expert) from D4RL's infos.py, the ones the papers use.
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+    "pen": (96.262799, 3076.8331017826877),
+    "door": (-56.512833, 2880.5693087298737),
+    "hammer": (-274.856578, 12794.134825156867),
+    "relocate": (-6.425911, 4233.877797728884),
+}
+_TASK_OF_ENV = {
+    "Hopper": "hopper",
+    "HalfCheetah": "halfcheetah",
+    "Walker2d": "walker2d",
+    "Ant": "ant",
+    "AdroitHandPen": "pen",
+    "AdroitHandDoor": "door",
+    "AdroitHandHammer": "hammer",
+    "AdroitHandRelocate": "relocate",
+}
+
+
+def task_of_env_id(env_id: str) -> str | None:
+    """'Hopper-v5' -> 'hopper', 'AntMaze_UMaze-v4' -> 'antmaze', unknown envs -> None."""
+    base = env_id.split(":")[-1].split("-v")[0]
+    if base.startswith("AntMaze"):
+        return "antmaze"
+    return _TASK_OF_ENV.get(base)
+
+
+def normalized_score(task: str | None, mean_return: float, success_rate: float = float("nan")) -> float:
+    """D4RL normalized score x100; AntMaze is 100 x success rate; NaN where D4RL has no reference."""
+    if task == "antmaze":
+        return 100.0 * success_rate
+    if task not in D4RL_REF_SCORES:
+        return float("nan")
+    low, high = D4RL_REF_SCORES[task]
+    return 100.0 * (mean_return - low) / (high - low)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading with a network guard
+# ---------------------------------------------------------------------------------------------------
+
+
+def datasets_root() -> Path:
+    """The folder Minari reads local datasets from (MINARI_DATASETS_PATH or ~/.minari/datasets)."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
+
+
+def is_local(minari_id: str) -> bool:
+    return (datasets_root() / minari_id / "data" / "metadata.json").is_file()
+
+
+def offline_mode() -> bool:
+    """True when O2O_OFFLINE or HF_HUB_OFFLINE is set to a true value: never touch the network."""
+    return any(os.environ.get(var, "").lower() in ("1", "true", "yes") for var in ("O2O_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def hub_reachable(timeout: float = 4.0) -> tuple[bool, str]:
+    """Probe the Hugging Face endpoint with a bounded HTTP request.
+
+    A plain TCP connect is not enough: a network that accepts and never answers makes huggingface_hub
+    hang forever (its dataset listing has no timeout), so we wait for an HTTP answer, any status.
+    """
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(
+            urllib.request.Request(f"{endpoint}/api/datasets?limit=1", method="HEAD"), timeout=timeout
+        )
+    except urllib.error.HTTPError:
+        return True, ""  # the server answered; the status does not matter here
+    except Exception as err:  # timeouts, DNS failures, refused connections, TLS errors ...
+        return False, f"{endpoint} did not answer within {timeout:.0f} s ({type(err).__name__}: {err})"
+    return True, ""
+
+
+def _missing_error(minari_id: str, reason: str) -> UserError:
+    return UserError(
+        f"Minari dataset '{minari_id}' is not under MINARI_DATASETS_PATH={datasets_root()} and cannot be "
+        f"downloaded: {reason}. Download it on a connected machine (`minari download {minari_id}`) and copy "
+        f"the folder {minari_id}/ there, or create one with `python -m utils.make_dataset`"
+    )
+
+
+def ensure_local(minari_id: str) -> None:
+    """Make sure the dataset is on disk: local data never touches the network; downloads are guarded."""
+    if is_local(minari_id):
+        return
+    if offline_mode():
+        raise _missing_error(minari_id, "offline mode is on (O2O_OFFLINE or HF_HUB_OFFLINE)")
+    reachable, why = hub_reachable()
+    if not reachable:
+        raise _missing_error(minari_id, why)
+    try:
+        import minari
+
+        minari.download_dataset(minari_id)
+    except Exception as err:  # the hub's connection errors are not OSError subclasses
+        raise _missing_error(minari_id, f"download failed ({type(err).__name__}: {err})") from err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flattening
+# ---------------------------------------------------------------------------------------------------
+
+FLAT_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "episode_ends")
+
+
+def observation_keys(task: str | None, observation_space) -> tuple[str, ...] | None:
+    """The order in which Dict observations are concatenated; None for flat Box observations.
+
+    AntMaze follows D4RL's layout: the ant's (x, y) first, then the 27-d body state (29 dims); the goal
+    is fixed by the evaluation env, as in D4RL. Other Dict spaces keep the space's own key order.
+    """
+    spaces = getattr(observation_space, "spaces", None)
+    if not isinstance(spaces, dict):
+        return None
+    if task == "antmaze":
+        return ("achieved_goal", "observation")
+    return tuple(spaces)
+
+
+def _read_array(file_id, path: str) -> np.ndarray:
+    import h5py
+
+    dset = h5py.h5d.open(file_id, path.encode())  # the low-level API skips h5py's per-call overhead
+    out = np.empty(dset.shape, dtype=dset.dtype)
+    dset.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
+    return out
+
+
+def flatten_hdf5(hdf5_path: Path, episode_indices, total_steps: int, obs_keys) -> dict[str, np.ndarray]:
+    """Read Minari's HDF5 directly into flat float32 transition arrays.
+
+    Per episode with T steps the file holds T+1 observations: obs = O[:-1], next_obs = O[1:].
+    terminals = terminations (no bootstrap); truncations only end episodes. Nothing is dropped.
+    """
+    import h5py
+
+    arrays: dict[str, np.ndarray] | None = None
+    row = 0
+    with h5py.File(hdf5_path, "r") as file:
+        for index in episode_indices:
+            group = f"episode_{int(index)}"
+            if obs_keys is None:
+                observations = _read_array(file.id, f"{group}/observations")
+            else:
+                parts = [_read_array(file.id, f"{group}/observations/{key}") for key in obs_keys]
+                observations = np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
+            actions = _read_array(file.id, f"{group}/actions")
+            steps = len(actions)
+            if arrays is None:
+                arrays = {
+                    "observations": np.empty((total_steps, *observations.shape[1:]), np.float32),
+                    "actions": np.empty((total_steps, *actions.shape[1:]), np.float32),
+                    **{key: np.zeros(total_steps, np.float32) for key in ("rewards", "terminals", "episode_ends")},
+                }
+                arrays["next_observations"] = np.empty_like(arrays["observations"])
+            if len(observations) != steps + 1 or row + steps > total_steps:
+                raise ValueError(f"{group} has {len(observations)} observations for {steps} actions")
+            end = row + steps
+            arrays["observations"][row:end] = observations[:-1]
+            arrays["next_observations"][row:end] = observations[1:]
+            arrays["actions"][row:end] = actions
+            arrays["rewards"][row:end] = _read_array(file.id, f"{group}/rewards")
+            arrays["terminals"][row:end] = _read_array(file.id, f"{group}/terminations")
+            arrays["episode_ends"][end - 1] = 1.0
+            row = end
+    if arrays is None or row != total_steps:
+        raise ValueError(f"episodes hold {row} steps but the metadata says {total_steps}")
+    return arrays
+
+
+def _cache_path(minari_id: str, hdf5_path: Path, total_steps: int) -> Path:
+    stat = hdf5_path.stat()
+    # Keyed by id and size; the file's byte size and mtime catch a dataset recreated under the same id.
+    digest = hashlib.sha1(f"{hdf5_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    cache_dir = Path(os.environ.get("O2O_CACHE_DIR") or datasets_root() / ".o2o-flat-cache")
+    return cache_dir / f"{minari_id.replace('/', '__')}__{total_steps}steps__{digest}.npz"
+
+
+def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(tmp, path)
+
+
+@dataclass
+class _MinariPart:
+    arrays: dict[str, np.ndarray]
+    env_spec: str | None
+    eval_env_spec: str | None
+    observation_space: object
+    ref_scores: tuple[float, float] | None
+
+
+def _load_part(minari_id: str, use_cache: bool) -> _MinariPart:
+    import minari
+
+    ensure_local(minari_id)
+    try:
+        dataset = minari.load_dataset(minari_id)
+        metadata = dataset.storage.metadata
+        total_steps = int(dataset.total_steps)
+        env_spec = metadata.get("env_spec")
+        eval_env_spec = metadata.get("eval_env_spec") or env_spec
+        task = task_of_env_id(json.loads(env_spec)["id"]) if env_spec else None
+        obs_keys = observation_keys(task, dataset.observation_space)
+        hdf5_path = Path(dataset.storage.data_path) / "main_data.hdf5"
+        if metadata.get("data_format", "hdf5") != "hdf5":
+            raise ValueError(f"data_format {metadata.get('data_format')!r} is not supported; use hdf5")
+        cache = _cache_path(minari_id, hdf5_path, total_steps)
+        if use_cache and cache.is_file():
+            with np.load(cache) as stored:
+                arrays = {key: stored[key] for key in FLAT_KEYS}
+        else:
+            arrays = flatten_hdf5(hdf5_path, dataset.episode_indices, total_steps, obs_keys)
+            if use_cache:
+                _atomic_savez(cache, arrays)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(
+            f"Minari dataset '{minari_id}' under {datasets_root()} could not be read "
+            f"({type(err).__name__}: {err}); it may be truncated or corrupted: delete "
+            f"{datasets_root() / minari_id} and download or create it again"
+        ) from err
+    if task == "antmaze":
+        # D4RL's AntMaze episodes end at the goal, Minari's continue (continuing_task=True): a goal-reaching
+        # step is terminal here, and make_env ends online episodes there too, so both agree.
+        arrays["terminals"] = np.maximum(arrays["terminals"], (arrays["rewards"] > 0).astype(np.float32))
+    low, high = metadata.get("ref_min_score"), metadata.get("ref_max_score")
+    refs = (float(low), float(high)) if low is not None and high is not None else None
+    return _MinariPart(arrays, env_spec, eval_env_spec, dataset.observation_space, refs)
+
+
+@dataclass
+class OfflineData:
+    """A dataset as flat float32 transition arrays, with what is needed to rebuild its environment."""
+
+    name: str
+    minari_ids: tuple[str, ...]
+    env_spec: str  # Gymnasium EnvSpec JSON of the data-collection env
+    eval_env_spec: str  # the dataset's evaluation env (AntMaze: fixed D4RL goal); the data env otherwise
+    task: str | None  # key of the D4RL reference table, 'antmaze', or None
+    observations: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    next_observations: np.ndarray
+    terminals: np.ndarray  # 1.0 = terminated: do not bootstrap
+    episode_ends: np.ndarray  # 1.0 on the last transition of every episode (terminated or truncated)
+    minari_ref_scores: tuple[float, float] | None = field(default=None)  # Minari metadata refs, if any
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    @property
+    def env_id(self) -> str:
+        return json.loads(self.env_spec)["id"]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {key: getattr(self, key) for key in FLAT_KEYS}
+
+    def describe(self) -> str:
+        return (
+            f"'{self.name}' = Minari {' + '.join(self.minari_ids)}; env {self.env_id}; {len(self)} transitions, "
+            f"{int(self.episode_ends.sum())} episodes, {int(self.terminals.sum())} terminal; "
+            f"obs dim {self.observations.shape[1]}, action dim {self.actions.shape[1]}"
+        )
+
+
+def load_dataset(name: str, use_cache: bool = True, random_steps: int = RANDOM_DATASET_STEPS) -> OfflineData:
+    """Load a dataset by D4RL-style name or Minari id as flat float32 arrays (cached on disk).
+
+    `random_steps` sets the size of a random dataset generated on first use (tests make tiny ones).
+    """
+    resolved = resolve_name(name)
+    if resolved.generate_env_id and not is_local(resolved.minari_ids[0]):
+        from utils.make_dataset import collect_dataset
+
+        print(
+            f"{resolved.minari_ids[0]} is not under {datasets_root()}: generating {random_steps} steps of "
+            f"uniform random actions on {resolved.generate_env_id} (done once)",
+            file=sys.stderr,
+        )
+        collect_dataset(resolved.generate_env_id, resolved.minari_ids[0], steps=random_steps)
+    parts = [_load_part(minari_id, use_cache) for minari_id in resolved.minari_ids]
+    first = parts[0]
+    if first.env_spec is None:
+        raise UserError(
+            f"Minari dataset '{resolved.minari_ids[0]}' stores no environment spec; it cannot be fine-tuned online"
+        )
+    arrays = {
+        key: np.concatenate([part.arrays[key] for part in parts]) if len(parts) > 1 else first.arrays[key]
+        for key in FLAT_KEYS
+    }
+    return OfflineData(
+        name=resolved.name,
+        minari_ids=resolved.minari_ids,
+        env_spec=first.env_spec,
+        eval_env_spec=first.eval_env_spec,
+        task=task_of_env_id(json.loads(first.env_spec)["id"]),
+        minari_ref_scores=first.ref_scores if len(parts) == 1 else None,  # Minari refs do not survive a concat
+        **arrays,
+    )

@@ -1,0 +1,123 @@
+"""Deterministic evaluation episodes, normalized scores, and the SO2 paper's Q diagnostics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gymnasium as gym
+import numpy as np
+
+from utils.data import normalized_score, task_of_env_id
+
+Policy = Callable[[np.ndarray], np.ndarray]  # one observation -> one action
+QFunction = Callable[[np.ndarray, np.ndarray], np.ndarray]  # [n, obs], [n, act] -> [n]
+
+
+def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    """G_t = sum_k gamma^k r_{t+k} to the end of the episode, for every t."""
+    returns = np.empty(len(rewards), np.float64)
+    running = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        running = rewards[t] + gamma * running
+        returns[t] = running
+    return returns
+
+
+def exact_return_mask(length: int, terminated: bool, gamma: float, tail_tol: float) -> np.ndarray:
+    """Steps whose Monte-Carlo return is exact: all of a terminated episode; otherwise only those whose
+    missing tail gamma^(steps left) * V(s_T) is below `tail_tol` of V (e.g. 0.01 -> 459 steps at 0.99)."""
+    if terminated:
+        return np.ones(length, bool)
+    steps_left = length - np.arange(length)
+    return gamma**steps_left <= tail_tol
+
+
+def kendall_tau(x: np.ndarray, y: np.ndarray, chunk: int = 1024) -> float:
+    """Kendall's tau-b (ties corrected), exact, O(n^2) time in row chunks of O(chunk * n) memory."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    concordance = pairs_x = pairs_y = 0.0
+    for start in range(0, len(x), chunk):
+        sign_x = np.sign(x[start : start + chunk, None] - x[None, :])
+        sign_y = np.sign(y[start : start + chunk, None] - y[None, :])
+        concordance += float((sign_x * sign_y).sum())
+        pairs_x += float(np.abs(sign_x).sum())
+        pairs_y += float(np.abs(sign_y).sum())
+    # Every unordered pair was counted twice; the factor cancels in the ratio.
+    denominator = np.sqrt(pairs_x * pairs_y)
+    return float(concordance / denominator) if denominator > 0 else float("nan")
+
+
+def q_diagnostics(q_estimates: np.ndarray, q_true: np.ndarray, min_abs_true: float = 1e-6) -> dict[str, float]:
+    """SO2 paper: q_bias = mean (Q_est - Q_true) / |Q_true|; q_rank_tau = Kendall tau(Q_est, Q_true).
+
+    Pairs with |Q_true| < min_abs_true are left out of the bias (the ratio is undefined there).
+    """
+    usable = np.abs(q_true) >= min_abs_true
+    bias = np.mean((q_estimates[usable] - q_true[usable]) / np.abs(q_true[usable])) if usable.any() else np.nan
+    return {"q_bias": float(bias), "q_rank_tau": kendall_tau(q_estimates, q_true), "q_pairs": float(len(q_true))}
+
+
+def evaluate(
+    env: gym.Env,
+    policy: Policy,
+    episodes: int,
+    seed: int,
+    q_function: QFunction | None = None,
+    gamma: float = 0.99,
+    q_reward_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    tail_tol: float = 0.01,
+    minari_ref_scores: tuple[float, float] | None = None,
+) -> dict[str, float]:
+    """Run `episodes` episodes of a deterministic policy; episode i is reset with seed + i.
+
+    Returns episodic_return (mean), return_std, episode_length, normalized_score (D4RL refs), success_rate
+    (NaN where the task has no notion of success), minari_normalized_score where the dataset has Minari refs,
+    and, given a Q function, q_bias / q_rank_tau / q_pairs against discounted Monte-Carlo returns.
+    `q_reward_fn` maps env rewards to the rewards the critic was trained on (e.g. AntMaze r - 1, scaling).
+    """
+    task = task_of_env_id(env.spec.id) if env.spec is not None else None
+    returns, lengths, successes = [], [], []
+    q_obs, q_actions, q_true = [], [], []
+    for episode in range(episodes):
+        observation, _ = env.reset(seed=seed + episode)
+        observations, actions, rewards = [], [], []
+        success, done, terminated = False, False, False
+        while not done:
+            action = np.asarray(policy(observation))
+            next_observation, reward, terminated, truncated, info = env.step(action)
+            observations.append(observation)
+            actions.append(action)
+            rewards.append(float(reward))
+            success = success or bool(info.get("success", False)) or (task == "antmaze" and reward > 0)
+            observation, done = next_observation, terminated or truncated
+        returns.append(sum(rewards))
+        lengths.append(len(rewards))
+        successes.append(success)
+        if q_function is not None:
+            rewards_array = np.asarray(rewards)
+            trained_rewards = q_reward_fn(rewards_array) if q_reward_fn is not None else rewards_array
+            mask = exact_return_mask(len(rewards), terminated, gamma, tail_tol)
+            q_true.append(discounted_returns(trained_rewards, gamma)[mask])
+            q_obs.append(np.asarray(observations)[mask])
+            q_actions.append(np.asarray(actions)[mask])
+    mean_return = float(np.mean(returns))
+    has_success = task in ("antmaze", "pen", "door", "hammer", "relocate")
+    success_rate = float(np.mean(successes)) if has_success else float("nan")
+    result = {
+        "episodic_return": mean_return,
+        "return_std": float(np.std(returns)),
+        "episode_length": float(np.mean(lengths)),
+        "normalized_score": normalized_score(task, mean_return, success_rate),
+        "success_rate": success_rate,
+    }
+    if minari_ref_scores is not None:
+        low, high = minari_ref_scores
+        result["minari_normalized_score"] = 100.0 * (mean_return - low) / (high - low)
+    if q_function is not None:
+        true = np.concatenate(q_true)
+        if len(true) >= 2:
+            estimates = np.asarray(q_function(np.concatenate(q_obs), np.concatenate(q_actions)), np.float64).reshape(-1)
+            result.update(q_diagnostics(estimates, true))
+        else:  # every episode was cut too early for an exact return
+            result.update({"q_bias": float("nan"), "q_rank_tau": float("nan"), "q_pairs": float(len(true))})
+    return result

@@ -1,0 +1,222 @@
+"""Create a real Minari dataset locally, without jax: `python -m utils.make_dataset --help`.
+
+Examples:
+    python -m utils.make_dataset --env-id Hopper-v5 --dataset-id o2o-local/hopper/random-v0 --steps 1000000
+    python -m utils.make_dataset --env-id Hopper-v5 --dataset-id o2o-local/hopper/so2-noisy-v0 \\
+        --checkpoint runs/<run>/final.pt --noise-std 0.1 --steps 200000
+
+Episodes are collected with numpy and written with `minari.create_dataset_from_buffers` (Minari's
+DataCollector needs jax). Episode i is reset with seed + i. The last episode, if the step budget cuts it,
+is kept and marked truncated (a cut, not a termination: it bootstraps). The dataset is written under a
+temporary root and moved into MINARI_DATASETS_PATH at the end, so an interrupted run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.data import VERSIONED_ID, datasets_root, is_local
+from utils.errors import UserError
+
+
+@dataclass
+class Args:
+    env_id: str
+    """Gymnasium env id that generates the data, e.g. Hopper-v5"""
+    dataset_id: str
+    """Minari id to write, with a -vN suffix, e.g. o2o-local/hopper/random-v0"""
+    steps: int = 1_000_000
+    """number of environment steps (transitions) to collect"""
+    checkpoint: str | None = None
+    """a checkpoint of one of our algorithms whose deterministic actor acts; uniform random actions if unset"""
+    noise_std: float = 0.0
+    """std of Gaussian noise added to the checkpoint actor's actions (then clipped to the action bounds)"""
+    seed: int = 0
+    """episode i is reset with seed + i; random actions are drawn from this seed too"""
+    max_episode_steps: int | None = None
+    """override the env's time limit (stored in the dataset's env spec)"""
+    ref_min_score: float | None = None
+    """Minari metadata reference return of a random policy (stored only together with --ref-max-score)"""
+    ref_max_score: float | None = None
+    """Minari metadata reference return of an expert; Minari estimates ref-min itself if only this is given"""
+    overwrite: bool = False
+    """replace an existing local dataset with the same id"""
+    progress: bool = True
+    """show a progress bar (off automatically when stderr is not a terminal)"""
+
+
+def policy_from_checkpoint(path: str, noise_std: float, action_space: gym.spaces.Box, seed: int) -> Callable:
+    """The deterministic actor of one of our checkpoints, plus optional clipped Gaussian noise.
+
+    Each algorithm script saves its name under `algorithm` and exposes `policy_from_checkpoint(ckpt)`.
+    """
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        module = importlib.import_module(f"algorithms.{checkpoint['algorithm']}")
+        actor = module.policy_from_checkpoint(checkpoint)
+    except Exception as err:
+        raise UserError(f"cannot use checkpoint {path} as a policy ({type(err).__name__}: {err})") from err
+    rng = np.random.default_rng(seed)
+
+    def act(observation: np.ndarray) -> np.ndarray:
+        action = np.asarray(actor(observation), np.float64)
+        if noise_std > 0:
+            action = action + rng.normal(0.0, noise_std, size=action.shape)
+        return np.clip(action, action_space.low, action_space.high)
+
+    return act
+
+
+def _stack(observations: list):
+    if isinstance(observations[0], dict):
+        return {key: np.stack([obs[key] for obs in observations]) for key in observations[0]}
+    return np.stack(observations)
+
+
+def collect_episodes(env: gym.Env, steps: int, policy: Callable | None, seed: int, progress: bool = False) -> list:
+    """Roll out `steps` transitions into Minari EpisodeBuffers (the last one cut and marked truncated)."""
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+    from tqdm import tqdm
+
+    env.action_space.seed(seed)
+    buffers = []
+    bar = tqdm(total=steps, desc=f"collect {env.spec.id}", unit="step", disable=not progress)
+    collected = 0
+    while collected < steps:
+        episode_seed = seed + len(buffers)
+        observation, _ = env.reset(seed=episode_seed)
+        observations, actions, rewards, terminations, truncations = [observation], [], [], [], []
+        done = False
+        while not done and collected < steps:
+            action = env.action_space.sample() if policy is None else policy(observation)
+            observation, reward, terminated, truncated, _ = env.step(action)
+            observations.append(observation)
+            actions.append(np.asarray(action))
+            rewards.append(float(reward))
+            terminations.append(bool(terminated))
+            truncations.append(bool(truncated))
+            done = terminated or truncated
+            collected += 1
+        if not done:
+            truncations[-1] = True  # the step budget cut this episode: a truncation, it still bootstraps
+        buffers.append(
+            EpisodeBuffer(
+                id=len(buffers),
+                seed=episode_seed,
+                observations=_stack(observations),
+                actions=np.stack(actions),
+                rewards=np.asarray(rewards, np.float64),
+                terminations=np.asarray(terminations, bool),
+                truncations=np.asarray(truncations, bool),
+            )
+        )
+        bar.update(len(actions))
+    bar.close()
+    return buffers
+
+
+def collect_dataset(
+    env_id: str,
+    dataset_id: str,
+    steps: int,
+    policy: Callable | None = None,
+    seed: int = 0,
+    max_episode_steps: int | None = None,
+    ref_min_score: float | None = None,
+    ref_max_score: float | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Collect `steps` transitions on `env_id` and write them as the Minari dataset `dataset_id`."""
+    import minari
+
+    if not VERSIONED_ID.search(dataset_id) or "/" not in dataset_id:
+        raise UserError(f"dataset id '{dataset_id}' must look like namespace/name-vN, e.g. o2o-local/hopper/random-v0")
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    if is_local(dataset_id) and not overwrite:
+        raise UserError(f"{dataset_id} already exists under {datasets_root()}; pass --overwrite to replace it")
+    try:
+        env = gym.make(env_id, **({"max_episode_steps": max_episode_steps} if max_episode_steps else {}))
+    except Exception as err:
+        raise UserError(f"cannot make the Gymnasium env '{env_id}' ({type(err).__name__}: {err})") from err
+    progress = sys.stderr.isatty() if progress is None else progress
+    buffers = collect_episodes(env, steps, policy, seed, progress)
+
+    root = datasets_root()
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".o2o-staging-{os.getpid()}"
+    final = root / dataset_id
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(staging)
+    try:
+        minari.create_dataset_from_buffers(
+            dataset_id,
+            buffers,
+            env=env,
+            eval_env=env.spec,
+            algorithm_name="uniform random" if policy is None else "checkpoint actor",
+            author="o2o-rl utils.make_dataset",
+            author_email="none",
+            code_permalink="utils/make_dataset.py",
+            description=f"{steps} steps on {env_id}, seed {seed}",
+            ref_min_score=ref_min_score,
+            ref_max_score=ref_max_score,
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / dataset_id, final)
+    finally:
+        if previous is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+        shutil.rmtree(staging, ignore_errors=True)
+        env.close()
+    return final
+
+
+def main(args: Args) -> None:
+    policy = None
+    if args.checkpoint is not None:
+        space = gym.make(args.env_id).action_space
+        policy = policy_from_checkpoint(args.checkpoint, args.noise_std, space, args.seed)
+    elif args.noise_std > 0:
+        raise UserError("--noise-std applies to a --checkpoint actor; uniform random actions take no noise")
+    path = collect_dataset(
+        args.env_id,
+        args.dataset_id,
+        args.steps,
+        policy,
+        args.seed,
+        args.max_episode_steps,
+        args.ref_min_score,
+        args.ref_max_score,
+        args.overwrite,
+        progress=None if args.progress else False,
+    )
+    print(f"wrote {args.dataset_id} ({args.steps} steps) to {path}")
+
+
+if __name__ == "__main__":
+    import tyro
+
+    try:
+        main(tyro.cli(Args))
+    except UserError as err:
+        sys.exit(f"error: {err}")
