@@ -1,0 +1,672 @@
+"""SO2: A Perspective of Q-value Estimation on Offline-to-Online Reinforcement Learning.
+
+Zhang, Liu, Li et al., AAAI 2024, arXiv 2312.07685. Offline: EDAC (SAC-N with the ensemble-gradient
+diversity term). Online: SAC with a large Q-ensemble, the Perturbed Value Update (target-policy smoothing
+noise on the next action of the Bellman target), 10 critic updates per environment step, per-member
+targets, and the official code's replay (256 online + 2304 from a dataset pool that online data flows into).
+
+This follows the official `code` branch (opendilab/SO2), which is the one that reproduces the paper; the
+algorithm card lists every source. Decisions where the paper is silent or the sources disagree:
+- Offline: the official code loads EDAC checkpoints and does not pretrain, so EDAC is implemented here:
+  3M steps, N = 50 critics for hopper and 10 otherwise, eta = 5 for halfcheetah/walker2d-medium-expert
+  and 1 elsewhere (also for random / simple / expert data, for which no source gives a value).
+- Online target per ensemble member with the entropy term of the un-noised next action (paper Eq. 3,
+  official code), not EDAC's min over the ensemble; the actor still maximises the ensemble minimum.
+- One actor update per 10 critic updates (official code; the paper's Algorithm 1 updates it in every
+  iteration): `--actor-update-freq`; set it to `--updates-per-step` for the N_upc ablation.
+- sigma = 0.3 is a standard deviation (the paper says "variance"; the code uses it as a std).
+- Hand-over: fresh Adam at 1e-3, alpha fixed at 0.2, target critics = copies of the critics, the mixed
+  pool = the shuffled dataset; a 5k-step warm-up with the pretrained stochastic policy and no updates,
+  counted inside the 100k online budget (the code counts to 150k; the paper reports 100k).
+- Bootstrapping uses `terminated` only (the official env stored time-limit ends as terminal for hopper
+  and walker2d). Evaluation: every 1,000 env steps, 10 deterministic episodes (the code: 8 episodes
+  every 100 env steps). log sigma is clamped to [-5, 2] in both phases (the code's online head: [-20, 2]).
+- Minibatches are drawn with replacement (the code samples without; negligible, much faster on GPU).
+- Critic loss: summed over members offline (EDAC; eta is calibrated against it), averaged online (code).
+- eval/q_bias and eval/q_rank_tau use the ensemble minimum as the Q estimate (what the actor maximises).
+- Minari data and v5 environments are not D4RL: scores are not comparable with the paper's tables.
+
+Usage: python algorithms/so2.py --env-id hopper-medium
+Own tags: offline/diversity_loss, offline/alpha_loss, offline/entropy, losses/entropy,
+charts/offline_share (offline rows in a batch), charts/pvu_noise (mean |epsilon| of the target noise).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
+from utils import OfflineData, UserError, evaluate, load_dataset, make_env
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "so2"
+    """name of the experiment, part of the run name"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """torch.backends.cudnn.deterministic"""
+    cuda: bool = True
+    """use the GPU when there is one (falls back to the CPU with a notice)"""
+    run_dir: str = "runs"
+    """folder that receives runs/<run name>/ (TensorBoard events, args.json, checkpoints)"""
+    save_model: bool = True
+    """write offline.pt after pretraining and final.pt at the end"""
+    progress: bool = True
+    """tqdm bars (off automatically when stdout is not a terminal)"""
+    # data
+    env_id: str = "hopper-medium"
+    """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
+    pretrained: str | None = None
+    """an offline.pt to start from; skips the offline phase"""
+    # budgets
+    offline_steps: int = 3_000_000
+    """EDAC gradient steps (EDAC scripts/sac.py: 3000 epochs x 1000); 0 = no pretraining"""
+    online_steps: int = 100_000
+    """online environment steps, warm-up included (paper: 100k)"""
+    warmup_steps: int = 5_000
+    """first online steps: pretrained stochastic policy, no updates, online buffer only (official code)"""
+    batch_size: int = 256
+    """offline batch; online rows per batch (256 online + --mixed-batch-size pool rows)"""
+    # algorithm
+    num_critics: int | None = None
+    """ensemble size N; default 50 for hopper, 10 otherwise (EDAC / CORL configs)"""
+    eta: float | None = None
+    """EDAC diversity weight; default 5 for halfcheetah/walker2d-medium-expert, else 1; 0 = SAC-N"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """target soft-update rate, after every critic update"""
+    offline_lr: float = 3e-4
+    """EDAC learning rate of actor, critics and alpha"""
+    online_lr: float = 1e-3
+    """learning rate of the fresh online Adam optimisers (official configs)"""
+    online_alpha: float = 0.2
+    """fixed online entropy weight (official code: auto_alpha=False)"""
+    online_auto_alpha: bool = False
+    """keep tuning alpha online, starting from --online-alpha (ablation)"""
+    updates_per_step: int = 10
+    """N_upc: critic updates per environment step (paper: 10)"""
+    actor_update_freq: int = 10
+    """one actor update every this many critic updates (official code: 10)"""
+    target_noise: float = 0.3
+    """PVU noise std sigma on the target action; 0 turns PVU off (paper: 0.3)"""
+    noise_clip: float = 0.6
+    """PVU noise clip c (paper: 0.6)"""
+    per_member_target: bool = True
+    """online target per ensemble member (paper Eq. 3); --no-per-member-target uses the min over members"""
+    sampling: Literal["so2", "uniform"] = "so2"
+    """so2: 256 online + 2304 from the mixed pool (official code); uniform: --batch-size from D_off u D_on"""
+    mixed_batch_size: int = 2304
+    """rows from the mixed pool in each online batch"""
+    online_buffer_size: int = 1_000_000
+    """capacity of the online buffer"""
+    # evaluation
+    eval_freq: int = 1_000
+    """online evaluation every this many environment steps (and at step 0)"""
+    offline_eval_freq: int = 50_000
+    """offline evaluation every this many gradient steps (and at the end)"""
+    eval_episodes: int = 10
+    """deterministic episodes per evaluation"""
+    log_freq: int = 1_000
+    """write training metrics every this many updates"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------------
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers as one batched matmul: [E, B, in] -> [E, B, out]."""
+
+    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
+        bound = 1 / in_features**0.5  # EDAC's fan-in uniform init for hidden layers, bias 0.1
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.constant_(self.bias, 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class Critic(nn.Module):
+    """N Q-functions (s, a) -> 256 -> 256 -> 256 -> 1, evaluated together."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_critics: int, hidden: int = 256):
+        super().__init__()
+        self.num_critics = num_critics
+        self.net = nn.Sequential(
+            EnsembleLinear(obs_dim + act_dim, hidden, num_critics),
+            nn.ReLU(),
+            EnsembleLinear(hidden, hidden, num_critics),
+            nn.ReLU(),
+            EnsembleLinear(hidden, hidden, num_critics),
+            nn.ReLU(),
+            EnsembleLinear(hidden, 1, num_critics),
+        )
+        nn.init.uniform_(self.net[-1].weight, -3e-3, 3e-3)
+        nn.init.uniform_(self.net[-1].bias, -3e-3, 3e-3)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """[B, obs] and [B, act] (shared by all members) or [N, B, ...] (one per member) -> Q of shape [N, B]."""
+        x = torch.cat([obs, action], dim=-1)
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.num_critics, -1, -1)
+        return self.net(x).squeeze(-1)
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian policy: obs -> 256 -> 256 -> 256 -> (mu, log sigma in [-5, 2])."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Linear(obs_dim, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+        )
+        self.mu = nn.Linear(hidden, act_dim)
+        self.log_std = nn.Linear(hidden, act_dim)
+        for layer in self.trunk[::2]:
+            bound = 1 / layer.in_features**0.5
+            nn.init.uniform_(layer.weight, -bound, bound)
+            nn.init.constant_(layer.bias, 0.1)
+        for head in (self.mu, self.log_std):
+            nn.init.uniform_(head.weight, -1e-3, 1e-3)
+            nn.init.uniform_(head.bias, -1e-3, 1e-3)
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Action in (-1, 1) and its log-probability (tanh change of variables)."""
+        hidden = self.trunk(obs)
+        mu, log_std = self.mu(hidden), self.log_std(hidden).clamp(-5.0, 2.0)
+        normal = torch.distributions.Normal(mu, log_std.exp())
+        pre_tanh = mu if deterministic else normal.rsample()
+        action = torch.tanh(pre_tanh)
+        log_prob = normal.log_prob(pre_tanh).sum(-1) - torch.log(1 - action.pow(2) + 1e-6).sum(-1)
+        return action, log_prob
+
+
+# ---------------------------------------------------------------------------------------------------
+# Buffers
+# ---------------------------------------------------------------------------------------------------
+
+
+class ReplayBuffer:
+    """A device-resident ring buffer; one row = [obs, action, reward, next_obs, done, is_online]."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
+        self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
+        self.position = self.size = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Append rows [n, width], overwriting the oldest once full (FIFO)."""
+        slots = (self.position + torch.arange(len(rows), device=rows.device)) % self.capacity
+        self.storage[slots] = rows
+        self.position = (self.position + len(rows)) % self.capacity
+        self.size = min(self.size + len(rows), self.capacity)
+
+    def sample_rows(self, n: int) -> torch.Tensor:
+        return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """rows -> obs, action, reward, next_obs, done, is_online."""
+        o, a = self.obs_dim, self.act_dim
+        return (
+            rows[:, :o],
+            rows[:, o : o + a],
+            rows[:, o + a],
+            rows[:, o + a + 1 : 2 * o + a + 1],
+            rows[:, -2],
+            rows[:, -1],
+        )
+
+
+def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarray:
+    """Pack transitions (numpy, batched) into buffer rows, so adding them costs one host-device copy."""
+    n = len(obs)
+    columns = [obs, action, reward.reshape(n, 1), next_obs, done.reshape(n, 1), np.full((n, 1), float(is_online))]
+    return np.concatenate(columns, axis=1).astype(np.float32)
+
+
+def sample_so2(online: ReplayBuffer, pool: ReplayBuffer, n_online: int, n_pool: int) -> torch.Tensor:
+    """Official code: n_online rows from the online buffer, n_pool rows from the mixed pool."""
+    return torch.cat([online.sample_rows(n_online), pool.sample_rows(n_pool)])
+
+
+def sample_uniform(offline: ReplayBuffer, online: ReplayBuffer, n: int) -> torch.Tensor:
+    """The paper's literal reading: n rows uniformly from the union of the dataset and the online data."""
+    index = torch.randint(0, offline.size + online.size, (n,), device=offline.storage.device)
+    from_online = (index >= offline.size).unsqueeze(1)
+    offline_rows = offline.storage[index.clamp(max=offline.size - 1)]
+    online_rows = online.storage[(index - offline.size).clamp(min=0, max=max(online.size - 1, 0))]
+    return torch.where(from_online, online_rows, offline_rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses and updates
+# ---------------------------------------------------------------------------------------------------
+
+
+def perturb(action: torch.Tensor, noise_std: float, noise_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PVU: one clipped Gaussian draw per transition (shared by all members), then back into [-1, 1]."""
+    noise = (torch.randn_like(action) * noise_std).clamp(-noise_clip, noise_clip)
+    return (action + noise).clamp(-1.0, 1.0), noise
+
+
+def bellman_target(target_q, next_log_prob, reward, done, alpha, gamma, per_member: bool) -> torch.Tensor:
+    """y = r + gamma (1 - d) (Q'(s', a') - alpha log pi(a'|s')); per member [N, B], or the min [B]."""
+    next_value = target_q if per_member else target_q.min(0).values
+    return reward + gamma * (1.0 - done) * (next_value - alpha * next_log_prob)
+
+
+def diversity_loss(critic: Critic, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """EDAC: mean over the batch of sum_{i != j} <g_i, g_j> / (N - 1), g_i = normalised grad_a Q_i(s, a)."""
+    n = critic.num_critics
+    member_actions = action.unsqueeze(0).expand(n, -1, -1).clone().requires_grad_(True)
+    q = critic(obs.unsqueeze(0).expand(n, -1, -1), member_actions)
+    grads = torch.autograd.grad(q.sum(), member_actions, create_graph=True)[0]
+    grads = grads / (grads.norm(dim=-1, keepdim=True) + 1e-10)
+    gram = torch.einsum("ibd,jbd->bij", grads, grads)
+    off_diagonal = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
+    return off_diagonal.mean() / (n - 1)
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+class SO2:
+    """Networks, optimisers and the two update rules (offline EDAC, online SO2)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_critics: int, args: Args, device: torch.device):
+        self.args, self.device = args, device
+        self.actor = Actor(obs_dim, act_dim).to(device)
+        self.critic = Critic(obs_dim, act_dim, num_critics).to(device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = torch.zeros((), device=device, requires_grad=True)
+        self.target_entropy = -float(act_dim)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.offline_lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.offline_lr)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.offline_lr)
+        self.auto_alpha = True
+        self.critic_updates = 0
+
+    def alpha_loss(self, log_prob: torch.Tensor) -> torch.Tensor:
+        return -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+
+    def actor_loss(self, obs: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        action, log_prob = self.actor(obs)
+        return (alpha * log_prob - self.critic(obs, action).min(0).values).mean(), log_prob
+
+    def offline_update(self, batch: tuple[torch.Tensor, ...], eta: float) -> dict[str, torch.Tensor]:
+        """One EDAC step: all losses from the pre-step parameters, then alpha, actor, critics, targets."""
+        obs, action, reward, next_obs, done, _ = batch
+        alpha = self.log_alpha.exp().detach()
+        actor_loss, log_prob = self.actor_loss(obs, alpha)
+        alpha_loss = self.alpha_loss(log_prob)
+        with torch.no_grad():
+            next_action, next_log_prob = self.actor(next_obs)
+            target_q = self.critic_target(next_obs, next_action)
+            y = bellman_target(target_q, next_log_prob, reward, done, alpha, self.args.gamma, per_member=False)
+        q = self.critic(obs, action)
+        td_loss = (q - y).pow(2).mean(1).sum()  # EDAC: sum over members of the batch-mean MSE
+        div_loss = diversity_loss(self.critic, obs, action) if eta > 0 else torch.zeros((), device=self.device)
+        critic_loss = td_loss + eta * div_loss
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.critic_optimizer.zero_grad(set_to_none=True)  # drops what the actor loss left on the critics
+        critic_loss.backward()
+        self.alpha_optimizer.step()
+        self.actor_optimizer.step()
+        self.critic_optimizer.step()
+        soft_update(self.critic_target, self.critic, self.args.tau)
+        return {
+            "offline/qf_loss": td_loss.detach(),
+            "offline/diversity_loss": div_loss.detach(),
+            "offline/qf_values": q.mean().detach(),
+            "offline/actor_loss": actor_loss.detach(),
+            "offline/alpha_loss": alpha_loss.detach(),
+            "offline/alpha": alpha,
+            "offline/entropy": -log_prob.mean().detach(),
+        }
+
+    def hand_over(self) -> None:
+        """Card 2.3: fresh Adam at the online lr, fixed alpha, targets = copies of the pretrained critics."""
+        args = self.args
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.online_lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.online_lr)
+        with torch.no_grad():
+            self.log_alpha.fill_(float(np.log(args.online_alpha)))
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.online_lr)
+        self.auto_alpha = args.online_auto_alpha
+        self.critic_updates = 0
+
+    def online_target(self, next_obs, reward, done) -> tuple[torch.Tensor, torch.Tensor]:
+        """Perturbed Value Update target [N, B]: noisy next action in Q', entropy of the un-noised one."""
+        args, alpha = self.args, self.log_alpha.exp().detach()
+        with torch.no_grad():
+            next_action, next_log_prob = self.actor(next_obs)
+            noisy_action, noise = perturb(next_action, args.target_noise, args.noise_clip)
+            target_q = self.critic_target(next_obs, noisy_action)
+            y = bellman_target(target_q, next_log_prob, reward, done, alpha, args.gamma, args.per_member_target)
+        return y, noise
+
+    def online_critic_update(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        obs, action, reward, next_obs, done, is_online = batch
+        y, noise = self.online_target(next_obs, reward, done)
+        q = self.critic(obs, action)
+        critic_loss = (q - y).pow(2).mean()  # official code: mean over members and batch
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+        soft_update(self.critic_target, self.critic, self.args.tau)
+        self.critic_updates += 1
+        return {
+            "losses/qf_loss": critic_loss.detach(),
+            "losses/qf_values": q.mean().detach(),
+            "charts/pvu_noise": noise.abs().mean(),
+            "charts/offline_share": 1.0 - is_online.mean(),
+        }
+
+    def online_actor_update(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
+        alpha = self.log_alpha.exp().detach()
+        actor_loss, log_prob = self.actor_loss(obs, alpha)
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        if self.auto_alpha:
+            alpha_loss = self.alpha_loss(log_prob)
+            self.alpha_optimizer.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_optimizer.step()
+        return {
+            "losses/actor_loss": actor_loss.detach(),
+            "losses/alpha": alpha,
+            "losses/entropy": -log_prob.mean().detach(),
+        }
+
+    def policy(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
+        with torch.no_grad():
+            action, _ = self.actor(torch.as_tensor(obs, dtype=torch.float32, device=self.device), deterministic)
+        return action.cpu().numpy()
+
+    def q_min(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)
+            return self.critic(to_tensor(obs), to_tensor(action)).min(0).values.cpu().numpy()
+
+    def state_dict(self) -> dict:
+        return {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "log_alpha": self.log_alpha.detach().cpu(),
+            "actor_optimizer": self.actor_optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "alpha_optimizer": self.alpha_optimizer.state_dict(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging, checkpoints, evaluation
+# ---------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Accumulates detached device tensors under their tags; `flush` moves the means to the host in one transfer."""
+
+    def __init__(self, writer: SummaryWriter):
+        self.writer, self.sums, self.counts = writer, {}, {}
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def flush(self, step: int) -> None:
+        if not self.sums:
+            return
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.sums.values()]).cpu().tolist()
+        for (key, count), value in zip(self.counts.items(), values, strict=True):
+            self.writer.add_scalar(key, value / count, step)
+        self.sums, self.counts = {}, {}
+
+
+def save_checkpoint(path: Path, agent: SO2, args: Args, data: OfflineData, phase: str, step: int) -> None:
+    """One self-contained dict, written to a temporary file and renamed, so a crash never leaves half a file."""
+    checkpoint = {
+        "algorithm": "so2",
+        "args": asdict(args),
+        **agent.state_dict(),
+        "obs_dim": data.observations.shape[1],
+        "act_dim": data.actions.shape[1],
+        "num_critics": agent.critic.num_critics,
+        "phase": phase,
+        "step": step,
+        "dataset": data.name,
+        "env_spec": data.env_spec,
+        "eval_env_spec": data.eval_env_spec,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def policy_from_checkpoint(checkpoint: dict):
+    """The deterministic actor of a checkpoint as obs -> action (used by utils.make_dataset)."""
+    actor = Actor(checkpoint["obs_dim"], checkpoint["act_dim"])
+    actor.load_state_dict(checkpoint["actor"])
+    actor.eval()
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return actor(torch.as_tensor(obs, dtype=torch.float32), deterministic=True)[0].numpy()
+
+    return act
+
+
+def log_evaluation(writer, agent: SO2, env, args: Args, data: OfflineData, prefix: str, step: int, seed: int):
+    result = evaluate(
+        env,
+        lambda obs: agent.policy(obs, deterministic=True),
+        args.eval_episodes,
+        seed,
+        q_function=agent.q_min if prefix == "eval" else None,
+        gamma=args.gamma,
+        minari_ref_scores=data.minari_ref_scores,
+    )
+    for key, value in result.items():
+        if key in (
+            "normalized_score",
+            "episodic_return",
+            "q_bias",
+            "q_rank_tau",
+            "success_rate",
+            "minari_normalized_score",
+        ) and not np.isnan(value):
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------------------
+
+
+def offline_phase(agent: SO2, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, eta: float):
+    metrics, bar = Metrics(writer), tqdm(range(1, args.offline_steps + 1), desc="offline", disable=not args.progress)
+    start, score = time.perf_counter(), float("nan")
+    for step in bar:
+        metrics.add(agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size)), eta))
+        if step % args.log_freq == 0:
+            metrics.flush(step)
+            writer.add_scalar("offline/UPS", step / (time.perf_counter() - start), step)
+        if step % args.offline_eval_freq == 0 or step == args.offline_steps:
+            score = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)[
+                "normalized_score"
+            ]
+            bar.set_postfix(score=f"{score:.1f}", UPS=f"{step / (time.perf_counter() - start):.0f}")
+
+
+def online_phase(agent: SO2, data: OfflineData, pool: ReplayBuffer, env, eval_env, writer, args: Args) -> ReplayBuffer:
+    device = agent.device
+    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
+    online = ReplayBuffer(min(args.online_buffer_size, args.online_steps), obs_dim, act_dim, device)
+    metrics = Metrics(writer)
+    log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
+    obs, _ = env.reset(seed=args.seed)
+    episode_return, start, update_start = 0.0, time.perf_counter(), None
+    bar = tqdm(range(1, args.online_steps + 1), desc="online", disable=not args.progress)
+    for step in bar:
+        action = agent.policy(obs, deterministic=False)  # exploration = the stochastic policy, nothing else
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        row = transition_rows(obs[None], action[None], np.array([reward]), next_obs[None], np.array([terminated]), True)
+        row = torch.from_numpy(row).to(device)
+        online.add(row)
+        if step > args.warmup_steps:
+            if args.sampling == "so2":
+                pool.add(row)  # overwrites the oldest pool slot (a shuffled offline transition at first)
+            update_start = update_start or time.perf_counter()
+            for _ in range(args.updates_per_step):
+                if args.sampling == "so2":
+                    rows = sample_so2(online, pool, args.batch_size, args.mixed_batch_size)
+                else:
+                    rows = sample_uniform(pool, online, args.batch_size)
+                batch = online.split(rows)
+                metrics.add(agent.online_critic_update(batch))
+                if agent.critic_updates % args.actor_update_freq == 0:
+                    metrics.add(agent.online_actor_update(batch[0]))
+                if agent.critic_updates % args.log_freq == 0:
+                    metrics.flush(step)
+                    elapsed = time.perf_counter() - update_start
+                    writer.add_scalar("charts/UPS", agent.critic_updates / elapsed, step)
+                    writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)
+        episode_return += float(reward)
+        obs = next_obs
+        if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
+            writer.add_scalar("charts/episodic_return", episode_return, step)
+            obs, _ = env.reset()
+            episode_return = 0.0
+        if step % args.eval_freq == 0:
+            result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
+            bar.set_postfix(
+                score=f"{result['normalized_score']:.1f}", SPS=f"{step / (time.perf_counter() - start):.0f}"
+            )
+    return online
+
+
+def check_args(args: Args, data: OfflineData) -> tuple[int, float]:
+    """Resolve the per-dataset defaults and refuse budgets the phases cannot run with."""
+    num_critics = args.num_critics or (50 if data.task == "hopper" else 10)
+    medium_expert = data.name in ("halfcheetah-medium-expert", "walker2d-medium-expert")
+    eta = args.eta if args.eta is not None else (5.0 if medium_expert else 1.0)
+    if args.online_steps and args.online_steps <= args.warmup_steps:
+        raise UserError(f"--online-steps {args.online_steps} leaves nothing after the warm-up; lower --warmup-steps")
+    if eta > 0 and num_critics < 2:
+        raise UserError("the EDAC diversity term needs --num-critics >= 2; or set --eta 0 (SAC-N)")
+    if min(args.updates_per_step, args.actor_update_freq, args.eval_freq, args.log_freq, args.eval_episodes) < 1:
+        raise UserError(
+            "--updates-per-step, --actor-update-freq, --eval-freq, --log-freq, --eval-episodes must be >= 1"
+        )
+    if args.offline_eval_freq < 1 or args.batch_size < 1 or args.mixed_batch_size < 0:
+        raise UserError("--offline-eval-freq and --batch-size must be >= 1, --mixed-batch-size >= 0")
+    return num_critics, eta
+
+
+def main(args: Args) -> Path:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("CUDA is not available: running on the CPU", file=sys.stderr)
+    args.progress = args.progress and sys.stdout.isatty()
+
+    checkpoint = None
+    if args.pretrained is not None:
+        try:
+            checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
+            if checkpoint.get("algorithm") != "so2" or checkpoint.get("phase") != "offline":
+                raise ValueError("not an SO2 offline.pt")
+        except Exception as err:
+            raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
+    data = load_dataset(args.env_id)
+    num_critics, eta = check_args(args, data)
+    if checkpoint is not None:
+        num_critics = checkpoint["num_critics"]
+        if (checkpoint["obs_dim"], checkpoint["act_dim"]) != (data.observations.shape[1], data.actions.shape[1]):
+            raise UserError(f"--pretrained {args.pretrained} was trained on {checkpoint['dataset']}, not {data.name}")
+
+    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_path = Path(args.run_dir) / run_name
+    run_path.mkdir(parents=True, exist_ok=True)
+    (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    writer = SummaryWriter(str(run_path))
+    env, eval_env = make_env(data.env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
+    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
+    agent = SO2(obs_dim, act_dim, num_critics, args, device)
+
+    # The dataset lives on the device in shuffled order: the offline sampler, and then the mixed pool.
+    order = np.random.permutation(len(data))
+    rows = transition_rows(
+        *(
+            array[order]
+            for array in (data.observations, data.actions, data.rewards, data.next_observations, data.terminals)
+        ),
+        False,
+    )
+    pool = ReplayBuffer(len(data), obs_dim, act_dim, device)
+    pool.add(torch.from_numpy(rows).to(device))
+    del rows
+
+    if checkpoint is not None:
+        agent.actor.load_state_dict(checkpoint["actor"])
+        agent.critic.load_state_dict(checkpoint["critic"])
+    elif args.offline_steps > 0:
+        offline_phase(agent, data, pool, eval_env, writer, args, eta)
+        if args.save_model:
+            save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
+    if args.online_steps > 0:
+        agent.hand_over()
+        online_phase(agent, data, pool, env, eval_env, writer, args)
+    if args.save_model:
+        save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps)
+    writer.close()
+    print(f"run written to {run_path}")
+    return run_path
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as err:
+        sys.exit(f"error: {err}")
