@@ -25,6 +25,9 @@ algorithm card lists every source. Decisions where the paper is silent or the so
 - Critic loss: summed over members offline (EDAC; eta is calibrated against it), averaged online (code).
 - eval/q_bias and eval/q_rank_tau use the ensemble minimum as the Q estimate (what the actor maximises).
 - Minari data and v5 environments are not D4RL: scores are not comparable with the paper's tables.
+Speed: all minibatches of one environment step come from one gather per buffer, Adam is fused and target
+updates are one foreach lerp, so 10 updates cost about 5x one, not 10x (benchmark/speed.py, tiny nets).
+Not done: capturing the 10-update block in a CUDA graph (no GPU was available to verify it).
 
 Usage: python algorithms/so2.py --env-id hopper-medium
 Own tags: offline/diversity_loss, offline/alpha_loss, offline/entropy, losses/entropy,
@@ -86,6 +89,8 @@ class Args:
     batch_size: int = 256
     """offline batch; online rows per batch (256 online + --mixed-batch-size pool rows)"""
     # algorithm
+    hidden_dim: int = 256
+    """width of the three hidden layers of actor and critics (EDAC)"""
     num_critics: int | None = None
     """ensemble size N; default 50 for hopper, 10 otherwise (EDAC / CORL configs)"""
     eta: float | None = None
@@ -252,18 +257,22 @@ def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarra
     return np.concatenate(columns, axis=1).astype(np.float32)
 
 
-def sample_so2(online: ReplayBuffer, pool: ReplayBuffer, n_online: int, n_pool: int) -> torch.Tensor:
-    """Official code: n_online rows from the online buffer, n_pool rows from the mixed pool."""
-    return torch.cat([online.sample_rows(n_online), pool.sample_rows(n_pool)])
+def sample_so2(online: ReplayBuffer, pool: ReplayBuffer, n_online: int, n_pool: int, updates: int) -> torch.Tensor:
+    """Official code: each minibatch is n_online rows from the online buffer plus n_pool from the mixed pool.
+
+    All minibatches of one environment step come from one gather per buffer: [updates, rows, width].
+    """
+    online_rows = online.sample_rows(updates * n_online).view(updates, n_online, -1)
+    return torch.cat([online_rows, pool.sample_rows(updates * n_pool).view(updates, n_pool, -1)], dim=1)
 
 
-def sample_uniform(offline: ReplayBuffer, online: ReplayBuffer, n: int) -> torch.Tensor:
+def sample_uniform(offline: ReplayBuffer, online: ReplayBuffer, n: int, updates: int) -> torch.Tensor:
     """The paper's literal reading: n rows uniformly from the union of the dataset and the online data."""
-    index = torch.randint(0, offline.size + online.size, (n,), device=offline.storage.device)
+    index = torch.randint(0, offline.size + online.size, (updates * n,), device=offline.storage.device)
     from_online = (index >= offline.size).unsqueeze(1)
     offline_rows = offline.storage[index.clamp(max=offline.size - 1)]
     online_rows = online.storage[(index - offline.size).clamp(min=0, max=max(online.size - 1, 0))]
-    return torch.where(from_online, online_rows, offline_rows)
+    return torch.where(from_online, online_rows, offline_rows).view(updates, n, -1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -295,6 +304,11 @@ def diversity_loss(critic: Critic, obs: torch.Tensor, action: torch.Tensor) -> t
     return off_diagonal.mean() / (n - 1)
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Fused Adam: one kernel for all parameters instead of one per tensor (less per-update overhead)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     with torch.no_grad():
         torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
@@ -305,14 +319,14 @@ class SO2:
 
     def __init__(self, obs_dim: int, act_dim: int, num_critics: int, args: Args, device: torch.device):
         self.args, self.device = args, device
-        self.actor = Actor(obs_dim, act_dim).to(device)
-        self.critic = Critic(obs_dim, act_dim, num_critics).to(device)
+        self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.critic = Critic(obs_dim, act_dim, num_critics, args.hidden_dim).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.zeros((), device=device, requires_grad=True)
         self.target_entropy = -float(act_dim)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.offline_lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.offline_lr)
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.offline_lr)
+        self.actor_optimizer = adam(self.actor.parameters(), lr=args.offline_lr)
+        self.critic_optimizer = adam(self.critic.parameters(), lr=args.offline_lr)
+        self.alpha_optimizer = adam([self.log_alpha], lr=args.offline_lr)
         self.auto_alpha = True
         self.critic_updates = 0
 
@@ -361,11 +375,11 @@ class SO2:
         """Card 2.3: fresh Adam at the online lr, fixed alpha, targets = copies of the pretrained critics."""
         args = self.args
         self.critic_target.load_state_dict(self.critic.state_dict())
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.online_lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.online_lr)
+        self.actor_optimizer = adam(self.actor.parameters(), lr=args.online_lr)
+        self.critic_optimizer = adam(self.critic.parameters(), lr=args.online_lr)
         with torch.no_grad():
             self.log_alpha.fill_(float(np.log(args.online_alpha)))
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.online_lr)
+        self.alpha_optimizer = adam([self.log_alpha], lr=args.online_lr)
         self.auto_alpha = args.online_auto_alpha
         self.critic_updates = 0
 
@@ -451,6 +465,10 @@ class Metrics:
             self.sums[key] = self.sums.get(key, 0) + value
             self.counts[key] = self.counts.get(key, 0) + 1
 
+    def add_all(self, results: list[dict[str, torch.Tensor]]) -> None:
+        for metrics in results:
+            self.add(metrics)
+
     def flush(self, step: int) -> None:
         if not self.sums:
             return
@@ -482,7 +500,7 @@ def save_checkpoint(path: Path, agent: SO2, args: Args, data: OfflineData, phase
 
 def policy_from_checkpoint(checkpoint: dict):
     """The deterministic actor of a checkpoint as obs -> action (used by utils.make_dataset)."""
-    actor = Actor(checkpoint["obs_dim"], checkpoint["act_dim"])
+    actor = Actor(checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["args"]["hidden_dim"])
     actor.load_state_dict(checkpoint["actor"])
     actor.eval()
 
@@ -536,6 +554,21 @@ def offline_phase(agent: SO2, data: OfflineData, dataset: ReplayBuffer, eval_env
             bar.set_postfix(score=f"{score:.1f}", UPS=f"{step / (time.perf_counter() - start):.0f}")
 
 
+def online_updates(agent: SO2, online: ReplayBuffer, pool: ReplayBuffer, args: Args) -> list[dict]:
+    """The updates of one environment step: N_upc critic updates, an actor update every actor_update_freq."""
+    if args.sampling == "so2":
+        minibatches = sample_so2(online, pool, args.batch_size, args.mixed_batch_size, args.updates_per_step)
+    else:
+        minibatches = sample_uniform(pool, online, args.batch_size, args.updates_per_step)
+    results = []
+    for rows in minibatches:
+        batch = online.split(rows)
+        results.append(agent.online_critic_update(batch))
+        if agent.critic_updates % args.actor_update_freq == 0:
+            results.append(agent.online_actor_update(batch[0]))
+    return results
+
+
 def online_phase(agent: SO2, data: OfflineData, pool: ReplayBuffer, env, eval_env, writer, args: Args) -> ReplayBuffer:
     device = agent.device
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
@@ -543,7 +576,7 @@ def online_phase(agent: SO2, data: OfflineData, pool: ReplayBuffer, env, eval_en
     metrics = Metrics(writer)
     log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
     obs, _ = env.reset(seed=args.seed)
-    episode_return, start, update_start = 0.0, time.perf_counter(), None
+    episode_return, start, update_start, logged_at = 0.0, time.perf_counter(), None, 0
     bar = tqdm(range(1, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         action = agent.policy(obs, deterministic=False)  # exploration = the stochastic policy, nothing else
@@ -555,20 +588,12 @@ def online_phase(agent: SO2, data: OfflineData, pool: ReplayBuffer, env, eval_en
             if args.sampling == "so2":
                 pool.add(row)  # overwrites the oldest pool slot (a shuffled offline transition at first)
             update_start = update_start or time.perf_counter()
-            for _ in range(args.updates_per_step):
-                if args.sampling == "so2":
-                    rows = sample_so2(online, pool, args.batch_size, args.mixed_batch_size)
-                else:
-                    rows = sample_uniform(pool, online, args.batch_size)
-                batch = online.split(rows)
-                metrics.add(agent.online_critic_update(batch))
-                if agent.critic_updates % args.actor_update_freq == 0:
-                    metrics.add(agent.online_actor_update(batch[0]))
-                if agent.critic_updates % args.log_freq == 0:
-                    metrics.flush(step)
-                    elapsed = time.perf_counter() - update_start
-                    writer.add_scalar("charts/UPS", agent.critic_updates / elapsed, step)
-                    writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)
+            metrics.add_all(online_updates(agent, online, pool, args))
+            if agent.critic_updates - logged_at >= args.log_freq:
+                logged_at = agent.critic_updates
+                metrics.flush(step)
+                writer.add_scalar("charts/UPS", agent.critic_updates / (time.perf_counter() - update_start), step)
+                writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)
         episode_return += float(reward)
         obs = next_obs
         if terminated or truncated:  # a truncated step was stored as not done: it bootstraps

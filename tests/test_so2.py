@@ -173,15 +173,18 @@ def test_sampling_composition_and_fifo_pool():
     )
     pool.add(make_rows(40, False))
     online.add(make_rows(7, True))
-    rows = so2.sample_so2(online, pool, 256, 2304)
-    assert rows.shape[0] == 2560 and rows[:256, -1].eq(1).all() and rows[256:, -1].eq(0).all()
+    rows = so2.sample_so2(online, pool, 256, 2304, updates=3)
+    assert rows.shape[:2] == (3, 2560) and rows[:, :256, -1].eq(1).all() and rows[:, 256:, -1].eq(0).all()
     for k in range(1, 46):
         pool.add(make_rows(1, True))
         assert pool.size == 40
         assert pool.storage[:, -1].sum().item() == min(k, 40)  # exactly k slots hold online data
         assert pool.storage[: min(k, 40), -1].eq(1).all()  # the oldest slots are overwritten first
-    union = so2.sample_uniform(so2.ReplayBuffer(30, OBS, ACT, device), online, 1000)
-    assert union.shape == (1000, 2 * OBS + ACT + 3)
+    offline = so2.ReplayBuffer(30, OBS, ACT, device)
+    offline.add(make_rows(30, False))
+    union = so2.sample_uniform(offline, online, 20000, updates=2)
+    assert union.shape == (2, 20000, 2 * OBS + ACT + 3)
+    assert union[..., -1].mean().item() == pytest.approx(7 / 37, abs=0.01)  # uniform over 30 offline + 7 online
 
 
 def test_transition_rows_split_roundtrip():
@@ -297,6 +300,12 @@ SMOKE = [
     "--log-freq",
     "10",
     "--no-cuda",
+    "--hidden-dim",
+    "32",
+    "--updates-per-step",
+    "2",
+    "--actor-update-freq",
+    "2",
 ]
 
 
