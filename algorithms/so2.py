@@ -239,15 +239,10 @@ class ReplayBuffer:
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """rows -> obs, action, reward, next_obs, done, is_online."""
-        o, a = self.obs_dim, self.act_dim
-        return (
-            rows[:, :o],
-            rows[:, o : o + a],
-            rows[:, o + a],
-            rows[:, o + a + 1 : 2 * o + a + 1],
-            rows[:, -2],
-            rows[:, -1],
+        obs, action, reward, next_obs, done, is_online = rows.split(
+            [self.obs_dim, self.act_dim, 1, self.obs_dim, 1, 1], -1
         )
+        return obs, action, reward.squeeze(-1), next_obs, done.squeeze(-1), is_online.squeeze(-1)
 
 
 def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarray:
@@ -460,14 +455,11 @@ class Metrics:
     def __init__(self, writer: SummaryWriter):
         self.writer, self.sums, self.counts = writer, {}, {}
 
-    def add(self, metrics: dict[str, torch.Tensor]) -> None:
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0) + value
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def add_all(self, results: list[dict[str, torch.Tensor]]) -> None:
+    def add(self, *results: dict[str, torch.Tensor]) -> None:
         for metrics in results:
-            self.add(metrics)
+            for key, value in metrics.items():
+                self.sums[key] = self.sums.get(key, 0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
 
     def flush(self, step: int) -> None:
         if not self.sums:
@@ -511,6 +503,9 @@ def policy_from_checkpoint(checkpoint: dict):
     return act
 
 
+EVAL_TAGS = ("normalized_score", "episodic_return", "success_rate", "minari_normalized_score", "q_bias", "q_rank_tau")
+
+
 def log_evaluation(writer, agent: SO2, env, args: Args, data: OfflineData, prefix: str, step: int, seed: int):
     result = evaluate(
         env,
@@ -522,14 +517,7 @@ def log_evaluation(writer, agent: SO2, env, args: Args, data: OfflineData, prefi
         minari_ref_scores=data.minari_ref_scores,
     )
     for key, value in result.items():
-        if key in (
-            "normalized_score",
-            "episodic_return",
-            "q_bias",
-            "q_rank_tau",
-            "success_rate",
-            "minari_normalized_score",
-        ) and not np.isnan(value):
+        if key in EVAL_TAGS and not np.isnan(value):
             writer.add_scalar(f"{prefix}/{key}", value, step)
     return result
 
@@ -588,7 +576,7 @@ def online_phase(agent: SO2, data: OfflineData, pool: ReplayBuffer, env, eval_en
             if args.sampling == "so2":
                 pool.add(row)  # overwrites the oldest pool slot (a shuffled offline transition at first)
             update_start = update_start or time.perf_counter()
-            metrics.add_all(online_updates(agent, online, pool, args))
+            metrics.add(*online_updates(agent, online, pool, args))
             if agent.critic_updates - logged_at >= args.log_freq:
                 logged_at = agent.critic_updates
                 metrics.flush(step)

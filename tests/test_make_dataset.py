@@ -38,6 +38,7 @@ def test_cli_creates_a_dataset_that_loads_offline(tmp_path):
         (["--env-id", "Hopper-v5", "--dataset-id", "a/b-v0", "--steps", "0"], "error: --steps must be at least 1"),
         (["--env-id", "Hopper-v5", "--dataset-id", "a/b-v0", "--noise-std", "0.1"], "error: --noise-std applies to"),
         (["--env-id", "Hopper-v5", "--dataset-id", "a/b-v0", "--checkpoint", "/nonexistent.pt"], "error: cannot use"),
+        (["--env-id", "Nope-v0", "--dataset-id", "a/b-v0", "--checkpoint", "/nonexistent.pt"], "error: cannot make"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, args, message):

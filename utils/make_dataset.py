@@ -194,7 +194,10 @@ def collect_dataset(
 def main(args: Args) -> None:
     policy = None
     if args.checkpoint is not None:
-        space = gym.make(args.env_id).action_space
+        try:
+            space = gym.make(args.env_id).action_space
+        except Exception as err:
+            raise UserError(f"cannot make the Gymnasium env '{args.env_id}' ({type(err).__name__}: {err})") from err
         policy = policy_from_checkpoint(args.checkpoint, args.noise_std, space, args.seed)
     elif args.noise_std > 0:
         raise UserError("--noise-std applies to a --checkpoint actor; uniform random actions take no noise")
