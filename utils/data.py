@@ -171,7 +171,9 @@ def hub_reachable(timeout: float = 4.0) -> tuple[bool, str]:
     except urllib.error.HTTPError:
         return True, ""  # the server answered; the status does not matter here
     except Exception as err:  # timeouts, DNS failures, refused connections, TLS errors ...
-        return False, f"{endpoint} did not answer within {timeout:.0f} s ({type(err).__name__}: {err})"
+        timed_out = isinstance(err, TimeoutError) or isinstance(getattr(err, "reason", None), TimeoutError)
+        what = f"did not answer within {timeout:.0f} s" if timed_out else "cannot be reached"
+        return False, f"{endpoint} {what} ({type(err).__name__}: {err})"
     return True, ""
 
 
