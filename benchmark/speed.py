@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--offline-iterations", type=int, default=None, help="default 200 on CUDA, 20 on CPU")
     parser.add_argument("--online-iterations", type=int, default=None, help="default 50 on CUDA, 3 on CPU")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -154,8 +155,8 @@ def main() -> None:
             f"| {r['tiny_block_ms_1_update']:.2f} | {r['tiny_block_ms_10_updates']:.2f} |"
         )
     text = "\n".join(lines) + "\n"
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"speed_{device.type}.md").write_text(text)
     (out / f"speed_{device.type}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
     print(text)

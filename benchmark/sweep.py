@@ -1,0 +1,152 @@
+"""Run algorithms x datasets x seeds, locally with a process pool or on a Ray cluster; resumable.
+
+    python benchmark/sweep.py --algorithms so2 --datasets hopper-random walker2d-random --seeds 0 1 2 \\
+        --sweep-dir runs/sweep-random --workers 2 -- --offline-steps 100000 --online-steps 20000
+    python benchmark/sweep.py ... --dry-run                      # print the commands only
+    python benchmark/sweep.py ... --ray-address auto --gpus-per-run 0.25
+
+Everything after `--` is passed to every run. Run (algorithm, dataset, seed) writes into
+<sweep-dir>/<algorithm>/<dataset>/seed<seed>/; a run with a final.pt there is finished and skipped, so
+a sweep can be started again after an interruption. A failed run is retried once, then reported in
+<sweep-dir>/failures.json; it never stops the sweep. Each attempt's output is in attempt<k>.log.
+Locally, --workers runs share each GPU (CUDA_VISIBLE_DEVICES is set round-robin) or the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Run:
+    algorithm: str
+    dataset: str
+    seed: int
+    run_dir: Path
+    command: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.algorithm}/{self.dataset}/seed{self.seed}"
+
+    def finished(self) -> bool:
+        return any(self.run_dir.glob("*/final.pt"))
+
+
+def plan(algorithms, datasets, seeds, sweep_dir: Path, extra: list[str], script_dir: Path = REPO / "algorithms"):
+    runs = []
+    for algorithm in algorithms:
+        script = script_dir / f"{algorithm}.py"
+        if not script.is_file():
+            raise SystemExit(f"error: no script {script}; available: {sorted(p.stem for p in script_dir.glob('*.py'))}")
+        for dataset in datasets:
+            for seed in seeds:
+                run_dir = sweep_dir / algorithm / dataset.replace("/", "_") / f"seed{seed}"
+                command = (
+                    sys.executable,
+                    str(script),
+                    "--env-id",
+                    dataset,
+                    "--seed",
+                    str(seed),
+                    "--exp-name",
+                    algorithm,
+                    "--run-dir",
+                    str(run_dir),
+                    "--no-progress",
+                    *extra,
+                )
+                runs.append(Run(algorithm, dataset, seed, run_dir, command))
+    return runs
+
+
+def run_with_retry(run: Run, env: dict[str, str] | None = None, attempts: int = 2) -> tuple[Run, int]:
+    """Run the command, once more if it fails; returns the last exit code. Output goes to attempt<k>.log."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    code = 1
+    for attempt in range(1, attempts + 1):
+        with open(run.run_dir / f"attempt{attempt}.log", "w") as log:
+            code = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        if code == 0:
+            break
+    return run, code
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def run_local(runs: list[Run], workers: int) -> dict[str, int]:
+    slots = max(gpu_count(), 1)
+    with ThreadPoolExecutor(max_workers=workers * slots) as pool:
+        futures = []
+        for index, run in enumerate(runs):
+            env = dict(os.environ)
+            if gpu_count():
+                env["CUDA_VISIBLE_DEVICES"] = str(index % slots)
+            futures.append(pool.submit(run_with_retry, run, env))
+        return {run.name: code for run, code in (future.result() for future in futures)}
+
+
+def run_ray(runs: list[Run], address: str, gpus_per_run: float) -> dict[str, int]:
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit("error: --ray-address needs Ray: pip install 'ray[default]'") from None
+    ray.init(address=address)
+    remote = ray.remote(num_gpus=gpus_per_run, num_cpus=1)(run_with_retry)
+    results = ray.get([remote.remote(run) for run in runs])
+    return {run.name: code for run, code in results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algorithms", nargs="+", required=True)
+    parser.add_argument("--datasets", nargs="+", required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--sweep-dir", type=Path, required=True)
+    parser.add_argument("--workers", type=int, default=1, help="concurrent runs per GPU (or on the CPU)")
+    parser.add_argument("--ray-address", default=None, help="run each run as a Ray task on this cluster")
+    parser.add_argument("--gpus-per-run", type=float, default=0.25, help="fractional GPU share of a Ray task")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument("--script-dir", type=Path, default=REPO / "algorithms", help=argparse.SUPPRESS)
+    args = parser.parse_args(own)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+
+    runs = plan(args.algorithms, args.datasets, args.seeds, args.sweep_dir.resolve(), extra, args.script_dir)
+    todo = [run for run in runs if not run.finished()]
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished (final.pt), {len(todo)} to run")
+    if args.dry_run:
+        for run in todo:
+            print(" ".join(run.command))
+        return 0
+    codes = run_ray(todo, args.ray_address, args.gpus_per_run) if args.ray_address else run_local(todo, args.workers)
+    failures = {name: code for name, code in codes.items() if code != 0}
+    args.sweep_dir.mkdir(parents=True, exist_ok=True)
+    (args.sweep_dir / "failures.json").write_text(json.dumps(failures, indent=2))
+    for name, code in failures.items():
+        print(f"FAILED twice: {name} (exit {code}); see {args.sweep_dir / name}/attempt2.log")
+    print(f"{len(codes) - len(failures)} runs succeeded, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

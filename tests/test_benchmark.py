@@ -1,0 +1,170 @@
+"""benchmark/: the report on synthetic logs, the sweep's resume and retry, the speed script."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from benchmark import report, sweep
+from tests.conftest import REPO, run_cli
+
+CURVES = {  # (algorithm, dataset, seed) -> scores at online steps 0, 50, 100
+    ("algo_a", "hopper-x", 0): [10.0, 20.0, 40.0],
+    ("algo_a", "hopper-x", 1): [14.0, 30.0, 60.0],
+    ("algo_a", "walker-y", 0): [0.0, 0.0, 100.0],
+    ("algo_b", "hopper-x", 0): [5.0, 5.0, 5.0],
+}
+
+
+@pytest.fixture
+def sweep_logs(tmp_path):
+    for (algorithm, dataset, seed), scores in CURVES.items():
+        writer = SummaryWriter(str(tmp_path / algorithm / dataset / f"seed{seed}" / "run"))
+        for step, score in zip((0, 50, 100), scores, strict=True):
+            writer.add_scalar("eval/normalized_score", score, step)
+        writer.close()
+    return tmp_path
+
+
+def test_report_numbers(sweep_logs, tmp_path):
+    out = tmp_path / "out"
+    report.main(["--sweep-dir", str(sweep_logs), "--out", str(out), "--command", "python benchmark/sweep.py x"])
+    text = (out / "report.md").read_text()
+    # hopper-x, algo_a: start 10, 14 -> 12 +- 2; final 40, 60 -> 50 +- 10;
+    # AUC = trapezoids / 100: seed0 (15*50 + 30*50)/100 = 22.5, seed1 (22*50 + 45*50)/100 = 33.5 -> 28 +- 5.5
+    assert "| algo_a | hopper-x | 2 | 100 | 12.0 ± 2.0 | 50.0 ± 10.0 | 28.0 ± 5.5 |" in text
+    assert "| algo_a | walker-y | 1 | 100 | 0.0 ± 0.0 | 100.0 ± 0.0 | 25.0 ± 0.0 |" in text
+    assert "| algo_b | hopper-x | 1 | 100 | 5.0 ± 0.0 | 5.0 ± 0.0 | 5.0 ± 0.0 |" in text
+    assert "python benchmark/sweep.py x" in text
+    assert "- algo_b: 5.0 [5.0, 5.0] over 1 datasets" in text
+    # algo_a finals 40, 60, 100: n = 3 trims nothing, IQM = mean = 66.7
+    assert "- algo_a: 66.7 [" in text
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_iqm_and_bootstrap():
+    assert report.iqm(np.arange(1.0, 9.0)) == 4.5  # drops 1, 2 and 7, 8
+    assert report.iqm(np.array([100.0, 1.0, 2.0, 3.0])) == 2.5
+    low, high = report.bootstrap_iqm([np.arange(10.0), np.arange(10.0) + 5], samples=500)
+    assert low < report.iqm(np.concatenate([np.arange(10.0), np.arange(10.0) + 5])) < high
+
+
+def test_report_without_logs_is_a_clear_error(tmp_path):
+    result = run_cli([str(REPO / "benchmark/report.py"), "--sweep-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.returncode != 0 and "error: no eval/normalized_score logs" in result.stderr
+
+
+FAKE_SCRIPT = """
+import pathlib, sys
+args = sys.argv
+run_dir = pathlib.Path(args[args.index("--run-dir") + 1])
+dataset = args[args.index("--env-id") + 1]
+counter = run_dir / "calls"
+calls = int(counter.read_text()) + 1 if counter.exists() else 1
+counter.write_text(str(calls))
+if dataset == "always-fails" or (dataset == "flaky" and calls == 1):
+    sys.exit(3)
+(run_dir / "run").mkdir(parents=True, exist_ok=True)
+(run_dir / "run" / "final.pt").write_text("done")
+"""
+
+
+def calls(sweep_dir, dataset):
+    return int((sweep_dir / "fake" / dataset / "seed0" / "calls").read_text())
+
+
+def test_sweep_retries_once_reports_and_resumes(tmp_path, capsys):
+    scripts, sweep_dir = tmp_path / "scripts", tmp_path / "sweep"
+    scripts.mkdir()
+    (scripts / "fake.py").write_text(FAKE_SCRIPT)
+    argv = [
+        "--algorithms",
+        "fake",
+        "--datasets",
+        "ok",
+        "flaky",
+        "always-fails",
+        "--seeds",
+        "0",
+        "--sweep-dir",
+        str(sweep_dir),
+        "--workers",
+        "2",
+        "--script-dir",
+        str(scripts),
+        "--",
+        "--offline-steps",
+        "5",
+    ]
+    assert sweep.main(argv) == 1
+    assert (calls(sweep_dir, "ok"), calls(sweep_dir, "flaky"), calls(sweep_dir, "always-fails")) == (1, 2, 2)
+    assert json.loads((sweep_dir / "failures.json").read_text()) == {"fake/always-fails/seed0": 3}
+    assert (sweep_dir / "fake/flaky/seed0/attempt1.log").exists() and (
+        sweep_dir / "fake/flaky/seed0/attempt2.log"
+    ).exists()
+
+    assert sweep.main(argv) == 1  # resumed: finished runs are skipped, the failed one is tried again
+    assert (calls(sweep_dir, "ok"), calls(sweep_dir, "flaky"), calls(sweep_dir, "always-fails")) == (1, 2, 4)
+    assert "3 runs, 2 already finished (final.pt), 1 to run" in capsys.readouterr().out
+
+
+def test_sweep_dry_run_prints_the_commands(tmp_path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    argv = [
+        "--algorithms",
+        "so2",
+        "--datasets",
+        "hopper-random",
+        "--seeds",
+        "0",
+        "1",
+        "--sweep-dir",
+        str(sweep_dir),
+        "--dry-run",
+        "--",
+        "--offline-steps",
+        "100",
+    ]
+    assert sweep.main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "so2.py" in line]
+    assert len(lines) == 2 and all("--offline-steps 100" in line and "--no-progress" in line for line in lines)
+    assert "--seed 1" in lines[1] and str(sweep_dir / "so2/hopper-random/seed1") in lines[1]
+    assert not sweep_dir.exists()
+
+
+def test_sweep_unknown_algorithm_and_missing_ray(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="no script"):
+        sweep.main(["--algorithms", "nope", "--datasets", "x", "--sweep-dir", str(tmp_path)])
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(SystemExit, match=r"--ray-address needs Ray"):
+        sweep.run_ray([], "auto", 0.25)
+
+
+@pytest.mark.slow
+def test_speed_script_runs_one_configuration(tmp_path):
+    result = run_cli(
+        [
+            str(REPO / "benchmark/speed.py"),
+            "--device",
+            "cpu",
+            "--configs",
+            "halfcheetah",
+            "--offline-iterations",
+            "2",
+            "--online-iterations",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    measured = json.loads((tmp_path / "speed_cpu.json").read_text())
+    assert measured["torch"] and measured["date"] and measured["device"]
+    (row,) = measured["rows"]
+    assert row["config"] == "halfcheetah (N=10)"
+    for key in ("offline_updates_per_s", "online_env_steps_per_s", "reference_fwd_bwd_per_s", "tiny_block_ms_1_update"):
+        assert np.isfinite(row[key]) and row[key] > 0
+    assert "| so2 | halfcheetah (N=10) |" in (tmp_path / "speed_cpu.md").read_text()
