@@ -37,6 +37,7 @@ charts/offline_share (offline rows in a batch), charts/pvu_noise (mean |epsilon|
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import random
@@ -160,15 +161,10 @@ class Critic(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, num_critics: int, hidden: int = 256):
         super().__init__()
         self.num_critics = num_critics
-        self.net = nn.Sequential(
-            EnsembleLinear(obs_dim + act_dim, hidden, num_critics),
-            nn.ReLU(),
-            EnsembleLinear(hidden, hidden, num_critics),
-            nn.ReLU(),
-            EnsembleLinear(hidden, hidden, num_critics),
-            nn.ReLU(),
-            EnsembleLinear(hidden, 1, num_critics),
-        )
+        layers = []
+        for n_in, n_out in itertools.pairwise((obs_dim + act_dim, hidden, hidden, hidden)):
+            layers += [EnsembleLinear(n_in, n_out, num_critics), nn.ReLU()]
+        self.net = nn.Sequential(*layers, EnsembleLinear(hidden, 1, num_critics))
         nn.init.uniform_(self.net[-1].weight, -3e-3, 3e-3)
         nn.init.uniform_(self.net[-1].bias, -3e-3, 3e-3)
 
@@ -185,14 +181,10 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
         super().__init__()
-        self.trunk = nn.Sequential(
-            nn.Linear(obs_dim, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-        )
+        layers = []
+        for n_in, n_out in itertools.pairwise((obs_dim, hidden, hidden, hidden)):
+            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        self.trunk = nn.Sequential(*layers)
         self.mu = nn.Linear(hidden, act_dim)
         self.log_std = nn.Linear(hidden, act_dim)
         for layer in self.trunk[::2]:
@@ -605,12 +597,20 @@ def check_args(args: Args, data: OfflineData) -> tuple[int, float]:
         raise UserError(f"--online-steps {args.online_steps} leaves nothing after the warm-up; lower --warmup-steps")
     if eta > 0 and num_critics < 2:
         raise UserError("the EDAC diversity term needs --num-critics >= 2; or set --eta 0 (SAC-N)")
-    if min(args.updates_per_step, args.actor_update_freq, args.eval_freq, args.log_freq, args.eval_episodes) < 1:
-        raise UserError(
-            "--updates-per-step, --actor-update-freq, --eval-freq, --log-freq, --eval-episodes must be >= 1"
-        )
-    if args.offline_eval_freq < 1 or args.batch_size < 1 or args.mixed_batch_size < 0:
-        raise UserError("--offline-eval-freq and --batch-size must be >= 1, --mixed-batch-size >= 0")
+    positive = (
+        "updates_per_step",
+        "actor_update_freq",
+        "eval_freq",
+        "offline_eval_freq",
+        "log_freq",
+        "eval_episodes",
+        "batch_size",
+    )
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.mixed_batch_size < 0:
+        raise UserError(f"--mixed-batch-size must be >= 0, got {args.mixed_batch_size}")
     return num_critics, eta
 
 
@@ -650,13 +650,8 @@ def main(args: Args) -> Path:
 
     # The dataset lives on the device in shuffled order: the offline sampler, and then the mixed pool.
     order = np.random.permutation(len(data))
-    rows = transition_rows(
-        *(
-            array[order]
-            for array in (data.observations, data.actions, data.rewards, data.next_observations, data.terminals)
-        ),
-        False,
-    )
+    columns = (data.observations, data.actions, data.rewards, data.next_observations, data.terminals)
+    rows = transition_rows(*(column[order] for column in columns), False)
     pool = ReplayBuffer(len(data), obs_dim, act_dim, device)
     pool.add(torch.from_numpy(rows).to(device))
     del rows
