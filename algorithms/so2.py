@@ -521,17 +521,17 @@ def log_evaluation(writer, agent: SO2, env, args: Args, data: OfflineData, prefi
 
 def offline_phase(agent: SO2, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, eta: float):
     metrics, bar = Metrics(writer), tqdm(range(1, args.offline_steps + 1), desc="offline", disable=not args.progress)
-    start, score = time.perf_counter(), float("nan")
+    start = time.perf_counter()
     for step in bar:
         metrics.add(agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size)), eta))
         if step % args.log_freq == 0:
             metrics.flush(step)
             writer.add_scalar("offline/UPS", step / (time.perf_counter() - start), step)
         if step % args.offline_eval_freq == 0 or step == args.offline_steps:
-            score = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)[
-                "normalized_score"
-            ]
-            bar.set_postfix(score=f"{score:.1f}", UPS=f"{step / (time.perf_counter() - start):.0f}")
+            result = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
+            bar.set_postfix(
+                score=f"{result['normalized_score']:.1f}", UPS=f"{step / (time.perf_counter() - start):.0f}"
+            )
 
 
 def online_updates(agent: SO2, online: ReplayBuffer, pool: ReplayBuffer, args: Args) -> list[dict]:
