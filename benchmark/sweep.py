@@ -91,12 +91,13 @@ def gpu_count() -> int:
 
 
 def run_local(runs: list[Run], workers: int) -> dict[str, int]:
-    slots = max(gpu_count(), 1)
+    gpus = gpu_count()
+    slots = max(gpus, 1)
     with ThreadPoolExecutor(max_workers=workers * slots) as pool:
         futures = []
         for index, run in enumerate(runs):
             env = dict(os.environ)
-            if gpu_count():
+            if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(index % slots)
             futures.append(pool.submit(run_with_retry, run, env))
         return {run.name: code for run, code in (future.result() for future in futures)}
