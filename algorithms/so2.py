@@ -26,7 +26,8 @@ algorithm card lists every source. Decisions where the paper is silent or the so
 - eval/q_bias and eval/q_rank_tau use the ensemble minimum as the Q estimate (what the actor maximises).
 - Minari data and v5 environments are not D4RL: scores are not comparable with the paper's tables.
 Speed: all minibatches of one environment step come from one gather per buffer, Adam is fused and target
-updates are one foreach lerp, so 10 updates cost about 5x one, not 10x (benchmark/speed.py, tiny nets).
+updates are one foreach lerp, so 10 updates cost about 5x one, not 10x (tiny nets on the CPU: 5.7 ms per step
+with 1 update, 28.4 ms with 10; measured with benchmark/speed.py at commit 773a4f2).
 Not done: capturing the 10-update block in a CUDA graph (no GPU was available to verify it).
 
 Usage: python algorithms/so2.py --env-id hopper-medium
@@ -612,6 +613,41 @@ def check_args(args: Args, data: OfflineData) -> tuple[int, float]:
     if args.mixed_batch_size < 0:
         raise UserError(f"--mixed-batch-size must be >= 0, got {args.mixed_batch_size}")
     return num_critics, eta
+
+
+# ---------------------------------------------------------------------------------------------------
+# Speed benchmark hook (benchmark/speed.py discovers it in every script)
+# ---------------------------------------------------------------------------------------------------
+
+
+def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False) -> dict:
+    """Paper-default agent on random device-resident data; `tiny` shrinks networks and batches to show overhead.
+
+    Returns the callables benchmark/speed.py times: one offline update, the hand-over, the updates of one
+    online environment step, and a bare forward + backward of the critic ensemble on the online batch.
+    """
+    num_critics = 2 if tiny else (50 if task == "hopper" else 10)
+    sizes = {"hidden_dim": 8, "batch_size": 8, "mixed_batch_size": 24} if tiny else {}
+    args = Args(num_critics=num_critics, **sizes)
+    agent = SO2(obs_dim, act_dim, num_critics, args, device)
+    pool, online = (ReplayBuffer(n, obs_dim, act_dim, device) for n in (100_000, 10_000))
+    for buffer in (pool, online):
+        buffer.add(torch.rand(buffer.capacity, buffer.storage.shape[1], device=device) * 2 - 1)
+        buffer.storage[:, -2] = 0.0  # not done
+    batch = pool.split(pool.sample_rows(args.batch_size + args.mixed_batch_size))
+
+    def critic_forward_backward():
+        agent.critic.zero_grad(set_to_none=True)
+        agent.critic(batch[0], batch[1]).sum().backward()
+
+    return {
+        "label": f"N={num_critics}",
+        "offline": lambda: agent.offline_update(pool.split(pool.sample_rows(args.batch_size)), eta=1.0),
+        "hand_over": agent.hand_over,
+        "online": lambda: online_updates(agent, online, pool, args),
+        "online_updates": args.updates_per_step,
+        "reference": critic_forward_backward,
+    }
 
 
 def main(args: Args) -> Path:

@@ -1,21 +1,24 @@
 """Updates per second at paper defaults, warm-up excluded, beside a bare forward+backward reference.
 
     python benchmark/speed.py --device cpu --configs hopper halfcheetah
-    python benchmark/speed.py --device cuda
+    python benchmark/speed.py --device cuda --algorithms enoto
 
-For each configuration it times, on synthetic device-resident buffers (no environment):
-- offline: one offline gradient step (SO2: EDAC with the diversity term, batch 256);
-- online: the updates of one environment step (SO2: 10 critic updates + 1 actor update, batch 2560);
-- reference: a bare forward + backward of the same critic ensemble on the same batch, no optimiser;
-- overhead: the same online block with tiny networks (hidden 8, 2 critics, batch 8 + 24), where compute
-  is negligible, with 1 and with 10 updates per step: the ratio shows what 10 updates cost in Python.
+Every `algorithms/<name>.py` that defines `speed_setup(task, obs_dim, act_dim, device, tiny)` is measured;
+a new script joins by defining it. For each algorithm and configuration it times, on synthetic
+device-resident buffers (no environment):
+- offline: one offline gradient step at the paper's defaults;
+- online: what one online environment step costs in updates (SO2: 10 critic + 1 actor update; ENOTO: one
+  UCB action choice + one update);
+- reference: a bare forward + backward of the same critic ensemble on the online batch, no optimiser;
+- overhead: the online step with tiny networks (hidden 8, 2 critics, batch 8), where compute is
+  negligible: the floor set by Python and kernel launches.
 Writes benchmark/results/speed_<device>.md and .json (device name, torch version, date).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import importlib
 import json
 import platform
 import sys
@@ -25,11 +28,22 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from algorithms import so2
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-# obs / action sizes of the Gymnasium v5 tasks and the paper's ensemble sizes
-CONFIGS = {"hopper": (11, 3, 50), "halfcheetah": (17, 6, 10), "walker2d": (17, 6, 10)}
+# obs / action sizes of the Gymnasium v5 tasks
+CONFIGS = {"hopper": (11, 3), "halfcheetah": (17, 6), "walker2d": (17, 6)}
+
+
+def discover() -> dict:
+    """algorithm name -> module, for every script under algorithms/ with a speed_setup hook."""
+    modules = {}
+    for path in sorted((REPO / "algorithms").glob("*.py")):
+        if path.stem != "__init__":
+            module = importlib.import_module(f"algorithms.{path.stem}")
+            if hasattr(module, "speed_setup"):
+                modules[path.stem] = module
+    return modules
 
 
 def synchronize(device: torch.device) -> None:
@@ -48,75 +62,31 @@ def per_second(fn, iterations: int, warmup: int, device: torch.device) -> float:
     return iterations / (time.perf_counter() - start)
 
 
-def random_buffer(size: int, obs_dim: int, act_dim: int, device: torch.device, is_online: bool) -> so2.ReplayBuffer:
-    buffer = so2.ReplayBuffer(size, obs_dim, act_dim, device)
-    rows = torch.rand(size, buffer.storage.shape[1], device=device) * 2 - 1
-    rows[:, -2] = 0.0
-    rows[:, -1] = float(is_online)
-    buffer.add(rows)
-    return buffer
-
-
-def so2_setup(obs_dim, act_dim, num_critics, device, **overrides):
-    args = so2.Args(num_critics=num_critics, **overrides)
-    agent = so2.SO2(obs_dim, act_dim, num_critics, args, device)
-    pool = random_buffer(100_000, obs_dim, act_dim, device, False)
-    online = random_buffer(10_000, obs_dim, act_dim, device, True)
-    return agent, args, pool, online
-
-
-def measure_so2(config: str, device: torch.device, iterations: dict[str, int]) -> dict:
-    obs_dim, act_dim, num_critics = CONFIGS[config]
-    agent, args, pool, online = so2_setup(obs_dim, act_dim, num_critics, device)
-    offline_ups = per_second(
-        lambda: agent.offline_update(pool.split(pool.sample_rows(args.batch_size)), eta=1.0),
-        iterations["offline"],
-        3,
-        device,
-    )
-    agent.hand_over()
-    online_sps = per_second(lambda: so2.online_updates(agent, online, pool, args), iterations["online"], 1, device)
-
-    batch = pool.split(pool.sample_rows(args.batch_size + args.mixed_batch_size))
-
-    def forward_backward():
-        agent.critic.zero_grad(set_to_none=True)
-        agent.critic(batch[0], batch[1]).sum().backward()
-
-    reference = per_second(forward_backward, iterations["offline"], 3, device)
-
-    tiny = {}
-    for updates in (1, 10):
-        small, small_args, small_pool, small_online = so2_setup(
-            obs_dim,
-            act_dim,
-            2,
-            device,
-            hidden_dim=8,
-            batch_size=8,
-            mixed_batch_size=24,
-            updates_per_step=updates,
-            actor_update_freq=updates,
-        )
-        small.hand_over()
-        tiny[updates] = 1e3 / per_second(
-            functools.partial(so2.online_updates, small, small_online, small_pool, small_args), 200, 20, device
-        )
+def measure(name: str, module, config: str, device: torch.device, iterations: dict[str, int]) -> dict:
+    obs_dim, act_dim = CONFIGS[config]
+    hooks = module.speed_setup(config, obs_dim, act_dim, device)
+    offline_ups = per_second(hooks["offline"], iterations["offline"], 3, device)
+    reference = per_second(hooks["reference"], iterations["offline"], 3, device)
+    hooks["hand_over"]()
+    online_sps = per_second(hooks["online"], iterations["online"], 1, device)
+    tiny = module.speed_setup(config, obs_dim, act_dim, device, tiny=True)
+    tiny["hand_over"]()
     return {
-        "algorithm": "so2",
-        "config": f"{config} (N={num_critics})",
+        "algorithm": name,
+        "config": f"{config} ({hooks['label']})",
         "offline_updates_per_s": offline_ups,
         "online_env_steps_per_s": online_sps,
-        "online_critic_updates_per_s": online_sps * args.updates_per_step,
+        "online_updates_per_s": online_sps * hooks["online_updates"],
         "reference_fwd_bwd_per_s": reference,
-        "tiny_block_ms_1_update": tiny[1],
-        "tiny_block_ms_10_updates": tiny[10],
+        "tiny_ms_per_online_step": 1e3 / per_second(tiny["online"], 200, 20, device),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    algorithms = discover()
+    parser.add_argument("--algorithms", nargs="+", default=list(algorithms), choices=list(algorithms))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--offline-iterations", type=int, default=None, help="default 200 on CUDA, 20 on CPU")
     parser.add_argument("--online-iterations", type=int, default=None, help="default 50 on CUDA, 3 on CPU")
@@ -129,7 +99,11 @@ def main() -> None:
         "online": args.online_iterations or (50 if on_gpu else 3),
     }
     torch.manual_seed(0)
-    rows = [measure_so2(config, device, iterations) for config in args.configs]
+    rows = [
+        measure(name, algorithms[name], config, device, iterations)
+        for name in args.algorithms
+        for config in args.configs
+    ]
     device_name = (
         torch.cuda.get_device_name(device)
         if on_gpu
@@ -141,18 +115,19 @@ def main() -> None:
         f"# Speed on {device_name}",
         "",
         f"torch {torch.__version__}, {date.today()}; warm-up excluded; measured iterations: {iterations}.",
-        f"Command: `python benchmark/speed.py --device {device.type} --configs {' '.join(args.configs)}`.",
+        f"Command: `python benchmark/speed.py --device {device.type} --algorithms {' '.join(args.algorithms)} "
+        f"--configs {' '.join(args.configs)}`.",
         "",
-        "| algorithm | config | offline updates/s | online env steps/s (updates only) | online critic updates/s "
-        "| bare critic fwd+bwd/s (online batch) | tiny nets: ms per step, 1 update | 10 updates |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| algorithm | config | offline updates/s | online env steps/s (updates only) | online updates/s "
+        "| bare critic fwd+bwd/s (online batch) | tiny nets: ms per online step |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['algorithm']} | {r['config']} | {r['offline_updates_per_s']:.1f} "
             f"| {r['online_env_steps_per_s']:.2f} "
-            f"| {r['online_critic_updates_per_s']:.1f} | {r['reference_fwd_bwd_per_s']:.1f} "
-            f"| {r['tiny_block_ms_1_update']:.2f} | {r['tiny_block_ms_10_updates']:.2f} |"
+            f"| {r['online_updates_per_s']:.1f} | {r['reference_fwd_bwd_per_s']:.1f} "
+            f"| {r['tiny_ms_per_online_step']:.2f} |"
         )
     text = "\n".join(lines) + "\n"
     out = args.out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,30 @@ def error_line(stderr: str) -> str:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     assert lines, "nothing on stderr"
     return lines[-1]
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    """Every TensorBoard scalar a run wrote, by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir)).Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def recording_env(env_spec: str, max_episode_steps: int = 12):
+    """The dataset's env with a short time limit (so truncations happen) and a log of every step.
+
+    Returns the env and the list it appends (action, reward, terminated, truncated) to.
+    """
+    from utils import make_env
+
+    env = make_env(json.dumps(json.loads(env_spec) | {"max_episode_steps": max_episode_steps}), 0)
+    transitions, step_fn = [], env.step
+
+    def recording_step(action):
+        result = step_fn(action)
+        transitions.append((action, result[1], result[2], result[3]))
+        return result
+
+    env.step = recording_step
+    return env, transitions

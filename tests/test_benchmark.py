@@ -142,6 +142,13 @@ def test_sweep_unknown_algorithm_and_missing_ray(tmp_path, monkeypatch):
         sweep.run_ray([], "auto", 0.25)
 
 
+def test_speed_discovers_every_algorithm_script():
+    from benchmark import speed
+
+    scripts = {path.stem for path in (REPO / "algorithms").glob("*.py")} - {"__init__"}
+    assert set(speed.discover()) == scripts  # every script joins the benchmark through its speed_setup hook
+
+
 @pytest.mark.slow
 def test_speed_script_runs_one_configuration(tmp_path):
     result = run_cli(
@@ -149,6 +156,8 @@ def test_speed_script_runs_one_configuration(tmp_path):
             str(REPO / "benchmark/speed.py"),
             "--device",
             "cpu",
+            "--algorithms",
+            "so2",
             "--configs",
             "halfcheetah",
             "--offline-iterations",
@@ -165,6 +174,12 @@ def test_speed_script_runs_one_configuration(tmp_path):
     assert measured["torch"] and measured["date"] and measured["device"]
     (row,) = measured["rows"]
     assert row["config"] == "halfcheetah (N=10)"
-    for key in ("offline_updates_per_s", "online_env_steps_per_s", "reference_fwd_bwd_per_s", "tiny_block_ms_1_update"):
+    for key in (
+        "offline_updates_per_s",
+        "online_env_steps_per_s",
+        "reference_fwd_bwd_per_s",
+        "tiny_ms_per_online_step",
+    ):
         assert np.isfinite(row[key]) and row[key] > 0
+    assert row["online_updates_per_s"] == pytest.approx(10 * row["online_env_steps_per_s"])
     assert "| so2 | halfcheetah (N=10) |" in (tmp_path / "speed_cpu.md").read_text()

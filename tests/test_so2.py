@@ -6,10 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from algorithms import so2
-from tests.conftest import REPO, error_line, run_cli
+from tests.conftest import REPO, error_line, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -233,21 +232,12 @@ def online_run(minari_root, tmp_path, monkeypatch):
         )
     soft = so2.soft_update
     monkeypatch.setattr(so2, "soft_update", lambda *a: (counts.__setitem__("soft", counts["soft"] + 1), soft(*a)))
-    short_horizon = json.loads(data.env_spec) | {"max_episode_steps": 12}  # so time-limit truncations happen
-    env = make_env(json.dumps(short_horizon), 0)
-    flags, step_fn = [], env.step
-
-    def recording_step(action):
-        result = step_fn(action)
-        flags.append((result[2], result[3]))
-        return result
-
-    env.step = recording_step
+    env, transitions = recording_env(data.env_spec)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(tmp_path))
     online = so2.online_phase(agent, data, pool, env, make_env(data.eval_env_spec, 1), writer, args)
-    return agent, pool, online, counts, flags, args
+    return agent, pool, online, counts, [(t[2], t[3]) for t in transitions], args
 
 
 def test_update_counts_pool_and_done_flags(online_run):
@@ -270,11 +260,6 @@ def test_hand_over_keeps_the_policy():
     torch.testing.assert_close(agent.actor(obs, deterministic=True)[0], before)
     for target, online in zip(agent.critic_target.parameters(), agent.critic.parameters(), strict=True):
         assert torch.equal(target, online)
-
-
-def scalars(run_dir):
-    events = EventAccumulator(str(run_dir)).Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 # hopper-expert keeps the env's 1000-step limit, so evaluation episodes have exact Monte-Carlo returns

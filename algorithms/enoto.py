@@ -1,0 +1,729 @@
+"""ENOTO: Improving Offline-to-Online Reinforcement Learning with Q-Ensembles.
+
+Zhao, Hao, Ma, Liu, Zheng, Meng, IJCAI 2024, arXiv 2306.06871 (v1: "E2O"). This is ENOTO-CQL: CQL-N
+pretraining (N = 10 critics, min-over-N target), then at the switch the CQL term is dropped and the same
+networks keep training as SAC-N with the WeightedMinPair target, the SUNRISE uncertainty-weighted Bellman
+backup (T = 10) and SUNRISE UCB action selection (lambda = 10), on a fresh online buffer.
+
+Numbers follow the official code (TJU-DRL-LAB/AI-Optimizer, E2O, a d3rlpy v1 fork); the card lists the
+sources. Decisions where the paper is silent or the sources disagree:
+- Offline CQL(H) exactly as d3rlpy: importance-sampled logsumexp over 10 uniform, 10 pi(s) and 10 pi(s')
+  actions, weight 5 with the Lagrange multiplier fixed at 1, the gap AVERAGED over critics while the TD
+  loss is SUMMED over critics; deterministic backup min_i Q'_i(s', tanh mu(s')) without entropy. The
+  constant threshold (-5) is not subtracted: it changes the logged value, not a gradient.
+- Updates run in d3rlpy's order, each on the parameters the previous one left: temperature, critics,
+  actor, targets. The temperature loss is d3rlpy's -alpha (log pi - |A|) (alpha, not log alpha, in front).
+- Hand-over: the last offline networks, target networks, temperature and all Adam states are kept; only
+  the CQL term goes. The online buffer starts empty and the dataset is not used online (official code).
+- SUNRISE weight per sample, w = sigmoid(-T std_i Q'_i(s', a')) + 0.5 (SUNRISE's definition); the official
+  code's one scalar per batch is `--sunrise-weight batch`. std is the population std (correction 0).
+- UCB: N candidates from the one actor, scored by mean + lambda std of the current critics; it also acts
+  during the 1000 steps before the first update. No bootstrap masks (the official buffer has none).
+- Variants for the paper's ablations: `--q-target min|mean|rem|random_min_pair|weighted_min_pair` (REM and
+  RandomMinPair draw once per update, for any N), `--exploration none|sunrise|bootstrap|oac`,
+  `--sunrise-weight per_sample|batch|off`, `--keep-cql-online` and `--num-critics 2` (CQL -> CQL,
+  CQL -> SAC).
+- Evaluation every 10k offline / 5k online steps (official: 1k), 10 deterministic episodes.
+  eval/q_bias and eval/q_rank_tau use the ensemble minimum (what the actor maximises).
+- AntMaze: the training reward is (r - 0.5) * 4 in both phases (the fork's CQL setting), evaluation uses r.
+Not implemented: ENOTO-LAPO, the paper's AntMaze variant (no public code; AntMaze runs use the CQL backbone
+and will score lower than the paper's LAPO numbers). Minari data and v5 environments are not D4RL: scores
+are not comparable with the paper's curves.
+
+Usage: python algorithms/enoto.py --env-id hopper-medium
+Own tags: offline/cql_loss, offline/q_std, offline/alpha, offline/alpha_loss, offline/entropy,
+losses/q_std (ensemble std of Q(s, a)), losses/alpha_loss, losses/entropy, charts/sunrise_weight (mean w).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
+from utils import OfflineData, UserError, evaluate, load_dataset, make_env
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "enoto"
+    """name of the experiment, part of the run name"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """torch.backends.cudnn.deterministic"""
+    cuda: bool = True
+    """use the GPU when there is one (falls back to the CPU with a notice)"""
+    run_dir: str = "runs"
+    """folder that receives runs/<run name>/ (TensorBoard events, args.json, checkpoints)"""
+    save_model: bool = True
+    """write offline.pt after pretraining and final.pt at the end"""
+    progress: bool = True
+    """tqdm bars (off automatically when stdout is not a terminal)"""
+    # data
+    env_id: str = "hopper-medium"
+    """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
+    pretrained: str | None = None
+    """an offline.pt to start from; skips the offline phase"""
+    # budgets
+    offline_steps: int = 1_000_000
+    """CQL-N gradient steps (paper 4.1); 0 = no pretraining (the paper's "Scratch")"""
+    online_steps: int = 250_000
+    """online environment steps (paper 4.1)"""
+    warmup_steps: int = 1_000
+    """first online steps: act with the pretrained agent, no updates (official update_start_step)"""
+    batch_size: int = 256
+    """minibatch size in both phases"""
+    # algorithm
+    hidden_dim: int = 256
+    """width of the three hidden layers of actor and critics"""
+    num_critics: int = 10
+    """ensemble size N in both phases (official code; the paper never states it)"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """target soft-update rate, every update"""
+    actor_lr: float = 3e-5
+    """actor learning rate, both phases"""
+    critic_lr: float = 3e-4
+    """critic learning rate, both phases"""
+    alpha_lr: float = 1e-4
+    """temperature learning rate (initial alpha 1, target entropy -|A|), both phases"""
+    cql_weight: float = 5.0
+    """CQL(H) weight on the critic-averaged gap (Lagrange multiplier fixed at 1)"""
+    cql_samples: int = 10
+    """actions per source (uniform, pi(s), pi(s')) in the CQL logsumexp"""
+    keep_cql_online: bool = False
+    """keep the CQL term online (the paper's CQL -> CQL baseline)"""
+    q_target: Literal["min", "mean", "rem", "random_min_pair", "weighted_min_pair"] = "weighted_min_pair"
+    """online target rule over the target ensemble (paper 3.2); offline is always min"""
+    exploration: Literal["none", "sunrise", "bootstrap", "oac"] = "sunrise"
+    """online action selection (paper 3.3): policy sample, UCB, bootstrapped head, or OAC"""
+    sunrise_weight: Literal["per_sample", "batch", "off"] = "per_sample"
+    """SUNRISE weighted backup: per sample (SUNRISE), one scalar per batch (official E2O), or none"""
+    sunrise_temperature: float = 10.0
+    """T in w = sigmoid(-T std) + 0.5"""
+    ucb_lambda: float = 10.0
+    """lambda in the UCB score mean + lambda std"""
+    oac_beta_ub: float = 4.66
+    """OAC optimism beta_UB (exploration oac)"""
+    oac_delta: float = 23.53
+    """OAC shift size delta (exploration oac)"""
+    online_buffer_size: int = 1_000_000
+    """capacity of the online buffer"""
+    # evaluation
+    eval_freq: int = 5_000
+    """online evaluation every this many environment steps (and at step 0)"""
+    offline_eval_freq: int = 10_000
+    """offline evaluation every this many gradient steps (and at the end)"""
+    eval_episodes: int = 10
+    """deterministic episodes per evaluation"""
+    log_freq: int = 1_000
+    """write training metrics every this many updates"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------------
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers as one batched matmul: [E, B, in] -> [E, B, out]."""
+
+    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
+        bound = 1 / in_features**0.5  # what nn.Linear's default init draws (d3rlpy uses no custom init)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class Critic(nn.Module):
+    """N Q-functions (s, a) -> 256 -> 256 -> 256 -> 1, evaluated together."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_critics: int, hidden: int = 256):
+        super().__init__()
+        self.num_critics = num_critics
+        layers = []
+        for n_in, n_out in itertools.pairwise((obs_dim + act_dim, hidden, hidden, hidden)):
+            layers += [EnsembleLinear(n_in, n_out, num_critics), nn.ReLU()]
+        self.net = nn.Sequential(*layers, EnsembleLinear(hidden, 1, num_critics))
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """[B, obs] and [B, act] (shared by all members) or [N, B, ...] (one per member) -> Q of shape [N, B]."""
+        x = torch.cat([obs, action], dim=-1)
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.num_critics, -1, -1)
+        return self.net(x).squeeze(-1)
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian policy: obs -> 256 -> 256 -> 256 -> (mu, log sigma in [-20, 2]), default init."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        layers = []
+        for n_in, n_out in itertools.pairwise((obs_dim, hidden, hidden, hidden)):
+            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        self.trunk = nn.Sequential(*layers)
+        self.mu = nn.Linear(hidden, act_dim)
+        self.log_std = nn.Linear(hidden, act_dim)
+
+    def distribution(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-tanh mean and standard deviation."""
+        hidden = self.trunk(obs)
+        return self.mu(hidden), self.log_std(hidden).clamp(-20.0, 2.0).exp()
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Action in (-1, 1) and its log-probability (tanh change of variables)."""
+        mu, std = self.distribution(obs)
+        normal = torch.distributions.Normal(mu, std)
+        pre_tanh = mu if deterministic else normal.rsample()
+        action = torch.tanh(pre_tanh)
+        log_prob = normal.log_prob(pre_tanh).sum(-1) - torch.log(1 - action.pow(2) + 1e-6).sum(-1)
+        return action, log_prob
+
+
+# ---------------------------------------------------------------------------------------------------
+# Buffers
+# ---------------------------------------------------------------------------------------------------
+
+
+class ReplayBuffer:
+    """A device-resident ring buffer; one row = [obs, action, reward, next_obs, done, is_online]."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
+        self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
+        self.position = self.size = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Append rows [n, width], overwriting the oldest once full (FIFO)."""
+        slots = (self.position + torch.arange(len(rows), device=rows.device)) % self.capacity
+        self.storage[slots] = rows
+        self.position = (self.position + len(rows)) % self.capacity
+        self.size = min(self.size + len(rows), self.capacity)
+
+    def sample_rows(self, n: int) -> torch.Tensor:
+        return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """rows -> obs, action, reward, next_obs, done, is_online."""
+        obs, action, reward, next_obs, done, is_online = rows.split(
+            [self.obs_dim, self.act_dim, 1, self.obs_dim, 1, 1], -1
+        )
+        return obs, action, reward.squeeze(-1), next_obs, done.squeeze(-1), is_online.squeeze(-1)
+
+
+def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarray:
+    """Pack transitions (numpy, batched) into buffer rows, so adding them costs one host-device copy."""
+    n = len(obs)
+    columns = [obs, action, reward.reshape(n, 1), next_obs, done.reshape(n, 1), np.full((n, 1), float(is_online))]
+    return np.concatenate(columns, axis=1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses and updates
+# ---------------------------------------------------------------------------------------------------
+
+
+def weighted_min_pair(q: torch.Tensor) -> torch.Tensor:
+    """Mean over all N-choose-2 pairs of min(q_i, q_j), per sample, from one sort: [N, B] -> [B].
+
+    After sorting ascending, q_(k) is the smaller member of exactly N - 1 - k pairs.
+    """
+    n = q.shape[0]
+    pair_counts = torch.arange(n - 1, -1, -1, device=q.device, dtype=q.dtype)
+    return (pair_counts.unsqueeze(1) * q.sort(0).values).sum(0) * (2.0 / (n * (n - 1)))
+
+
+def ensemble_target(q: torch.Tensor, rule: str) -> torch.Tensor:
+    """Reduce target-critic values [N, B] to one value per sample [B] (paper 3.2)."""
+    n = q.shape[0]
+    if rule == "min":
+        return q.min(0).values
+    if rule == "mean":
+        return q.mean(0)
+    if rule == "rem":  # one random convex combination per update, shared by the batch
+        beta = torch.rand(n, 1, device=q.device)
+        return (beta / beta.sum() * q).sum(0)
+    if rule == "random_min_pair":  # REDQ with M = 2: two distinct members per update
+        return q[torch.randperm(n, device=q.device)[:2]].min(0).values
+    return weighted_min_pair(q)
+
+
+def sunrise_weight(std: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SUNRISE: w = sigmoid(-T std) + 0.5, in [0.5, 1]; 1 where the target ensemble agrees."""
+    return torch.sigmoid(-temperature * std.detach()) + 0.5
+
+
+def ucb_choice(q: torch.Tensor, ucb_lambda: float) -> torch.Tensor:
+    """Index of the candidate with the largest mean + lambda std over the ensemble; q is [N, M]."""
+    return (q.mean(0) + ucb_lambda * q.std(0, correction=0)).argmax()
+
+
+def cql_gap(critic: Critic, actor: Actor, obs, next_obs, q_data: torch.Tensor, samples: int) -> torch.Tensor:
+    """CQL(H), d3rlpy's importance-sampled form: mean over critics and batch of LSE_i(s) - Q_i(s, a).
+
+    The logsumexp runs over `samples` uniform actions, `samples` from pi(s) and `samples` from pi(s'), all
+    evaluated at s, each minus its log-density.
+    """
+    batch, act_dim = q_data.shape[1], actor.mu.out_features
+    with torch.no_grad():
+        policy_actions, policy_log_prob = actor(torch.cat([obs, next_obs]).expand(samples, -1, -1))
+    uniform_actions = torch.rand(samples, batch, act_dim, device=obs.device) * 2 - 1
+    actions = torch.cat([uniform_actions, policy_actions], dim=1)  # [K, 3B, A]: uniform, pi(s), pi(s')
+    log_density = torch.cat(
+        [torch.full((samples, batch), act_dim * math.log(0.5), device=obs.device), policy_log_prob], 1
+    )
+    q = critic(obs.repeat(3, 1).expand(samples, -1, -1).reshape(-1, obs.shape[1]), actions.reshape(-1, act_dim))
+    values = (q.view(-1, samples, 3, batch) - log_density.view(samples, 3, batch)).permute(0, 3, 1, 2)
+    return values.flatten(2).logsumexp(-1).mean() - q_data.mean()
+
+
+def oac_shift(grad: torch.Tensor, variance: torch.Tensor, delta: float) -> torch.Tensor:
+    """OAC's mean shift sqrt(2 delta) Sigma g / ||g||_Sigma: the step of Mahalanobis length sqrt(2 delta) along g."""
+    return (
+        math.sqrt(2 * delta) * variance * grad / (grad.pow(2) * variance).sum(-1, keepdim=True).sqrt().clamp_min(1e-12)
+    )
+
+
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Fused Adam: one kernel for all parameters instead of one per tensor (less per-update overhead)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+class ENOTO:
+    """Networks, optimisers and the two update rules (offline CQL-N, online SAC-N + WMP + SUNRISE)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
+        self.args, self.device = args, device
+        self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.critic = Critic(obs_dim, act_dim, args.num_critics, args.hidden_dim).to(device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = torch.zeros((), device=device, requires_grad=True)
+        self.act_dim = act_dim
+        self.actor_optimizer = adam(self.actor.parameters(), lr=args.actor_lr)
+        self.critic_optimizer = adam(self.critic.parameters(), lr=args.critic_lr)
+        self.alpha_optimizer = adam([self.log_alpha], lr=args.alpha_lr)
+        self.cql_weight = args.cql_weight
+
+    def update_alpha(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """d3rlpy: loss = -alpha (log pi(a|s) - |A|); alpha falls while the entropy is above -|A|."""
+        with torch.no_grad():
+            _, log_prob = self.actor(obs)
+        alpha_loss = -(self.log_alpha.exp() * (log_prob - self.act_dim)).mean()
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_optimizer.step()
+        return {"alpha_loss": alpha_loss.detach(), "entropy": -log_prob.mean()}
+
+    def update_critic(self, batch, y: torch.Tensor, weight: torch.Tensor | float = 1.0) -> dict[str, torch.Tensor]:
+        """TD loss summed over critics (mean over the batch, weighted), plus the critic-averaged CQL gap."""
+        obs, action, _, next_obs, _, _ = batch
+        q = self.critic(obs, action)
+        td_loss = (weight * (q - y).pow(2)).mean(1).sum()
+        q_detached = q.detach()
+        results = {
+            "qf_loss": td_loss.detach(),
+            "qf_values": q_detached.mean(),
+            "q_std": q_detached.std(0, correction=0).mean(),
+        }
+        critic_loss = td_loss
+        if self.cql_weight > 0:
+            cql_loss = self.cql_weight * cql_gap(self.critic, self.actor, obs, next_obs, q, self.args.cql_samples)
+            critic_loss, results["cql_loss"] = td_loss + cql_loss, cql_loss.detach()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+        return results
+
+    def update_actor(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """alpha log pi(a|s) - min over ALL current critics, in both phases."""
+        alpha = self.log_alpha.exp().detach()
+        action, log_prob = self.actor(obs)
+        actor_loss = (alpha * log_prob - self.critic(obs, action).min(0).values).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        return {"actor_loss": actor_loss.detach(), "alpha": alpha}
+
+    def offline_target(self, next_obs, reward, done) -> torch.Tensor:
+        """d3rlpy CQL backup: r + gamma (1 - d) min_i Q'_i(s', tanh mu(s')), no entropy term."""
+        with torch.no_grad():
+            next_action, _ = self.actor(next_obs, deterministic=True)
+            return reward + self.args.gamma * (1.0 - done) * self.critic_target(next_obs, next_action).min(0).values
+
+    def online_target(self, next_obs, reward, done) -> tuple[torch.Tensor, torch.Tensor]:
+        """y = r + gamma (1 - d) (rule_i Q'_i(s', a') - alpha log pi(a'|s')) and the SUNRISE weight."""
+        args, alpha = self.args, self.log_alpha.exp().detach()
+        with torch.no_grad():
+            next_action, next_log_prob = self.actor(next_obs)
+            target_q = self.critic_target(next_obs, next_action)
+            y = reward + args.gamma * (1.0 - done) * (ensemble_target(target_q, args.q_target) - alpha * next_log_prob)
+            if args.sunrise_weight == "per_sample":
+                weight = sunrise_weight(target_q.std(0, correction=0), args.sunrise_temperature)
+            elif args.sunrise_weight == "batch":  # official E2O: std of the batch-mean Q over N policy draws
+                draws = self.actor(next_obs.expand(self.critic.num_critics, -1, -1))[0]
+                q_draws = self.critic_target(next_obs.repeat(len(draws), 1), draws.flatten(0, 1))
+                batch_std = q_draws.view(len(q_draws), len(draws), -1).mean(2).std(0, correction=0).mean()
+                weight = sunrise_weight(batch_std, args.sunrise_temperature)
+            else:
+                weight = torch.ones((), device=self.device)
+        return y, weight
+
+    def offline_update(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """One CQL-N step in d3rlpy's order: temperature, critics, actor, targets."""
+        obs, _, reward, next_obs, done, _ = batch
+        results = self.update_alpha(obs)
+        results |= self.update_critic(batch, self.offline_target(next_obs, reward, done))
+        results |= self.update_actor(obs)
+        soft_update(self.critic_target, self.critic, self.args.tau)
+        return {f"offline/{key}": value for key, value in results.items()}
+
+    def hand_over(self) -> None:
+        """Card 2.2: everything is carried over; only the CQL term goes (unless --keep-cql-online)."""
+        self.cql_weight = self.args.cql_weight if self.args.keep_cql_online else 0.0
+
+    def online_update(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        obs, _, reward, next_obs, done, _ = batch
+        results = self.update_alpha(obs)
+        y, weight = self.online_target(next_obs, reward, done)
+        results |= self.update_critic(batch, y, weight)
+        results |= self.update_actor(obs)
+        soft_update(self.critic_target, self.critic, self.args.tau)
+        return {f"losses/{key}": value for key, value in results.items()} | {"charts/sunrise_weight": weight.mean()}
+
+    def explore(self, obs: np.ndarray, head: int) -> np.ndarray:
+        """The online action: a policy sample, the UCB or bootstrapped-head choice among N draws, or OAC."""
+        mode, obs_t = self.args.exploration, torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        if mode == "oac":
+            return self.oac_action(obs_t).cpu().numpy()
+        with torch.no_grad():
+            if mode == "none":
+                return self.actor(obs_t)[0].cpu().numpy()
+            candidates = self.actor(obs_t.expand(self.critic.num_critics, -1))[0]
+            q = self.critic(obs_t.expand(len(candidates), -1), candidates)
+            choice = ucb_choice(q, self.args.ucb_lambda) if mode == "sunrise" else q[head].argmax()
+            return candidates[choice].cpu().numpy()
+
+    def oac_action(self, obs: torch.Tensor) -> torch.Tensor:
+        """Optimistic Actor-Critic: shift the pre-tanh mean along grad of mean + beta_UB std of Q, by sqrt(2 delta)."""
+        with torch.no_grad():
+            mu, std = self.actor.distribution(obs)
+        mu = mu.requires_grad_(True)
+        q = self.critic(obs.unsqueeze(0), torch.tanh(mu).unsqueeze(0))
+        upper_bound = q.mean(0) + self.args.oac_beta_ub * q.std(0, correction=0)
+        grad = torch.autograd.grad(upper_bound.sum(), mu)[0]
+        shift = oac_shift(grad, std.pow(2), self.args.oac_delta)
+        return torch.tanh(mu.detach() + shift + std * torch.randn_like(std))
+
+    def policy(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
+        with torch.no_grad():
+            action, _ = self.actor(torch.as_tensor(obs, dtype=torch.float32, device=self.device), deterministic)
+        return action.cpu().numpy()
+
+    def q_min(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)
+            return self.critic(to_tensor(obs), to_tensor(action)).min(0).values.cpu().numpy()
+
+    def state_dict(self) -> dict:
+        return {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "log_alpha": self.log_alpha.detach().cpu(),
+            "actor_optimizer": self.actor_optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "alpha_optimizer": self.alpha_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """Everything the hand-over carries: networks, targets, temperature, Adam states."""
+        for name in ("actor", "critic", "critic_target", "actor_optimizer", "critic_optimizer", "alpha_optimizer"):
+            getattr(self, name).load_state_dict(checkpoint[name])
+        with torch.no_grad():
+            self.log_alpha.copy_(checkpoint["log_alpha"])
+
+
+def training_reward(reward: np.ndarray, task: str) -> np.ndarray:
+    """AntMaze trains on (r - 0.5) * 4 (the official fork's CQL setting); other tasks on r."""
+    return (reward - 0.5) * 4.0 if task == "antmaze" else reward
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging, checkpoints, evaluation
+# ---------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Accumulates detached device tensors under their tags; `flush` moves the means to the host in one transfer."""
+
+    def __init__(self, writer: SummaryWriter):
+        self.writer, self.sums, self.counts = writer, {}, {}
+
+    def add(self, *results: dict[str, torch.Tensor]) -> None:
+        for metrics in results:
+            for key, value in metrics.items():
+                self.sums[key] = self.sums.get(key, 0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def flush(self, step: int) -> None:
+        if not self.sums:
+            return
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.sums.values()]).cpu().tolist()
+        for (key, count), value in zip(self.counts.items(), values, strict=True):
+            self.writer.add_scalar(key, value / count, step)
+        self.sums, self.counts = {}, {}
+
+
+def save_checkpoint(path: Path, agent: ENOTO, args: Args, data: OfflineData, phase: str, step: int) -> None:
+    """One self-contained dict, written to a temporary file and renamed, so a crash never leaves half a file."""
+    checkpoint = {
+        "algorithm": "enoto",
+        "args": asdict(args),
+        **agent.state_dict(),
+        "obs_dim": data.observations.shape[1],
+        "act_dim": data.actions.shape[1],
+        "num_critics": agent.critic.num_critics,
+        "phase": phase,
+        "step": step,
+        "dataset": data.name,
+        "env_spec": data.env_spec,
+        "eval_env_spec": data.eval_env_spec,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def policy_from_checkpoint(checkpoint: dict):
+    """The deterministic actor of a checkpoint as obs -> action (used by utils.make_dataset)."""
+    actor = Actor(checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["args"]["hidden_dim"])
+    actor.load_state_dict(checkpoint["actor"])
+    actor.eval()
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return actor(torch.as_tensor(obs, dtype=torch.float32), deterministic=True)[0].numpy()
+
+    return act
+
+
+EVAL_TAGS = ("normalized_score", "episodic_return", "success_rate", "minari_normalized_score", "q_bias", "q_rank_tau")
+
+
+def log_evaluation(writer, agent: ENOTO, env, args: Args, data: OfflineData, prefix: str, step: int, seed: int):
+    result = evaluate(
+        env,
+        lambda obs: agent.policy(obs, deterministic=True),
+        args.eval_episodes,
+        seed,
+        q_function=agent.q_min if prefix == "eval" else None,
+        gamma=args.gamma,
+        q_reward_fn=lambda reward: training_reward(reward, data.task),
+        minari_ref_scores=data.minari_ref_scores,
+    )
+    for key, value in result.items():
+        if key in EVAL_TAGS and not np.isnan(value):
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------------------
+
+
+def offline_phase(agent: ENOTO, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args) -> None:
+    metrics, bar = Metrics(writer), tqdm(range(1, args.offline_steps + 1), desc="offline", disable=not args.progress)
+    start = time.perf_counter()
+    for step in bar:
+        metrics.add(agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size))))
+        if step % args.log_freq == 0:
+            metrics.flush(step)
+            writer.add_scalar("offline/UPS", step / (time.perf_counter() - start), step)
+        if step % args.offline_eval_freq == 0 or step == args.offline_steps:
+            result = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
+            bar.set_postfix(
+                score=f"{result['normalized_score']:.1f}", UPS=f"{step / (time.perf_counter() - start):.0f}"
+            )
+
+
+def online_phase(agent: ENOTO, data: OfflineData, env, eval_env, writer, args: Args) -> ReplayBuffer:
+    """Fresh online buffer, no offline data (card 2.2); one update per step after the warm-up."""
+    device = agent.device
+    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
+    online = ReplayBuffer(min(args.online_buffer_size, args.online_steps), obs_dim, act_dim, device)
+    metrics, updates = Metrics(writer), 0
+    log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
+    obs, _ = env.reset(seed=args.seed)
+    head = random.randrange(agent.critic.num_critics)  # Bootstrapped DQN: one head per episode
+    episode_return, start, update_start = 0.0, time.perf_counter(), None
+    bar = tqdm(range(1, args.online_steps + 1), desc="online", disable=not args.progress)
+    for step in bar:
+        action = agent.explore(obs, head)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        trained_reward = training_reward(np.array([reward]), data.task)
+        row = transition_rows(obs[None], action[None], trained_reward, next_obs[None], np.array([terminated]), True)
+        online.add(torch.from_numpy(row).to(device))
+        if step > args.warmup_steps and online.size >= args.batch_size:
+            update_start = update_start or time.perf_counter()
+            metrics.add(agent.online_update(online.split(online.sample_rows(args.batch_size))))
+            updates += 1
+            if updates % args.log_freq == 0:
+                metrics.flush(step)
+                writer.add_scalar("charts/UPS", updates / (time.perf_counter() - update_start), step)
+                writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)
+        episode_return += float(reward)
+        obs = next_obs
+        if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
+            writer.add_scalar("charts/episodic_return", episode_return, step)
+            obs, _ = env.reset()
+            head = random.randrange(agent.critic.num_critics)
+            episode_return = 0.0
+        if step % args.eval_freq == 0:
+            result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
+            bar.set_postfix(
+                score=f"{result['normalized_score']:.1f}", SPS=f"{step / (time.perf_counter() - start):.0f}"
+            )
+    return online
+
+
+def check_args(args: Args) -> None:
+    """Refuse settings the phases cannot run with, naming the flag to change."""
+    if args.online_steps and args.online_steps <= args.warmup_steps:
+        raise UserError(f"--online-steps {args.online_steps} leaves nothing after the warm-up; lower --warmup-steps")
+    if args.q_target in ("weighted_min_pair", "random_min_pair") and args.num_critics < 2:
+        raise UserError(f"--q-target {args.q_target} needs --num-critics >= 2")
+    positive = ("num_critics", "hidden_dim", "cql_samples", "eval_freq", "offline_eval_freq", "log_freq")
+    for name in (*positive, "eval_episodes", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Speed benchmark hook (benchmark/speed.py discovers it in every script)
+# ---------------------------------------------------------------------------------------------------
+
+
+def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False) -> dict:
+    """Paper-default agent on random device-resident data; `tiny` shrinks networks and batches to show overhead.
+
+    Returns the callables benchmark/speed.py times: one offline update, the hand-over, the updates of one
+    online environment step (action selection included), and a bare forward + backward of the critic
+    ensemble on the online batch.
+    """
+    args = Args(num_critics=2, hidden_dim=8, batch_size=8) if tiny else Args()
+    agent = ENOTO(obs_dim, act_dim, args, device)
+    buffer = ReplayBuffer(100_000, obs_dim, act_dim, device)
+    buffer.add(torch.rand(buffer.capacity, buffer.storage.shape[1], device=device) * 2 - 1)
+    buffer.storage[:, -2] = 0.0  # not done
+    batch, obs = buffer.split(buffer.sample_rows(args.batch_size)), np.zeros(obs_dim, np.float32)
+
+    def critic_forward_backward():
+        agent.critic.zero_grad(set_to_none=True)
+        agent.critic(batch[0], batch[1]).sum().backward()
+
+    def online_step():
+        agent.explore(obs, head=0)
+        return agent.online_update(buffer.split(buffer.sample_rows(args.batch_size)))
+
+    return {
+        "label": f"N={args.num_critics}",
+        "offline": lambda: agent.offline_update(buffer.split(buffer.sample_rows(args.batch_size))),
+        "hand_over": agent.hand_over,
+        "online": online_step,
+        "online_updates": 1,
+        "reference": critic_forward_backward,
+    }
+
+
+def main(args: Args) -> Path:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("CUDA is not available: running on the CPU", file=sys.stderr)
+    args.progress = args.progress and sys.stdout.isatty()
+
+    checkpoint = None
+    if args.pretrained is not None:
+        try:
+            checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
+            if checkpoint.get("algorithm") != "enoto" or checkpoint.get("phase") != "offline":
+                raise ValueError("not an ENOTO offline.pt")
+        except Exception as err:
+            raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
+        # the networks come from the offline run (official code re-reads its params); lrs live in the Adam states
+        args.num_critics, args.hidden_dim = checkpoint["num_critics"], checkpoint["args"]["hidden_dim"]
+    check_args(args)
+    data = load_dataset(args.env_id)
+    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
+    if checkpoint is not None and (checkpoint["obs_dim"], checkpoint["act_dim"]) != (obs_dim, act_dim):
+        raise UserError(f"--pretrained {args.pretrained} was trained on {checkpoint['dataset']}, not {data.name}")
+
+    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_path = Path(args.run_dir) / run_name
+    run_path.mkdir(parents=True, exist_ok=True)
+    (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    writer = SummaryWriter(str(run_path))
+    env, eval_env = make_env(data.env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
+    agent = ENOTO(obs_dim, act_dim, args, device)
+
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint)
+    elif args.offline_steps > 0:
+        columns = (data.observations, data.actions, training_reward(data.rewards, data.task))
+        rows = transition_rows(*columns, data.next_observations, data.terminals, False)
+        dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
+        dataset.add(torch.from_numpy(rows).to(device))
+        del rows
+        offline_phase(agent, data, dataset, eval_env, writer, args)
+        del dataset  # the online phase does not use the offline data
+        if args.save_model:
+            save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
+    if args.online_steps > 0:
+        agent.hand_over()
+        online_phase(agent, data, env, eval_env, writer, args)
+    if args.save_model:
+        save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps)
+    writer.close()
+    print(f"run written to {run_path}")
+    return run_path
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as err:
+        sys.exit(f"error: {err}")

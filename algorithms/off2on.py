@@ -1,0 +1,816 @@
+"""Off2On: Offline-to-Online Reinforcement Learning via Balanced Replay and Pessimistic Q-Ensemble.
+
+Lee, Seo, Lee, Abbeel, Shin, CoRL 2021, arXiv 2107.00591. Offline: N = 5 independent CQL agents (actor and
+twin critics each), trained together as one batched ensemble. Online: SAC without the CQL term on the
+ensemble: the actors act as one Gaussian matching the first two moments of their mixture (Eq. 5), the
+critic is the mean of the members' twin minima, and the replay is balanced: offline and online data share
+one prioritized buffer sampled in proportion to w(s, a)^(1/T), a density ratio d_on / d_off learned with
+the Jensen-Shannon variational loss (Eq. 4).
+
+The official code (shlee94/Off2OnRL) holds only the fine-tuning phase; the card lists the sources.
+Decisions where the paper is silent or the sources disagree:
+- Offline CQL settings are the official CQL defaults for gym MuJoCo: CQL(H), weight 5, no Lagrange,
+  importance-sampled logsumexp over 10 uniform, 10 pi(s) and 10 pi(s') actions, target without entropy,
+  40k steps of BC warm start for the actor, lr 1e-4 (actor, alpha) / 3e-4 (critics), 2 x 256 networks,
+  1M steps. Each member has its own initialisation, minibatch indices and temperature; the summed losses
+  of independent members give each member exactly its own gradients, so this equals N separate runs.
+- Hand-over (official): targets = copies of the critics, fresh Adam at 3e-4 for everything, one new
+  temperature alpha = 1, a fresh density network; all dataset transitions enter the prioritized buffer
+  at priority 1, and new transitions at the running-max priority, which starts at M f / ((1 - f) K) so
+  the first block of K = 1000 online steps holds a share f = 0.75 of the mass (README command).
+- Online schedule (official): blocks of 1000 env steps with the stochastic ensemble policy, each followed
+  by 1000 updates (the first block by 5 x 1000); no random warm-up. Episodes run on across blocks.
+- Priorities p = clamp(w^(1/T) / mean_offline-minibatch(w^(1/T)), 1e-3, 1e3), T = 5, written only for the
+  RL batch, from the pre-update density network; no importance-sampling correction (official).
+- Sampler: a float64 priority vector on the device, stratified draws by cumsum + searchsorted (the same
+  distribution as the official sum tree). It holds the dataset and every online step, so nothing is
+  evicted; the density network's online minibatch comes from the newest 250k online steps (the FIFO).
+- Dataset transitions that end in a time limit are kept with done = 0 (Minari stores their next state;
+  the official D4RL loader skipped them). Bootstrapping uses `terminated` only.
+- Evaluation every 10k offline / 5k online steps with 10 deterministic episodes of tanh(mean) (official:
+  every 1k steps). eval/q_bias and eval/q_rank_tau use the mean of the members' twin minima.
+- Minari data and v5 environments are not D4RL: scores are not comparable with the paper's curves.
+Not done: the paper's pixel-based manipulation experiments; per-member offline evaluation.
+
+Usage: python algorithms/off2on.py --env-id hopper-medium
+Own tags: offline/cql_loss, offline/alpha, charts/offline_share (dataset rows in the RL batch, Fig. 4a),
+charts/density_online, charts/density_offline (mean w on the online / offline minibatch),
+charts/density_dead (fraction of w = 0), charts/p_new (running-max priority), losses/density_loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
+from utils import OfflineData, UserError, evaluate, load_dataset, make_env
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "off2on"
+    """name of the experiment, part of the run name"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """torch.backends.cudnn.deterministic"""
+    cuda: bool = True
+    """use the GPU when there is one (falls back to the CPU with a notice)"""
+    run_dir: str = "runs"
+    """folder that receives runs/<run name>/ (TensorBoard events, args.json, checkpoints)"""
+    save_model: bool = True
+    """write offline.pt after pretraining and final.pt at the end"""
+    progress: bool = True
+    """tqdm bars (off automatically when stdout is not a terminal)"""
+    # data
+    env_id: str = "hopper-medium"
+    """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
+    pretrained: str | None = None
+    """an offline.pt to start from; skips the offline phase"""
+    # budgets
+    offline_steps: int = 1_000_000
+    """CQL gradient steps of every member (official checkpoints: 1M); 0 = no pretraining"""
+    online_steps: int = 250_000
+    """online environment steps (official: 251 blocks of 1000)"""
+    block_steps: int = 1_000
+    """K: env steps collected per block, then K updates (official); also sets the initial new-sample priority"""
+    first_block_multiplier: int = 5
+    """the first block runs this many times K updates (README command: 5)"""
+    batch_size: int = 256
+    """RL batch, and each of the density network's online and offline minibatches"""
+    # algorithm
+    num_agents: int = 5
+    """N CQL agents, each with an actor and twin critics (paper 6.1: 5; ablation 1, 2)"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of actors, critics and the density network"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """target soft-update rate, every update"""
+    offline_actor_lr: float = 1e-4
+    """CQL actor and temperature learning rate"""
+    offline_critic_lr: float = 3e-4
+    """CQL critic learning rate"""
+    cql_weight: float = 5.0
+    """CQL(H) weight alpha_cql, no Lagrange (CQL README: 5 or 10 for gym MuJoCo)"""
+    cql_samples: int = 10
+    """actions per source (uniform, pi(s), pi(s')) in the CQL logsumexp"""
+    bc_steps: int = 40_000
+    """offline steps whose actor loss is behaviour cloning (CQL policy_eval_start)"""
+    online_lr: float = 3e-4
+    """learning rate of the fresh online Adam optimisers: actor, critics, alpha, density network"""
+    replay: Literal["balanced", "uniform", "online_only"] = "balanced"
+    """RL batches: density-ratio priorities (paper), uniform over all data, or online data only (Fig. 4c)"""
+    priority_temperature: float = 5.0
+    """T: priorities follow w^(1/T) (official code)"""
+    init_online_fraction: float = 0.75
+    """f: share of the priority mass the first block holds when it arrives (README command)"""
+    online_buffer_size: int = 250_000
+    """newest online steps the density network's online minibatch comes from (official FIFO)"""
+    # evaluation
+    eval_freq: int = 5_000
+    """online evaluation every this many environment steps (and at step 0)"""
+    offline_eval_freq: int = 10_000
+    """offline evaluation every this many gradient steps (and at the end)"""
+    eval_episodes: int = 10
+    """deterministic episodes per evaluation"""
+    log_freq: int = 1_000
+    """write training metrics every this many updates"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------------
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers as one batched matmul: [E, B, in] -> [E, B, out]."""
+
+    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
+        bound = 1 / in_features**0.5  # rlkit's fan-in uniform init for hidden layers, bias 0.1
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.constant_(self.bias, 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def mlp(sizes: tuple[int, ...], ensemble_size: int, last_init: float) -> nn.Sequential:
+    """Ensemble MLP with ReLU between layers; the last layer drawn from U(-last_init, last_init)."""
+    layers = []
+    for n_in, n_out in itertools.pairwise(sizes[:-1]):
+        layers += [EnsembleLinear(n_in, n_out, ensemble_size), nn.ReLU()]
+    last = EnsembleLinear(sizes[-2], sizes[-1], ensemble_size)
+    nn.init.uniform_(last.weight, -last_init, last_init)
+    nn.init.uniform_(last.bias, -last_init, last_init)
+    return nn.Sequential(*layers, last)
+
+
+class Critic(nn.Module):
+    """2N Q-functions (s, a) -> 256 -> 256 -> 1: member 2i and 2i + 1 are agent i's twin critics."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_critics: int, hidden: int = 256):
+        super().__init__()
+        self.num_critics = num_critics
+        self.net = mlp((obs_dim + act_dim, hidden, hidden, 1), num_critics, 3e-3)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """[B, obs] and [B, act] (shared by all members) or [2N, B, ...] (one per member) -> Q of shape [2N, B]."""
+        x = torch.cat([obs, action], dim=-1)
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.num_critics, -1, -1)
+        return self.net(x).squeeze(-1)
+
+    def twin_min(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """min over each agent's twin critics: [N, B]."""
+        q = self(obs, action)
+        return q.view(-1, 2, q.shape[-1]).min(1).values
+
+
+class Actor(nn.Module):
+    """N tanh-Gaussian actors obs -> 256 -> 256 -> (mu, log sigma in [-20, 2]), evaluated together."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_agents: int, hidden: int = 256):
+        super().__init__()
+        self.num_agents, self.act_dim = num_agents, act_dim
+        self.net = mlp((obs_dim, hidden, hidden, 2 * act_dim), num_agents, 1e-3)
+
+    def members(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-tanh means and standard deviations [N, B, A], for shared [B, obs] or per-agent [N, B, obs] states."""
+        if obs.dim() == 2:
+            obs = obs.unsqueeze(0).expand(self.num_agents, -1, -1)
+        mu, log_std = self.net(obs).chunk(2, dim=-1)
+        return mu, log_std.clamp(-20.0, 2.0).exp()
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every member's own action and log-probability (offline: N independent agents)."""
+        return tanh_gaussian(*self.members(obs), deterministic)
+
+    def ensemble(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 5: one action from the moment-matched Gaussian of the members' mixture (online)."""
+        return tanh_gaussian(*mixture_moments(*self.members(obs)), deterministic)
+
+
+def mixture_moments(mu: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the equal-weight mixture of N Gaussians (dim 0), per dimension, in pre-tanh space."""
+    mean = mu.mean(0)
+    variance = (std.pow(2) + mu.pow(2)).mean(0) - mean.pow(2)
+    return mean, variance.clamp_min(math.exp(-40)).sqrt().clamp(math.exp(-20), math.exp(2))
+
+
+def tanh_log_det(pre_tanh: torch.Tensor) -> torch.Tensor:
+    """log(1 - tanh(z)^2) summed over the action, in the stable form 2 (log 2 - z - softplus(-2z))."""
+    return (2 * (math.log(2) - pre_tanh - F.softplus(-2 * pre_tanh))).sum(-1)
+
+
+def tanh_gaussian(mu, std, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Action tanh(z), z ~ N(mu, std) (or z = mu), and its log-probability."""
+    normal = torch.distributions.Normal(mu, std)
+    pre_tanh = mu if deterministic else normal.rsample()
+    return torch.tanh(pre_tanh), normal.log_prob(pre_tanh).sum(-1) - tanh_log_det(pre_tanh)
+
+
+def data_log_prob(actor: Actor, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """log pi_i(a|s) of dataset actions under each member (the BC warm start), [N, B]."""
+    mu, std = actor.members(obs)
+    pre_tanh = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6))
+    return torch.distributions.Normal(mu, std).log_prob(pre_tanh).sum(-1) - tanh_log_det(pre_tanh)
+
+
+class DensityNet(nn.Module):
+    """w(s, a) >= 0 estimating d_on / d_off: (s, a) -> 256 -> 256 -> 1 -> ReLU, starting at w = 1."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = mlp((obs_dim + act_dim, hidden, hidden, 1), 1, 3e-3)
+        nn.init.constant_(self.net[-1].bias, 1.0)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.net(torch.cat([obs, action], dim=-1).unsqueeze(0))).view(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Buffers
+# ---------------------------------------------------------------------------------------------------
+
+
+class ReplayBuffer:
+    """A device-resident ring buffer; one row = [obs, action, reward, next_obs, done, is_online]."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
+        self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
+        self.position = self.size = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Append rows [n, width], overwriting the oldest once full (FIFO)."""
+        slots = (self.position + torch.arange(len(rows), device=rows.device)) % self.capacity
+        self.storage[slots] = rows
+        self.position = (self.position + len(rows)) % self.capacity
+        self.size = min(self.size + len(rows), self.capacity)
+
+    def sample_rows(self, n: int) -> torch.Tensor:
+        return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """rows -> obs, action, reward, next_obs, done, is_online."""
+        obs, action, reward, next_obs, done, is_online = rows.split(
+            [self.obs_dim, self.act_dim, 1, self.obs_dim, 1, 1], -1
+        )
+        return obs, action, reward.squeeze(-1), next_obs, done.squeeze(-1), is_online.squeeze(-1)
+
+
+def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarray:
+    """Pack transitions (numpy, batched) into buffer rows, so adding them costs one host-device copy."""
+    n = len(obs)
+    columns = [obs, action, reward.reshape(n, 1), next_obs, done.reshape(n, 1), np.full((n, 1), float(is_online))]
+    return np.concatenate(columns, axis=1).astype(np.float32)
+
+
+class BalancedReplay:
+    """Rows 0..M-1 hold the dataset, then every online step in order; float64 priorities beside them.
+
+    The prioritized RL batch is drawn proportionally to priority with one uniform draw in each of B equal
+    slices of the total mass (stratified, as the official sum tree), via cumsum + searchsorted on the device.
+    The density network's minibatches are uniform over the dataset and over the newest online steps.
+    """
+
+    def __init__(self, dataset_rows: torch.Tensor, online_steps: int, args: Args, obs_dim: int, act_dim: int):
+        device = dataset_rows.device
+        self.num_offline, self.fifo_size = len(dataset_rows), args.online_buffer_size
+        self.buffer = ReplayBuffer(self.num_offline + online_steps, obs_dim, act_dim, device)
+        self.buffer.add(dataset_rows)
+        self.priority = torch.zeros(self.buffer.capacity, dtype=torch.float64, device=device)
+        self.priority[: self.num_offline] = 1.0
+        f = args.init_online_fraction  # the first block of K new rows then holds a share f of the mass
+        self.max_priority = torch.tensor(self.num_offline * f / ((1 - f) * args.block_steps), dtype=torch.float64)
+        self.max_priority = self.max_priority.to(device)
+
+    @property
+    def num_online(self) -> int:
+        return self.buffer.size - self.num_offline
+
+    def add(self, row: torch.Tensor) -> None:
+        """A new online transition, at the running-max priority."""
+        self.priority[self.buffer.size] = self.max_priority
+        self.buffer.add(row)
+
+    def sample_prioritized(self, n: int) -> torch.Tensor:
+        cumulative = self.priority[: self.buffer.size].cumsum(0)
+        strata = torch.arange(n, device=cumulative.device, dtype=torch.float64)
+        targets = (strata + torch.rand(n, device=cumulative.device, dtype=torch.float64)) * (cumulative[-1] / n)
+        return torch.searchsorted(cumulative, targets, right=True).clamp_(max=self.buffer.size - 1)
+
+    def sample_uniform(self, low: int, high: int, n: int) -> torch.Tensor:
+        return torch.randint(low, high, (n,), device=self.priority.device)
+
+    def sample_offline(self, n: int) -> torch.Tensor:
+        return self.sample_uniform(0, self.num_offline, n)
+
+    def sample_fifo(self, n: int) -> torch.Tensor:
+        """Uniform over the newest `online_buffer_size` online steps (the official online FIFO)."""
+        return self.sample_uniform(self.buffer.size - min(self.num_online, self.fifo_size), self.buffer.size, n)
+
+    def sample_rl(self, mode: str, n: int) -> torch.Tensor:
+        if mode == "balanced":
+            return self.sample_prioritized(n)
+        if mode == "uniform":
+            return self.sample_uniform(0, self.buffer.size, n)
+        return self.sample_fifo(n)
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.buffer.split(self.buffer.storage[index])
+
+    def set_priorities(self, index: torch.Tensor, priorities: torch.Tensor) -> None:
+        """Duplicated indices carry equal values (same transition, same network), so write order is moot."""
+        self.priority[index] = priorities.double()
+        self.max_priority = torch.maximum(self.max_priority, self.priority[index].max())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses and updates
+# ---------------------------------------------------------------------------------------------------
+
+
+def cql_gap(critic: Critic, actor: Actor, obs, next_obs, q_data: torch.Tensor, samples: int) -> torch.Tensor:
+    """CQL(H) per critic, importance-sampled: mean over the batch of LSE_c(s) - Q_c(s, a), shape [2N].
+
+    obs, next_obs: [N, B, obs], agent i's own minibatch; critics 2i and 2i + 1 use agent i's states and
+    policy. The logsumexp runs over `samples` uniform actions, `samples` from pi_i(s) and `samples` from
+    pi_i(s'), all evaluated at s, each minus its log-density.
+    """
+    n, batch, obs_dim = obs.shape
+    act_dim = actor.act_dim
+    states = torch.cat([obs, next_obs], 1).unsqueeze(1).expand(-1, samples, -1, -1).reshape(n, -1, obs_dim)
+    with torch.no_grad():
+        policy_actions, policy_log_prob = actor(states)  # [N, K * 2B, A]
+    uniform = torch.rand(n, samples, batch, act_dim, device=obs.device) * 2 - 1
+    actions = torch.cat([uniform, policy_actions.view(n, samples, 2 * batch, act_dim)], 2)  # [N, K, 3B, A]
+    uniform_density = torch.full((n, samples, batch), act_dim * math.log(0.5), device=obs.device)
+    log_density = torch.cat([uniform_density, policy_log_prob.view(n, samples, 2 * batch)], 2)
+    q_obs = obs.repeat(1, 3, 1).unsqueeze(1).expand(-1, samples, -1, -1)
+    twin = lambda x: x.reshape(n, samples * 3 * batch, -1).repeat_interleave(2, 0)
+    q = critic(twin(q_obs), twin(actions)).view(2 * n, samples, 3, batch)
+    values = q - log_density.repeat_interleave(2, 0).view(2 * n, samples, 3, batch)
+    return values.permute(0, 3, 1, 2).flatten(2).logsumexp(-1).mean(1) - q_data.mean(1)
+
+
+def density_loss(w_online: torch.Tensor, w_offline: torch.Tensor) -> torch.Tensor:
+    """Eq. 4 with the Jensen-Shannon f: minimised at w = d_on / d_off; 0 at w = 1, never below -2 ln 2."""
+    offline_term = -torch.log(2 / (w_offline + 1) + 1e-10).mean()
+    return offline_term - torch.log(2 * w_online / (w_online + 1) + 1e-10).mean()
+
+
+def priorities(w: torch.Tensor, w_offline: torch.Tensor, temperature: float) -> torch.Tensor:
+    """w^(1/T), self-normalised by the offline minibatch's mean of w^(1/T), clamped to [1e-3, 1e3]."""
+    scaled = w.pow(1 / temperature)
+    return (scaled / (w_offline.pow(1 / temperature).mean() + 1e-10)).clamp(1e-3, 1e3)
+
+
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Fused Adam: one kernel for all parameters instead of one per tensor (less per-update overhead)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def per_critic(x: torch.Tensor) -> torch.Tensor:
+    """Agent-indexed [N, ...] -> critic-indexed [2N, ...]: agent i's tensor for both of its twin critics."""
+    return x.repeat_interleave(2, 0)
+
+
+class Off2On:
+    """Networks, optimisers and the two update rules (offline: N CQL agents; online: ensemble SAC)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
+        self.args, self.device, n = args, device, args.num_agents
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.actor = Actor(obs_dim, act_dim, n, args.hidden_dim).to(device)
+        self.critic = Critic(obs_dim, act_dim, 2 * n, args.hidden_dim).to(device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = torch.zeros(n, device=device, requires_grad=True)  # one temperature per CQL agent
+        self.target_entropy = -float(act_dim)
+        self.actor_optimizer = adam(self.actor.parameters(), lr=args.offline_actor_lr)
+        self.critic_optimizer = adam(self.critic.parameters(), lr=args.offline_critic_lr)
+        self.alpha_optimizer = adam([self.log_alpha], lr=args.offline_actor_lr)
+        self.density: DensityNet | None = None
+        self.density_optimizer: torch.optim.Adam | None = None
+        self.offline_updates = 0
+
+    def step(self, alpha_loss, actor_loss, critic_loss, density_loss=None) -> None:
+        """All losses come from the pre-step parameters; optimisers step in the official order."""
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.critic_optimizer.zero_grad(set_to_none=True)  # drops what the actor loss left on the critics
+        critic_loss.backward()
+        self.alpha_optimizer.step()
+        self.actor_optimizer.step()
+        self.critic_optimizer.step()
+        if density_loss is not None:
+            self.density_optimizer.zero_grad(set_to_none=True)
+            density_loss.backward()
+            self.density_optimizer.step()
+        soft_update(self.critic_target, self.critic, self.args.tau)
+
+    def offline_update(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """One CQL step of every agent; batch tensors are [N, B, ...], one minibatch per agent."""
+        args = self.args
+        obs, action, reward, next_obs, done, _ = batch
+        alpha = self.log_alpha.exp().detach().unsqueeze(1)
+        new_action, log_prob = self.actor(obs)
+        alpha_loss = -(self.log_alpha.unsqueeze(1) * (log_prob.detach() + self.target_entropy)).mean(1).sum()
+        if self.offline_updates < args.bc_steps:  # CQL's warm start: clone the data before maximising Q
+            policy_value = data_log_prob(self.actor, obs, action)
+        else:
+            policy_value = self.critic.twin_min(per_critic(obs), per_critic(new_action))
+        actor_loss = (alpha * log_prob - policy_value).mean(1).sum()
+        with torch.no_grad():
+            next_action, _ = self.actor(next_obs)  # CQL's backup: min of the twins, no entropy term
+            y = reward + args.gamma * (1.0 - done) * self.critic_target.twin_min(
+                per_critic(next_obs), per_critic(next_action)
+            )
+        q = self.critic(per_critic(obs), per_critic(action))
+        td_loss = (q - per_critic(y)).pow(2).mean(1).sum()
+        cql_loss = args.cql_weight * cql_gap(self.critic, self.actor, obs, next_obs, q, args.cql_samples)
+        self.step(alpha_loss, actor_loss, td_loss + cql_loss.sum())
+        self.offline_updates += 1
+        return {
+            "offline/qf_loss": td_loss.detach(),
+            "offline/cql_loss": cql_loss.detach().mean(),
+            "offline/qf_values": q.mean().detach(),
+            "offline/actor_loss": actor_loss.detach(),
+            "offline/alpha": alpha.mean(),
+        }
+
+    def hand_over(self) -> None:
+        """Card 2.2: targets = critics, fresh Adam for everything, one new alpha = 1, a fresh density network."""
+        args = self.args
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.actor_optimizer = adam(self.actor.parameters(), lr=args.online_lr)
+        self.critic_optimizer = adam(self.critic.parameters(), lr=args.online_lr)
+        self.log_alpha = torch.zeros((), device=self.device, requires_grad=True)
+        self.alpha_optimizer = adam([self.log_alpha], lr=args.online_lr)
+        self.density = DensityNet(self.obs_dim, self.act_dim, args.hidden_dim).to(self.device)
+        self.density_optimizer = adam(self.density.parameters(), lr=args.online_lr)
+
+    def online_update(self, batch, online_batch=None, offline_batch=None):
+        """One SAC step on the ensemble, and the density step when the density minibatches are given.
+
+        Returns the metrics and the new priorities of the RL batch (None without density minibatches).
+        """
+        args = self.args
+        obs, action, reward, next_obs, done, _ = batch
+        alpha = self.log_alpha.exp().detach()
+        new_action, log_prob = self.actor.ensemble(obs)
+        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        actor_loss = (alpha * log_prob - self.critic.twin_min(obs, new_action).mean(0)).mean()
+        with torch.no_grad():
+            next_action, next_log_prob = self.actor.ensemble(next_obs)
+            next_value = self.critic_target.twin_min(next_obs, next_action) - alpha * next_log_prob  # [N, B]
+            y = reward + args.gamma * (1.0 - done) * next_value
+        q = self.critic(obs, action)
+        critic_loss = (q - per_critic(y)).pow(2).mean(1).sum()
+        results = {
+            "losses/qf_loss": critic_loss.detach(),
+            "losses/qf_values": q.mean().detach(),
+            "losses/actor_loss": actor_loss.detach(),
+            "losses/alpha": alpha,
+            "losses/entropy": -log_prob.mean().detach(),
+        }
+        if online_batch is None:
+            self.step(alpha_loss, actor_loss, critic_loss)
+            return results, None
+        w_online = self.density(online_batch[0], online_batch[1])
+        w_offline = self.density(offline_batch[0], offline_batch[1])
+        loss_w = density_loss(w_online, w_offline)
+        with torch.no_grad():  # the pre-update density network scores the RL batch
+            new_priorities = priorities(self.density(obs, action), w_offline, args.priority_temperature)
+        self.step(alpha_loss, actor_loss, critic_loss, loss_w)
+        results |= {
+            "losses/density_loss": loss_w.detach(),
+            "charts/density_online": w_online.mean().detach(),
+            "charts/density_offline": w_offline.mean().detach(),
+            "charts/density_dead": (w_online == 0).float().mean(),
+        }
+        return results, new_priorities
+
+    def policy(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
+        with torch.no_grad():
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+            action, _ = self.actor.ensemble(obs_t.unsqueeze(0), deterministic)
+        return action[0].cpu().numpy()
+
+    def q_ensemble(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """The actor's objective: mean over agents of the twin minimum."""
+        with torch.no_grad():
+            to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)
+            return self.critic.twin_min(to_tensor(obs), to_tensor(action)).mean(0).cpu().numpy()
+
+    def state_dict(self) -> dict:
+        state = {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "log_alpha": self.log_alpha.detach().cpu(),
+            "actor_optimizer": self.actor_optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "alpha_optimizer": self.alpha_optimizer.state_dict(),
+        }
+        if self.density is not None:
+            state |= {"density": self.density.state_dict(), "density_optimizer": self.density_optimizer.state_dict()}
+        return state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging, checkpoints, evaluation
+# ---------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Accumulates detached device tensors under their tags; `flush` moves the means to the host in one transfer."""
+
+    def __init__(self, writer: SummaryWriter):
+        self.writer, self.sums, self.counts = writer, {}, {}
+
+    def add(self, *results: dict[str, torch.Tensor]) -> None:
+        for metrics in results:
+            for key, value in metrics.items():
+                self.sums[key] = self.sums.get(key, 0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def flush(self, step: int) -> None:
+        if not self.sums:
+            return
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.sums.values()]).cpu().tolist()
+        for (key, count), value in zip(self.counts.items(), values, strict=True):
+            self.writer.add_scalar(key, value / count, step)
+        self.sums, self.counts = {}, {}
+
+
+def save_checkpoint(path: Path, agent: Off2On, args: Args, data: OfflineData, phase: str, step: int) -> None:
+    """One self-contained dict, written to a temporary file and renamed, so a crash never leaves half a file."""
+    checkpoint = {
+        "algorithm": "off2on",
+        "args": asdict(args),
+        **agent.state_dict(),
+        "obs_dim": data.observations.shape[1],
+        "act_dim": data.actions.shape[1],
+        "num_agents": agent.actor.num_agents,
+        "phase": phase,
+        "step": step,
+        "dataset": data.name,
+        "env_spec": data.env_spec,
+        "eval_env_spec": data.eval_env_spec,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def policy_from_checkpoint(checkpoint: dict):
+    """The deterministic actor of a checkpoint as obs -> action (used by utils.make_dataset)."""
+    actor = Actor(
+        checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["num_agents"], checkpoint["args"]["hidden_dim"]
+    )
+    actor.load_state_dict(checkpoint["actor"])
+    actor.eval()
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            obs_t = torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0)
+            return actor.ensemble(obs_t, deterministic=True)[0][0].numpy()
+
+    return act
+
+
+EVAL_TAGS = ("normalized_score", "episodic_return", "success_rate", "minari_normalized_score", "q_bias", "q_rank_tau")
+
+
+def log_evaluation(writer, agent: Off2On, env, args: Args, data: OfflineData, prefix: str, step: int, seed: int):
+    result = evaluate(
+        env,
+        lambda obs: agent.policy(obs, deterministic=True),
+        args.eval_episodes,
+        seed,
+        q_function=agent.q_ensemble if prefix == "eval" else None,
+        gamma=args.gamma,
+        minari_ref_scores=data.minari_ref_scores,
+    )
+    for key, value in result.items():
+        if key in EVAL_TAGS and not np.isnan(value):
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------------------
+
+
+def offline_phase(agent: Off2On, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args) -> None:
+    metrics, bar = Metrics(writer), tqdm(range(1, args.offline_steps + 1), desc="offline", disable=not args.progress)
+    start, n = time.perf_counter(), args.num_agents
+    for step in bar:
+        rows = dataset.sample_rows(n * args.batch_size).view(n, args.batch_size, -1)  # own minibatch per agent
+        metrics.add(agent.offline_update(dataset.split(rows)))
+        if step % args.log_freq == 0:
+            metrics.flush(step)
+            writer.add_scalar("offline/UPS", step / (time.perf_counter() - start), step)
+        if step % args.offline_eval_freq == 0 or step == args.offline_steps:
+            result = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
+            bar.set_postfix(
+                score=f"{result['normalized_score']:.1f}", UPS=f"{step / (time.perf_counter() - start):.0f}"
+            )
+
+
+def replay_update(agent: Off2On, replay: BalancedReplay, args: Args) -> dict[str, torch.Tensor]:
+    """Draw the RL batch (and, for balanced replay, the density minibatches), update, write priorities."""
+    index = replay.sample_rl(args.replay, args.batch_size)
+    if args.replay == "balanced":
+        online_batch = replay.batch(replay.sample_fifo(args.batch_size))
+        offline_batch = replay.batch(replay.sample_offline(args.batch_size))
+        results, new_priorities = agent.online_update(replay.batch(index), online_batch, offline_batch)
+        replay.set_priorities(index, new_priorities)
+    else:
+        results, _ = agent.online_update(replay.batch(index))
+    results["charts/offline_share"] = (index < replay.num_offline).float().mean()
+    results["charts/p_new"] = replay.max_priority
+    return results
+
+
+def online_phase(agent: Off2On, data: OfflineData, replay: BalancedReplay, env, eval_env, writer, args: Args) -> None:
+    """Blocks of K env steps with the stochastic ensemble policy, each followed by K updates (the first by more)."""
+    metrics, updates, logged_at = Metrics(writer), 0, 0
+    log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
+    obs, _ = env.reset(seed=args.seed)
+    episode_return, start, block_start, update_time = 0.0, time.perf_counter(), 0, 0.0
+    bar = tqdm(range(1, args.online_steps + 1), desc="online", disable=not args.progress)
+    for step in bar:
+        action = agent.policy(obs, deterministic=False)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        row = transition_rows(obs[None], action[None], np.array([reward]), next_obs[None], np.array([terminated]), True)
+        replay.add(torch.from_numpy(row).to(agent.device))
+        episode_return += float(reward)
+        obs = next_obs
+        if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
+            writer.add_scalar("charts/episodic_return", episode_return, step)
+            obs, _ = env.reset()
+            episode_return = 0.0
+        if step % args.block_steps == 0 or step == args.online_steps:
+            multiplier = args.first_block_multiplier if block_start == 0 else 1
+            block_updates, block_start, tic = (step - block_start) * multiplier, step, time.perf_counter()
+            for _ in range(block_updates):
+                metrics.add(replay_update(agent, replay, args))
+            updates, update_time = updates + block_updates, update_time + time.perf_counter() - tic
+            if updates - logged_at >= args.log_freq or step == args.online_steps:
+                logged_at = updates
+                metrics.flush(step)
+                writer.add_scalar("charts/UPS", updates / update_time, step)
+                writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)
+        if step % args.eval_freq == 0:
+            result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
+            bar.set_postfix(
+                score=f"{result['normalized_score']:.1f}", SPS=f"{step / (time.perf_counter() - start):.0f}"
+            )
+
+
+def check_args(args: Args) -> None:
+    """Refuse settings the phases cannot run with, naming the flag to change."""
+    if 0 < args.online_steps < args.block_steps:
+        raise UserError(f"--online-steps {args.online_steps} is shorter than one block; lower --block-steps")
+    if not 0 < args.init_online_fraction < 1:
+        raise UserError(f"--init-online-fraction must lie in (0, 1), got {args.init_online_fraction}")
+    positive = ("num_agents", "hidden_dim", "cql_samples", "block_steps", "first_block_multiplier", "eval_freq")
+    for name in (*positive, "offline_eval_freq", "log_freq", "eval_episodes", "batch_size", "online_buffer_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.priority_temperature <= 0:
+        raise UserError(f"--priority-temperature must be > 0, got {args.priority_temperature}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Speed benchmark hook (benchmark/speed.py discovers it in every script)
+# ---------------------------------------------------------------------------------------------------
+
+
+def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False) -> dict:
+    """Paper-default agent on random device-resident data; `tiny` shrinks networks and batches to show overhead.
+
+    Returns the callables benchmark/speed.py times: one offline update (all N agents), the hand-over, one
+    online update with its density step, prioritized draw and priority write (UTD 1), and a bare forward +
+    backward of the critic ensemble on the RL batch.
+    """
+    args = Args(num_agents=2, hidden_dim=8, batch_size=8) if tiny else Args()
+    agent = Off2On(obs_dim, act_dim, args, device)
+    dataset = ReplayBuffer(100_000, obs_dim, act_dim, device)
+    dataset.add(torch.rand(dataset.capacity, dataset.storage.shape[1], device=device) * 2 - 1)
+    dataset.storage[:, -3:] = 0.0  # not done, offline
+    replay = BalancedReplay(dataset.storage, 10_000, args, obs_dim, act_dim)
+    for _ in range(10):
+        replay.add(dataset.storage[:1000])
+    batch = dataset.split(dataset.sample_rows(args.batch_size))
+    n = args.num_agents
+
+    def critic_forward_backward():
+        agent.critic.zero_grad(set_to_none=True)
+        agent.critic(batch[0], batch[1]).sum().backward()
+
+    return {
+        "label": f"N={n}",
+        "offline": lambda: agent.offline_update(
+            dataset.split(dataset.sample_rows(n * args.batch_size).view(n, args.batch_size, -1))
+        ),
+        "hand_over": agent.hand_over,
+        "online": lambda: replay_update(agent, replay, args),
+        "online_updates": 1,
+        "reference": critic_forward_backward,
+    }
+
+
+def main(args: Args) -> Path:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("CUDA is not available: running on the CPU", file=sys.stderr)
+    args.progress = args.progress and sys.stdout.isatty()
+
+    checkpoint = None
+    if args.pretrained is not None:
+        try:
+            checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
+            if checkpoint.get("algorithm") != "off2on" or checkpoint.get("phase") != "offline":
+                raise ValueError("not an Off2On offline.pt")
+        except Exception as err:
+            raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
+        args.num_agents, args.hidden_dim = checkpoint["num_agents"], checkpoint["args"]["hidden_dim"]
+    check_args(args)
+    data = load_dataset(args.env_id)
+    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
+    if checkpoint is not None and (checkpoint["obs_dim"], checkpoint["act_dim"]) != (obs_dim, act_dim):
+        raise UserError(f"--pretrained {args.pretrained} was trained on {checkpoint['dataset']}, not {data.name}")
+
+    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_path = Path(args.run_dir) / run_name
+    run_path.mkdir(parents=True, exist_ok=True)
+    (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    writer = SummaryWriter(str(run_path))
+    env, eval_env = make_env(data.env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
+    agent = Off2On(obs_dim, act_dim, args, device)
+
+    columns = (data.observations, data.actions, data.rewards, data.next_observations, data.terminals)
+    dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
+    dataset.add(torch.from_numpy(transition_rows(*columns, False)).to(device))
+    if checkpoint is not None:
+        agent.actor.load_state_dict(checkpoint["actor"])
+        agent.critic.load_state_dict(checkpoint["critic"])
+    elif args.offline_steps > 0:
+        offline_phase(agent, data, dataset, eval_env, writer, args)
+        if args.save_model:
+            save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
+    if args.online_steps > 0:
+        agent.hand_over()
+        replay = BalancedReplay(dataset.storage, args.online_steps, args, obs_dim, act_dim)
+        del dataset  # its rows now live in the balanced replay
+        online_phase(agent, data, replay, env, eval_env, writer, args)
+    if args.save_model:
+        save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps)
+    writer.close()
+    print(f"run written to {run_path}")
+    return run_path
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as err:
+        sys.exit(f"error: {err}")
