@@ -685,7 +685,13 @@ def main(args: Args) -> Path:
         except Exception as err:
             raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
         # the networks come from the offline run (official code re-reads its params); lrs live in the Adam states
-        args.num_critics, args.hidden_dim = checkpoint["num_critics"], checkpoint["args"]["hidden_dim"]
+        shape = (checkpoint["num_critics"], checkpoint["args"]["hidden_dim"])
+        if shape != (args.num_critics, args.hidden_dim):
+            print(
+                f"--pretrained: using the checkpoint's --num-critics {shape[0]} --hidden-dim {shape[1]}",
+                file=sys.stderr,
+            )
+        args.num_critics, args.hidden_dim = shape
     check_args(args)
     data = load_dataset(args.env_id)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]

@@ -772,7 +772,12 @@ def main(args: Args) -> Path:
                 raise ValueError("not an Off2On offline.pt")
         except Exception as err:
             raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
-        args.num_agents, args.hidden_dim = checkpoint["num_agents"], checkpoint["args"]["hidden_dim"]
+        shape = (checkpoint["num_agents"], checkpoint["args"]["hidden_dim"])
+        if shape != (args.num_agents, args.hidden_dim):
+            print(
+                f"--pretrained: using the checkpoint's --num-agents {shape[0]} --hidden-dim {shape[1]}", file=sys.stderr
+            )
+        args.num_agents, args.hidden_dim = shape
     check_args(args)
     data = load_dataset(args.env_id)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]

@@ -416,6 +416,7 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
         timeout=300,
     )
     assert again.returncode == 0, again.stderr
+    assert "using the checkpoint's --num-critics 3 --hidden-dim 32" in again.stderr
     (second,) = (tmp_path / "b").iterdir()
     assert not (second / "offline.pt").exists()
     assert not any(tag.startswith("offline/") for tag in scalars(second))
