@@ -1,0 +1,855 @@
+"""BAQ: Behavior Adaption Q-Learning (implicit behaviour models for offline-to-online RL).
+
+"From Static to Dynamic: Leveraging Implicit Behavioral Models to Facilitate Transition in Offline-to-Online
+Reinforcement Learning", ICLR 2025 submission (OpenReview d159zNCmOq; later arXiv 2511.03695). A frozen
+behaviour-cloning model pi_BC scores every transition by how far its action is from pi_BC(s). Online, that
+score (i) down-weights the TD regression of BC-divergent pairs, w = exp(-mean((pi_BC(s) - a)^2) / k_q), in
+CQL (Eq. 7) or in IQL's V and Q losses (Eq. 8-9), and (ii) sets the replay priority
+rho = (||pi_BC(s) - a||_2 / k_rho + 1)^alpha over one buffer of offline and online data (Eq. 10).
+
+No public code exists; every constant the paper leaves open is a decision of the card, kept as a flag:
+- pi_BC: deterministic MLP 2 x 256 with tanh output, MSE, Adam 3e-4, 100k steps on 95% of the data, the
+  other 5% give offline/bc_val_mse (x = BC step); frozen afterwards. BAQ changes nothing offline.
+- k_q = max(m_off, m_probe) / ln 2, m_off the median offline MSE to pi_BC, m_probe the median MSE of the
+  pretrained policy's exploration actions on 10k offline states: half of both get w >= 0.5. k_rho = the
+  median offline L2 distance, alpha = 1 (offline median -> rho = 2). `--k-q`, `--k-rho` override.
+- Eq. 10 applies to every transition, offline data included, computed once at the hand-over; new
+  transitions get their own rho at insertion (not the max priority). Priorities never change, so the
+  sampler is an append-only float64 prefix sum searched with `searchsorted`. i.i.d. draws, no
+  importance-sampling correction (the paper has none; it would undo the intended bias).
+- The weight multiplies the CQL TD term only (Eq. 7; the text says "penalty", the equation and Sec. 5.5
+  say TD), as a plain mean; actor, temperature and conservative term stay unweighted.
+- Backbones as CORL: CQL with 3 x 256 networks, orthogonal init, learnable log-std scale and offset,
+  weight 10 in both phases, no entropy backup, lr 3e-5 (actor, alpha) / 3e-4; IQL with expectile 0.7,
+  beta 3, exp-advantage clamp 100, 2 x 256 networks, Gaussian actor with tanh mean and a state-independent
+  log-std, rewards x 1000 / (max - min episode return), actor lr cosine-decayed offline and a constant
+  3e-4 online (CORL's schedule would leave it at ~0; Adam is not reset).
+- States are normalised with the dataset's mean and std (+1e-3) everywhere, pi_BC included; actions are
+  clipped to [-1, 1]. One buffer holds all offline and online data (no eviction), one update per env step,
+  no warm-up, 30k online steps. Bootstrapping uses `terminated` only.
+- Evaluation every 10k offline / 5k online steps, 10 deterministic episodes. eval/q_bias and q_rank_tau use
+  the twin minimum (in the trained reward scale).
+- Minari data and v5 environments are not D4RL: scores are not comparable with the paper's tables.
+Not implemented: the `--is-beta` importance-sampling ablation (the card keeps it for ablation only).
+
+Usage: python algorithms/baq.py --env-id hopper-medium --backbone iql
+Own tags: offline/bc_loss, offline/bc_val_mse, offline/cql_loss, offline/value_loss, charts/k_q, charts/k_rho,
+charts/m_off, charts/m_probe (at step 0), charts/w_mean, charts/w_min, charts/w_mean_online,
+charts/w_mean_offline, charts/offline_share (dataset rows in a batch), losses/cql_loss, losses/value_loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
+from utils import OfflineData, UserError, evaluate, load_dataset, make_env
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "baq"
+    """name of the experiment, part of the run name"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """torch.backends.cudnn.deterministic"""
+    cuda: bool = True
+    """use the GPU when there is one (falls back to the CPU with a notice)"""
+    run_dir: str = "runs"
+    """folder that receives runs/<run name>/ (TensorBoard events, args.json, checkpoints)"""
+    save_model: bool = True
+    """write offline.pt after pretraining and final.pt at the end"""
+    progress: bool = True
+    """tqdm bars (off automatically when stdout is not a terminal)"""
+    # data
+    env_id: str = "hopper-medium"
+    """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
+    pretrained: str | None = None
+    """an offline.pt (backbone and pi_BC) to start from; skips the offline phase"""
+    # budgets
+    offline_steps: int = 1_000_000
+    """backbone gradient steps (CORL); 0 = no backbone pretraining (pi_BC is still trained)"""
+    online_steps: int = 30_000
+    """online environment steps (paper Table 1: the first 30k)"""
+    bc_steps: int = 100_000
+    """pi_BC gradient steps, before the backbone"""
+    batch_size: int = 256
+    """minibatch size of pi_BC, backbone and online updates"""
+    # algorithm
+    backbone: Literal["cql", "iql"] = "cql"
+    """offline algorithm BAQ fine-tunes"""
+    hidden_dim: int = 256
+    """width of every hidden layer"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """target soft-update rate, every update"""
+    cql_actor_lr: float = 3e-5
+    """CQL actor and temperature learning rate (CORL)"""
+    cql_critic_lr: float = 3e-4
+    """CQL critic learning rate (CORL)"""
+    cql_weight: float = 10.0
+    """CQL(H) weight offline (CORL locomotion configs)"""
+    cql_weight_online: float = 10.0
+    """CQL(H) weight online (CORL finetune default)"""
+    cql_samples: int = 10
+    """actions per source (uniform, pi(s), pi(s')) in the CQL logsumexp"""
+    iql_lr: float = 3e-4
+    """IQL learning rate of actor, Q and V"""
+    expectile: float = 0.7
+    """IQL expectile tau_e"""
+    iql_beta: float = 3.0
+    """IQL inverse temperature of the advantage weights"""
+    bc_lr: float = 3e-4
+    """pi_BC learning rate"""
+    use_weight: bool = True
+    """weight the TD regression by w(s, a) (Eq. 6-9); off = the priority-only ablation "Our-S\""""
+    use_priority: bool = True
+    """sample in proportion to rho (Eq. 10); off = uniform over the buffer"""
+    k_q: float = 0.0
+    """weight scale; 0 = max(m_off, m_probe) / ln 2 at the hand-over"""
+    k_rho: float = 0.0
+    """priority scale; 0 = median offline ||pi_BC(s) - a||_2"""
+    priority_alpha: float = 1.0
+    """exponent alpha inside Eq. 10"""
+    probe_states: int = 10_000
+    """offline states on which the pretrained policy's exploration actions set m_probe"""
+    # evaluation
+    eval_freq: int = 5_000
+    """online evaluation every this many environment steps (and at step 0)"""
+    offline_eval_freq: int = 10_000
+    """offline evaluation every this many gradient steps (and at the end)"""
+    eval_episodes: int = 10
+    """deterministic episodes per evaluation"""
+    log_freq: int = 1_000
+    """write training metrics every this many updates"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------------
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers as one batched matmul: [E, B, in] -> [E, B, out]."""
+
+    def __init__(self, in_features: int, out_features: int, ensemble_size: int, gain: float | None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(ensemble_size, 1, out_features))
+        if gain is None:  # nn.Linear's default draw (IQL, pi_BC)
+            bound = 1 / in_features**0.5
+            nn.init.uniform_(self.weight, -bound, bound)
+            nn.init.uniform_(self.bias, -bound, bound)
+        else:  # CORL CQL: orthogonal weights, zero bias
+            with torch.no_grad():
+                for member in self.weight:
+                    member.copy_(nn.init.orthogonal_(torch.empty(out_features, in_features), gain).T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def mlp(sizes: tuple[int, ...], ensemble_size: int, orthogonal: bool) -> nn.Sequential:
+    """Ensemble MLP with ReLU between layers; CORL's orthogonal init (gain sqrt 2, last layer 1e-2) or default."""
+    layers = []
+    for n_in, n_out in itertools.pairwise(sizes[:-1]):
+        layers += [EnsembleLinear(n_in, n_out, ensemble_size, math.sqrt(2) if orthogonal else None), nn.ReLU()]
+    return nn.Sequential(*layers, EnsembleLinear(sizes[-2], sizes[-1], ensemble_size, 1e-2 if orthogonal else None))
+
+
+class Critic(nn.Module):
+    """Twin Q-functions (s, a) -> hidden layers -> 1, evaluated together: [B, ...] -> [2, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, orthogonal: bool):
+        super().__init__()
+        self.net = mlp((obs_dim + act_dim, *[hidden] * layers, 1), 2, orthogonal)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, action], dim=-1)
+        return self.net(x.unsqueeze(0).expand(2, *x.shape)).squeeze(-1)
+
+
+class ValueNet(nn.Module):
+    """IQL's V(s): obs -> 256 -> 256 -> 1."""
+
+    def __init__(self, obs_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp((obs_dim, hidden, hidden, 1), 1, False)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs.unsqueeze(0)).view(obs.shape[:-1])
+
+
+class TanhGaussianActor(nn.Module):
+    """CORL CQL actor: obs -> 3 x 256 -> (mu, raw log sigma); log sigma = scale * raw + offset, learnable."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.act_dim = act_dim
+        self.net = mlp((obs_dim, hidden, hidden, hidden, 2 * act_dim), 1, True)
+        self.log_std_scale = nn.Parameter(torch.tensor(1.0))
+        self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Action in (-1, 1) and its log-probability (tanh change of variables)."""
+        mu, raw = self.net(obs.unsqueeze(0))[0].chunk(2, dim=-1)
+        log_std = (self.log_std_scale * raw + self.log_std_offset).clamp(-20.0, 2.0)
+        normal = torch.distributions.Normal(mu, log_std.exp())
+        pre_tanh = mu if deterministic else normal.rsample()
+        action = torch.tanh(pre_tanh)
+        return action, normal.log_prob(pre_tanh).sum(-1) - torch.log(1 - action.pow(2) + 1e-6).sum(-1)
+
+
+class GaussianActor(nn.Module):
+    """CORL IQL actor: mean = tanh(obs -> 256 -> 256 -> A), state-independent log sigma; samples are clipped."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp((obs_dim, hidden, hidden, act_dim), 1, False)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        return torch.distributions.Normal(torch.tanh(self.net(obs.unsqueeze(0))[0]), self.log_std.clamp(-20, 2).exp())
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.distribution(obs)
+        action = dist.mean if deterministic else dist.sample().clamp(-1.0, 1.0)
+        return action, dist.log_prob(action).sum(-1)
+
+
+class BehaviourModel(nn.Module):
+    """pi_BC: deterministic obs -> 256 -> 256 -> tanh(A), trained by MSE and then frozen."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp((obs_dim, hidden, hidden, act_dim), 1, False)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(obs.unsqueeze(0))[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Buffers
+# ---------------------------------------------------------------------------------------------------
+
+
+class ReplayBuffer:
+    """A device-resident ring buffer; one row = [obs, action, reward, next_obs, done, is_online]."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
+        self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
+        self.position = self.size = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Append rows [n, width], overwriting the oldest once full (FIFO)."""
+        slots = (self.position + torch.arange(len(rows), device=rows.device)) % self.capacity
+        self.storage[slots] = rows
+        self.position = (self.position + len(rows)) % self.capacity
+        self.size = min(self.size + len(rows), self.capacity)
+
+    def sample_rows(self, n: int) -> torch.Tensor:
+        return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """rows -> obs, action, reward, next_obs, done, is_online."""
+        obs, action, reward, next_obs, done, is_online = rows.split(
+            [self.obs_dim, self.act_dim, 1, self.obs_dim, 1, 1], -1
+        )
+        return obs, action, reward.squeeze(-1), next_obs, done.squeeze(-1), is_online.squeeze(-1)
+
+
+def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarray:
+    """Pack transitions (numpy, batched) into buffer rows, so adding them costs one host-device copy."""
+    n = len(obs)
+    columns = [obs, action, reward.reshape(n, 1), next_obs, done.reshape(n, 1), np.full((n, 1), float(is_online))]
+    return np.concatenate(columns, axis=1).astype(np.float32)
+
+
+class PriorityReplay:
+    """Offline then online rows, each with its BC MSE (for w) and a static priority rho (Eq. 10).
+
+    Priorities never change, so an append-only float64 prefix sum is the whole sampler: a uniform draw in
+    [0, total) is located by `searchsorted`, which gives P(i) = rho_i / sum rho exactly.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.buffer = ReplayBuffer(capacity, obs_dim, act_dim, device)
+        self.bc_mse = torch.zeros(capacity, device=device)
+        self.cumulative = torch.zeros(capacity, dtype=torch.float64, device=device)
+        self.num_offline = 0
+
+    def add(self, rows: torch.Tensor, bc_mse: torch.Tensor, priority: torch.Tensor) -> None:
+        start, end = self.buffer.size, self.buffer.size + len(rows)
+        total = self.cumulative[start - 1] if start > 0 else 0.0
+        self.cumulative[start:end] = total + priority.double().cumsum(0)
+        self.bc_mse[start:end] = bc_mse
+        self.buffer.add(rows)
+
+    def sample(self, n: int, prioritized: bool) -> torch.Tensor:
+        size, device = self.buffer.size, self.cumulative.device
+        if not prioritized:
+            return torch.randint(0, size, (n,), device=device)
+        draws = torch.rand(n, dtype=torch.float64, device=device) * self.cumulative[size - 1]
+        return torch.searchsorted(self.cumulative[:size], draws, right=True).clamp_(max=size - 1)
+
+
+def bc_distances(bc_model: BehaviourModel, obs: torch.Tensor, action: torch.Tensor, chunk: int = 65536):
+    """mean squared and Euclidean distance of a to pi_BC(s), in chunks: (mse [n], l2 [n])."""
+    with torch.no_grad():
+        diff = torch.cat([bc_model(o) - a for o, a in zip(obs.split(chunk), action.split(chunk), strict=True)])
+    return diff.pow(2).mean(-1), diff.norm(dim=-1)
+
+
+def td_weight(bc_mse: torch.Tensor, k_q: float) -> torch.Tensor:
+    """Eq. 6: w = exp(-mean((pi_BC(s) - a)^2) / k_q), in (0, 1], 1 where a = pi_BC(s)."""
+    return torch.exp(-bc_mse.detach() / k_q)
+
+
+def priority(distance: torch.Tensor, k_rho: float, alpha: float) -> torch.Tensor:
+    """Eq. 10: rho = (||pi_BC(s) - a||_2 / k_rho + 1)^alpha >= 1."""
+    return (distance / k_rho + 1.0).pow(alpha)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses and updates
+# ---------------------------------------------------------------------------------------------------
+
+
+def cql_gap(critic: Critic, actor: TanhGaussianActor, obs, next_obs, q_data: torch.Tensor, samples: int):
+    """CQL(H), importance-sampled, per critic: mean over the batch of LSE_k(s) - Q_k(s, a), shape [2].
+
+    The logsumexp runs over `samples` uniform actions, `samples` from pi(s) and `samples` from pi(s'), all
+    evaluated at s, each minus its log-density.
+    """
+    batch, act_dim = q_data.shape[1], actor.act_dim
+    with torch.no_grad():
+        policy_actions, policy_log_prob = actor(torch.cat([obs, next_obs]).repeat(samples, 1))
+    uniform_actions = torch.rand(samples * batch, act_dim, device=obs.device) * 2 - 1
+    log_density = torch.cat(
+        [
+            torch.full((samples, batch), act_dim * math.log(0.5), device=obs.device),
+            policy_log_prob.view(samples, 2 * batch),
+        ],
+        1,
+    )  # [K, 3B]: uniform, pi(s), pi(s')
+    actions = torch.cat(
+        [uniform_actions.view(samples, batch, act_dim), policy_actions.view(samples, 2 * batch, act_dim)], 1
+    )
+    q = critic(obs.repeat(3, 1).repeat(samples, 1), actions.reshape(-1, act_dim)).view(2, samples, 3, batch)
+    values = (q - log_density.view(samples, 3, batch)).permute(0, 3, 1, 2).flatten(2)
+    return values.logsumexp(-1).mean(1) - q_data.mean(1)
+
+
+def expectile_loss(u: torch.Tensor, expectile: float, weight: torch.Tensor) -> torch.Tensor:
+    """IQL's V loss (Eq. 8 with the BAQ weight): mean(w |tau - 1(u < 0)| u^2), u = Q - V."""
+    return (weight * (expectile - (u < 0).float()).abs() * u.pow(2)).mean()
+
+
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Fused Adam: one kernel for all parameters instead of one per tensor (less per-update overhead)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+class BAQ:
+    """pi_BC, the backbone's networks and optimisers, and the (weighted) backbone update."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
+        self.args, self.device, self.act_dim = args, device, act_dim
+        self.bc_model = BehaviourModel(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.bc_optimizer = adam(self.bc_model.parameters(), lr=args.bc_lr)
+        if args.backbone == "cql":
+            self.actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim).to(device)
+            self.critic = Critic(obs_dim, act_dim, args.hidden_dim, 3, orthogonal=True).to(device)
+            self.log_alpha = torch.zeros((), device=device, requires_grad=True)
+            self.actor_optimizer = adam(self.actor.parameters(), lr=args.cql_actor_lr)
+            self.critic_optimizer = adam(self.critic.parameters(), lr=args.cql_critic_lr)
+            self.alpha_optimizer = adam([self.log_alpha], lr=args.cql_actor_lr)
+        else:
+            self.actor = GaussianActor(obs_dim, act_dim, args.hidden_dim).to(device)
+            self.critic = Critic(obs_dim, act_dim, args.hidden_dim, 2, orthogonal=False).to(device)
+            self.value = ValueNet(obs_dim, args.hidden_dim).to(device)
+            self.actor_optimizer = adam(self.actor.parameters(), lr=args.iql_lr)
+            self.critic_optimizer = adam(self.critic.parameters(), lr=args.iql_lr)
+            self.value_optimizer = adam(self.value.parameters(), lr=args.iql_lr)
+            steps = max(args.offline_steps, 1)
+            self.actor_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_optimizer, steps)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.cql_weight = args.cql_weight
+        self.obs_mean, self.obs_std, self.reward_scale = np.zeros(obs_dim), np.ones(obs_dim), 1.0
+
+    def normalize(self, obs: np.ndarray) -> np.ndarray:
+        return ((obs - self.obs_mean) / self.obs_std).astype(np.float32)
+
+    def bc_update(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        loss = (self.bc_model(obs) - action).pow(2).mean()
+        self.bc_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.bc_optimizer.step()
+        return loss.detach()
+
+    def update(self, batch, weight: torch.Tensor | float = 1.0) -> dict[str, torch.Tensor]:
+        """One backbone step; `weight` multiplies the TD regression per sample (1 offline)."""
+        return self.cql_update(batch, weight) if self.args.backbone == "cql" else self.iql_update(batch, weight)
+
+    def cql_update(self, batch, weight) -> dict[str, torch.Tensor]:
+        """CORL CQL; BAQ Eq. 7 weights the TD term only. All losses from the pre-step parameters."""
+        args = self.args
+        obs, action, reward, next_obs, done, _ = batch
+        alpha = self.log_alpha.exp().detach()
+        new_action, log_prob = self.actor(obs)
+        alpha_loss = -(self.log_alpha * (log_prob.detach() - self.act_dim)).mean()
+        actor_loss = (alpha * log_prob - self.critic(obs, new_action).min(0).values).mean()
+        with torch.no_grad():
+            next_action, _ = self.actor(next_obs)  # no entropy term in the backup
+            y = reward + args.gamma * (1.0 - done) * self.critic_target(next_obs, next_action).min(0).values
+        q = self.critic(obs, action)
+        td_loss = (weight * (q - y).pow(2)).mean(1).sum()
+        cql_loss = self.cql_weight * cql_gap(self.critic, self.actor, obs, next_obs, q, args.cql_samples).sum()
+        for optimizer, loss in (
+            (self.alpha_optimizer, alpha_loss),
+            (self.actor_optimizer, actor_loss),
+            (self.critic_optimizer, td_loss + cql_loss),  # zero_grad drops what the actor loss left on Q
+        ):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        for optimizer in (self.alpha_optimizer, self.actor_optimizer, self.critic_optimizer):
+            optimizer.step()
+        soft_update(self.critic_target, self.critic, args.tau)
+        return {
+            "qf_loss": td_loss.detach(),
+            "cql_loss": cql_loss.detach(),
+            "qf_values": q.mean().detach(),
+            "actor_loss": actor_loss.detach(),
+            "alpha": alpha,
+        }
+
+    def iql_update(self, batch, weight) -> dict[str, torch.Tensor]:
+        """CORL IQL order: V, then Q towards r + gamma V(s') (pre-update V), then the AWR actor; BAQ Eq. 8-9."""
+        args = self.args
+        obs, action, reward, next_obs, done, _ = batch
+        with torch.no_grad():
+            next_value = self.value(next_obs)
+            target_q = self.critic_target(obs, action).min(0).values
+        value = self.value(obs)
+        value_loss = expectile_loss(target_q - value, args.expectile, weight)
+        self.value_optimizer.zero_grad(set_to_none=True)
+        value_loss.backward()
+        self.value_optimizer.step()
+        y = reward + args.gamma * (1.0 - done) * next_value
+        q = self.critic(obs, action)
+        q_loss = 0.5 * (weight * (q - y).pow(2)).mean(1).sum()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        q_loss.backward()
+        self.critic_optimizer.step()
+        soft_update(self.critic_target, self.critic, args.tau)
+        advantage_weight = torch.exp(args.iql_beta * (target_q - value.detach())).clamp(max=100.0)
+        actor_loss = -(advantage_weight * self.actor.distribution(obs).log_prob(action).sum(-1)).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        if self.actor_schedule is not None:
+            self.actor_schedule.step()
+        return {
+            "qf_loss": q_loss.detach(),
+            "value_loss": value_loss.detach(),
+            "qf_values": q.mean().detach(),
+            "actor_loss": actor_loss.detach(),
+        }
+
+    def hand_over(self) -> None:
+        """The online CQL weight; IQL's actor lr becomes a constant 3e-4 (card A14), Adam kept."""
+        self.cql_weight = self.args.cql_weight_online
+        if self.args.backbone == "iql":
+            self.actor_schedule = None
+            for group in self.actor_optimizer.param_groups:
+                group["lr"] = self.args.iql_lr
+
+    def policy(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
+        """Action for a raw (unnormalised) observation."""
+        with torch.no_grad():
+            obs_t = torch.as_tensor(self.normalize(obs), device=self.device)
+            return self.actor(obs_t.view(-1, obs_t.shape[-1]), deterministic)[0].view(*obs.shape[:-1], -1).cpu().numpy()
+
+    def q_min(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            obs_t = torch.as_tensor(self.normalize(obs), device=self.device)
+            action_t = torch.as_tensor(action, dtype=torch.float32, device=self.device)
+            return self.critic(obs_t, action_t).min(0).values.cpu().numpy()
+
+    def networks(self) -> dict[str, nn.Module | torch.optim.Optimizer]:
+        names = ["bc_model", "actor", "critic", "critic_target", "actor_optimizer", "critic_optimizer"]
+        names += ["alpha_optimizer"] if self.args.backbone == "cql" else ["value", "value_optimizer"]
+        return {name: getattr(self, name) for name in names}
+
+    def state_dict(self) -> dict:
+        state = {name: module.state_dict() for name, module in self.networks().items()}
+        if self.args.backbone == "cql":
+            state["log_alpha"] = self.log_alpha.detach().cpu()
+        return state | {"obs_mean": self.obs_mean, "obs_std": self.obs_std, "reward_scale": self.reward_scale}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        for name, module in self.networks().items():
+            module.load_state_dict(checkpoint[name])
+        if self.args.backbone == "cql":
+            with torch.no_grad():
+                self.log_alpha.copy_(checkpoint["log_alpha"])
+        self.obs_mean, self.obs_std, self.reward_scale = (
+            checkpoint[k] for k in ("obs_mean", "obs_std", "reward_scale")
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging, checkpoints, evaluation
+# ---------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Accumulates detached device tensors under their tags; `flush` moves the means to the host in one transfer."""
+
+    def __init__(self, writer: SummaryWriter):
+        self.writer, self.sums, self.counts = writer, {}, {}
+
+    def add(self, *results: dict[str, torch.Tensor]) -> None:
+        for metrics in results:
+            for key, value in metrics.items():
+                self.sums[key] = self.sums.get(key, 0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def flush(self, step: int) -> None:
+        if not self.sums:
+            return
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.sums.values()]).cpu().tolist()
+        for (key, count), value in zip(self.counts.items(), values, strict=True):
+            self.writer.add_scalar(key, value / count, step)
+        self.sums, self.counts = {}, {}
+
+
+def save_checkpoint(path: Path, agent: BAQ, args: Args, data: OfflineData, phase: str, step: int, **extra) -> None:
+    """One self-contained dict, written to a temporary file and renamed, so a crash never leaves half a file."""
+    checkpoint = {
+        "algorithm": "baq",
+        "args": asdict(args),
+        **agent.state_dict(),
+        "obs_dim": data.observations.shape[1],
+        "act_dim": data.actions.shape[1],
+        "phase": phase,
+        "step": step,
+        "dataset": data.name,
+        "env_spec": data.env_spec,
+        "eval_env_spec": data.eval_env_spec,
+        **extra,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def policy_from_checkpoint(checkpoint: dict):
+    """The deterministic actor of a checkpoint as raw obs -> action (used by utils.make_dataset)."""
+    args = Args(**{**checkpoint["args"], "pretrained": None})
+    agent = BAQ(checkpoint["obs_dim"], checkpoint["act_dim"], args, torch.device("cpu"))
+    agent.load_state_dict(checkpoint)
+    return lambda obs: agent.policy(obs, deterministic=True)
+
+
+EVAL_TAGS = ("normalized_score", "episodic_return", "success_rate", "minari_normalized_score", "q_bias", "q_rank_tau")
+
+
+def log_evaluation(writer, agent: BAQ, env, args: Args, data: OfflineData, prefix: str, step: int, seed: int):
+    result = evaluate(
+        env,
+        lambda obs: agent.policy(obs, deterministic=True),
+        args.eval_episodes,
+        seed,
+        q_function=agent.q_min if prefix == "eval" else None,
+        gamma=args.gamma,
+        q_reward_fn=lambda reward: reward * agent.reward_scale,
+        minari_ref_scores=data.minari_ref_scores,
+    )
+    for key, value in result.items():
+        if key in EVAL_TAGS and not np.isnan(value):
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------------------
+
+
+def prepare_data(agent: BAQ, data: OfflineData, args: Args) -> np.ndarray:
+    """State statistics and (IQL) reward scale from the dataset; returns its normalised buffer rows."""
+    agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3
+    if args.backbone == "iql":  # IQL's MuJoCo recipe: r * 1000 / (max - min episode return)
+        episode_returns = np.add.reduceat(data.rewards, np.r_[0, np.flatnonzero(data.episode_ends)[:-1] + 1])
+        agent.reward_scale = 1000.0 / max(episode_returns.max() - episode_returns.min(), 1e-6)
+    columns = (agent.normalize(data.observations), np.clip(data.actions, -1, 1), data.rewards * agent.reward_scale)
+    return transition_rows(*columns, agent.normalize(data.next_observations), data.terminals, False)
+
+
+def bc_phase(agent: BAQ, dataset: ReplayBuffer, writer, args: Args) -> float:
+    """pi_BC by MSE on 95% of the transitions; the validation MSE on the other 5% is returned and logged."""
+    order = torch.randperm(dataset.size, device=dataset.storage.device)
+    held_out = max(1, dataset.size // 20)
+    validation, train = order[:held_out], order[held_out:]
+    val_obs, val_action, *_ = dataset.split(dataset.storage[validation[:100_000]])
+    metrics = Metrics(writer)
+    for step in tqdm(range(1, args.bc_steps + 1), desc="pi_BC", disable=not args.progress):
+        obs, action, *_ = dataset.split(dataset.storage[train[torch.randint(0, len(train), (args.batch_size,))]])
+        metrics.add({"offline/bc_loss": agent.bc_update(obs, action)})
+        if step % args.log_freq == 0 or step == args.bc_steps:
+            metrics.flush(step)
+    val_mse = bc_distances(agent.bc_model, val_obs, val_action)[0].mean().item()
+    writer.add_scalar("offline/bc_val_mse", val_mse, args.bc_steps)
+    agent.bc_model.requires_grad_(False).eval()
+    return val_mse
+
+
+def offline_phase(agent: BAQ, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args) -> None:
+    metrics, bar = Metrics(writer), tqdm(range(1, args.offline_steps + 1), desc="offline", disable=not args.progress)
+    start = time.perf_counter()
+    for step in bar:
+        results = agent.update(dataset.split(dataset.sample_rows(args.batch_size)))  # BAQ adds nothing offline
+        metrics.add({f"offline/{key}": value for key, value in results.items()})
+        if step % args.log_freq == 0:
+            metrics.flush(step)
+            writer.add_scalar("offline/UPS", step / (time.perf_counter() - start), step)
+        if step % args.offline_eval_freq == 0 or step == args.offline_steps:
+            result = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
+            bar.set_postfix(
+                score=f"{result['normalized_score']:.1f}", UPS=f"{step / (time.perf_counter() - start):.0f}"
+            )
+
+
+def calibrate(agent: BAQ, dataset: ReplayBuffer, online_steps: int, writer, args: Args):
+    """Card 2.2: k_q and k_rho from the data, Eq. 10 for every offline row; returns (replay, k_q, k_rho)."""
+    obs, action, *_ = dataset.split(dataset.storage[: dataset.size])
+    bc_mse, distance = bc_distances(agent.bc_model, obs, action)
+    probe = torch.randint(0, dataset.size, (args.probe_states,), device=obs.device)
+    with torch.no_grad():
+        probe_actions = agent.actor(obs[probe])[0]  # the exploration sampler, as online
+    m_off, m_probe = bc_mse.median().item(), bc_distances(agent.bc_model, obs[probe], probe_actions)[0].median().item()
+    k_q = args.k_q or max(m_off, m_probe, 1e-8) / math.log(2)
+    k_rho = args.k_rho or max(distance.median().item(), 1e-8)
+    replay = PriorityReplay(dataset.size + online_steps, dataset.obs_dim, dataset.act_dim, obs.device)
+    replay.add(dataset.storage[: dataset.size], bc_mse, priority(distance, k_rho, args.priority_alpha))
+    replay.num_offline = dataset.size
+    for key, value in {"k_q": k_q, "k_rho": k_rho, "m_off": m_off, "m_probe": m_probe}.items():
+        writer.add_scalar(f"charts/{key}", value, 0)
+    return replay, k_q, k_rho
+
+
+def online_update(agent: BAQ, replay: PriorityReplay, k_q: float, args: Args) -> dict[str, torch.Tensor]:
+    """Draw by rho (or uniformly), weight the TD regression by w (or not), one backbone step."""
+    index = replay.sample(args.batch_size, args.use_priority)
+    batch = replay.buffer.split(replay.buffer.storage[index])
+    w = td_weight(replay.bc_mse[index], k_q)
+    results = {f"losses/{key}": value for key, value in agent.update(batch, w if args.use_weight else 1.0).items()}
+    return results | {
+        "charts/w_mean": w.mean(),
+        "charts/w_min": w.min(),
+        "charts/offline_share": 1.0 - batch[-1].mean(),
+    }
+
+
+def log_weights(writer, replay: PriorityReplay, k_q: float, step: int) -> None:
+    """Mean w over all stored offline and online rows (a batch holds too few online rows to tell)."""
+    offline, online = slice(0, replay.num_offline), slice(replay.num_offline, replay.buffer.size)
+    for name, rows in (("offline", offline), ("online", online)):
+        writer.add_scalar(f"charts/w_mean_{name}", td_weight(replay.bc_mse[rows], k_q).mean(), step)
+
+
+def online_phase(agent: BAQ, data: OfflineData, replay: PriorityReplay, k_q, k_rho, env, eval_env, writer, args):
+    """One update per env step from the first step; every new transition enters with its own rho."""
+    metrics, device = Metrics(writer), agent.device
+    log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
+    obs, _ = env.reset(seed=args.seed)
+    episode_return, start = 0.0, time.perf_counter()
+    bar = tqdm(range(1, args.online_steps + 1), desc="online", disable=not args.progress)
+    for step in bar:
+        action = np.clip(agent.policy(obs, deterministic=False), -1.0, 1.0)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        row = transition_rows(
+            agent.normalize(obs)[None],
+            action[None],
+            np.array([reward * agent.reward_scale]),
+            agent.normalize(next_obs)[None],
+            np.array([terminated]),
+            True,
+        )
+        row = torch.from_numpy(row).to(device)
+        bc_mse, distance = bc_distances(agent.bc_model, *replay.buffer.split(row)[:2])
+        replay.add(row, bc_mse, priority(distance, k_rho, args.priority_alpha))
+        metrics.add(online_update(agent, replay, k_q, args))
+        if step % args.log_freq == 0:
+            metrics.flush(step)
+            log_weights(writer, replay, k_q, step)
+            writer.add_scalar("charts/UPS", step / (time.perf_counter() - start), step)
+            writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)
+        episode_return += float(reward)
+        obs = next_obs
+        if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
+            writer.add_scalar("charts/episodic_return", episode_return, step)
+            obs, _ = env.reset()
+            episode_return = 0.0
+        if step % args.eval_freq == 0:
+            result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
+            bar.set_postfix(
+                score=f"{result['normalized_score']:.1f}", SPS=f"{step / (time.perf_counter() - start):.0f}"
+            )
+
+
+def check_args(args: Args) -> None:
+    """Refuse settings the phases cannot run with, naming the flag to change."""
+    positive = ("hidden_dim", "cql_samples", "probe_states", "eval_freq", "offline_eval_freq", "log_freq")
+    for name in (*positive, "eval_episodes", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.pretrained is None and args.bc_steps < 1:
+        raise UserError("BAQ needs pi_BC: --bc-steps must be >= 1 unless --pretrained gives one")
+    for name in ("k_q", "k_rho", "priority_alpha"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0 (0 = automatic for k-q and k-rho)")
+    if not 0 < args.expectile < 1:
+        raise UserError(f"--expectile must lie in (0, 1), got {args.expectile}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Speed benchmark hook (benchmark/speed.py discovers it in every script)
+# ---------------------------------------------------------------------------------------------------
+
+
+def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False) -> dict:
+    """Paper-default agent (CQL backbone) on random device-resident data; `tiny` shrinks networks and batches.
+
+    Returns the callables benchmark/speed.py times: one offline backbone update, the hand-over, one online
+    update with its prioritized draw, weights and the new row's priority, and a bare forward + backward of
+    the twin critic on the batch.
+    """
+    args = Args(hidden_dim=8, batch_size=8) if tiny else Args()
+    agent = BAQ(obs_dim, act_dim, args, device)
+    dataset = ReplayBuffer(100_000, obs_dim, act_dim, device)
+    dataset.add(torch.rand(dataset.capacity, dataset.storage.shape[1], device=device) * 2 - 1)
+    dataset.storage[:, -3:] = 0.0  # not done, offline
+    replay = PriorityReplay(200_000, obs_dim, act_dim, device)
+    replay.add(dataset.storage, torch.rand(dataset.size, device=device), torch.rand(dataset.size, device=device) + 1)
+    batch = dataset.split(dataset.sample_rows(args.batch_size))
+
+    def critic_forward_backward():
+        agent.critic.zero_grad(set_to_none=True)
+        agent.critic(batch[0], batch[1]).sum().backward()
+
+    def online_step():
+        row = dataset.storage[:1]
+        bc_mse, distance = bc_distances(agent.bc_model, *dataset.split(row)[:2])
+        replay.add(row, bc_mse, priority(distance, 1.0, 1.0))
+        return online_update(agent, replay, 1.0, args)
+
+    return {
+        "label": "cql",
+        "offline": lambda: agent.update(dataset.split(dataset.sample_rows(args.batch_size))),
+        "hand_over": agent.hand_over,
+        "online": online_step,
+        "online_updates": 1,
+        "reference": critic_forward_backward,
+    }
+
+
+def main(args: Args) -> Path:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("CUDA is not available: running on the CPU", file=sys.stderr)
+    args.progress = args.progress and sys.stdout.isatty()
+
+    checkpoint = None
+    if args.pretrained is not None:
+        try:
+            checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
+            if checkpoint.get("algorithm") != "baq" or checkpoint.get("phase") != "offline":
+                raise ValueError("not a BAQ offline.pt")
+        except Exception as err:
+            raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
+        trained = checkpoint["args"]
+        if (trained["backbone"], trained["hidden_dim"]) != (args.backbone, args.hidden_dim):
+            raise UserError(
+                f"--pretrained {args.pretrained} holds a {trained['backbone']} backbone of width "
+                f"{trained['hidden_dim']}: pass --backbone {trained['backbone']} --hidden-dim {trained['hidden_dim']}"
+            )
+    check_args(args)
+    data = load_dataset(args.env_id)
+    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
+    if checkpoint is not None and (checkpoint["obs_dim"], checkpoint["act_dim"]) != (obs_dim, act_dim):
+        raise UserError(f"--pretrained {args.pretrained} was trained on {checkpoint['dataset']}, not {data.name}")
+
+    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_path = Path(args.run_dir) / run_name
+    run_path.mkdir(parents=True, exist_ok=True)
+    (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    writer = SummaryWriter(str(run_path))
+    env, eval_env = make_env(data.env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
+    agent = BAQ(obs_dim, act_dim, args, device)
+
+    rows = prepare_data(agent, data, args)
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint)  # its state statistics and reward scale come from the same dataset
+    dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
+    dataset.add(torch.from_numpy(rows).to(device))
+    del rows
+    if checkpoint is None:
+        bc_val_mse = bc_phase(agent, dataset, writer, args)
+        if args.offline_steps > 0:
+            offline_phase(agent, data, dataset, eval_env, writer, args)
+        if args.save_model:
+            save_checkpoint(
+                run_path / "offline.pt", agent, args, data, "offline", args.offline_steps, bc_val_mse=bc_val_mse
+            )
+    agent.bc_model.requires_grad_(False).eval()
+    if args.online_steps > 0:
+        agent.hand_over()
+        replay, k_q, k_rho = calibrate(agent, dataset, args.online_steps, writer, args)
+        del dataset  # its rows now live in the priority replay
+        online_phase(agent, data, replay, k_q, k_rho, env, eval_env, writer, args)
+        if args.save_model:
+            save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps, k_q=k_q, k_rho=k_rho)
+    elif args.save_model:
+        save_checkpoint(run_path / "final.pt", agent, args, data, "online", 0)
+    writer.close()
+    print(f"run written to {run_path}")
+    return run_path
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as err:
+        sys.exit(f"error: {err}")

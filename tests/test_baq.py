@@ -1,0 +1,306 @@
+"""BAQ: the card's testable properties with exact numbers, smoke runs for both backbones, a CUDA variant."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from algorithms import baq
+from tests.conftest import REPO, error_line, recording_env, run_cli, scalars
+from utils import load_dataset, make_env
+
+OBS, ACT = 4, 3
+
+
+def tiny_agent(backbone="cql", device="cpu", **overrides) -> baq.BAQ:
+    torch.manual_seed(0)
+    args = baq.Args(backbone=backbone, hidden_dim=16, cql_samples=4, **overrides)
+    return baq.BAQ(OBS, ACT, args, torch.device(device))
+
+
+def random_batch(n=8, done=None):
+    done = torch.zeros(n) if done is None else done
+    return (torch.randn(n, OBS), torch.rand(n, ACT) * 2 - 1, torch.randn(n), torch.randn(n, OBS), done, torch.ones(n))
+
+
+def constant_output(network: torch.nn.Module, values) -> None:
+    """Make ensemble member i of a network return values[i] whatever the input."""
+    last = network.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.as_tensor(values, dtype=torch.float32).view(-1, 1, 1).expand_as(last.bias))
+
+
+def test_weight_lies_in_0_1_and_is_one_on_the_bc_action():
+    mse = torch.linspace(0, 10, 201, requires_grad=True)
+    w = baq.td_weight(mse, 0.5)
+    assert not w.requires_grad and w[0].item() == 1.0 and (w > 0).all() and (w <= 1).all()
+    assert (w[1:] < w[:-1]).all()
+    assert (baq.td_weight(mse, 1e12) >= 1 - 1e-6).all()  # k_q -> infinity: plain backbone
+
+
+def test_priority_is_at_least_one_and_monotone():
+    distance = torch.linspace(0, 5, 101)
+    rho = baq.priority(distance, 0.7, 1.0)
+    assert rho[0].item() == 1.0 and (rho >= 1).all() and (rho[1:] > rho[:-1]).all()
+    assert torch.equal(baq.priority(distance, 0.7, 0.0), torch.ones(101))  # alpha = 0: uniform
+    torch.testing.assert_close(baq.priority(distance, 0.7, 2.0), (distance / 0.7 + 1) ** 2)
+
+
+@pytest.mark.parametrize("act_dim", [3, 6])
+def test_weight_uses_the_mean_square_and_priority_the_euclidean_norm(act_dim):
+    torch.manual_seed(act_dim)
+    model = baq.BehaviourModel(OBS, act_dim, 16)
+    obs, action = torch.randn(5, OBS), torch.rand(5, act_dim) * 2 - 1
+    bc_mse, distance = baq.bc_distances(model, obs, action, chunk=2)
+    with torch.no_grad():
+        diff = (model(obs) - action).numpy()
+    np.testing.assert_allclose(bc_mse.numpy(), (diff**2).sum(1) / act_dim, rtol=1e-6)
+    np.testing.assert_allclose(distance.numpy(), np.sqrt((diff**2).sum(1)), rtol=1e-6)
+
+
+def filled_replay(priorities: torch.Tensor, capacity: int) -> baq.PriorityReplay:
+    replay = baq.PriorityReplay(capacity, OBS, ACT, torch.device("cpu"))
+    rows = torch.zeros(len(priorities), 2 * OBS + ACT + 3)
+    replay.add(rows, torch.zeros(len(priorities)), priorities)
+    return replay
+
+
+def test_sampling_frequencies_follow_the_priorities_and_new_rows_take_their_mass():
+    torch.manual_seed(0)
+    rho = torch.rand(1000, dtype=torch.float64) * 4 + 1
+    replay = filled_replay(rho, 1100)
+    assert replay.cumulative.dtype == torch.float64
+    assert abs(replay.cumulative[999].item() / rho.sum().item() - 1) < 1e-9
+    draws = 1_000_000
+    counts = np.bincount(replay.sample(draws, True).numpy(), minlength=1000)
+    p = (rho / rho.sum()).numpy()
+    assert (np.abs(counts / draws - p) < 4 * np.sqrt(p * (1 - p) / draws)).all()
+    chi2 = ((counts - draws * p) ** 2 / (draws * p)).sum()
+    assert chi2 < 1000 + 5 * math.sqrt(2 * 1000)  # 999 degrees of freedom
+    replay.add(torch.zeros(100, 2 * OBS + ACT + 3), torch.zeros(100), torch.full((100,), 50.0))
+    share = (replay.sample(200_000, True) >= 1000).double().mean().item()
+    expected = 5000 / (5000 + rho.sum().item())
+    assert abs(share - expected) < 4 * math.sqrt(expected * (1 - expected) / 200_000)
+    uniform = replay.sample(200_000, False)
+    assert abs((uniform >= 1000).double().mean().item() - 100 / 1100) < 0.005
+
+
+def test_cql_weighted_td_loss_matches_a_hand_computation():
+    agent = tiny_agent(cql_weight=0.0)
+    constant_output(agent.critic, [2.0, -1.0])
+    constant_output(agent.critic_target, [3.0, 5.0])
+    obs, action, reward, next_obs, _, is_online = random_batch(6)
+    done = torch.tensor([0.0, 1, 0, 0, 1, 0])
+    weight = torch.rand(6)
+    results = agent.update((obs, action, reward, next_obs, done, is_online), weight)
+    y = reward + 0.99 * (1 - done) * 3.0  # min of the targets; d = 1 gives y = r
+    expected = sum((weight * (q - y) ** 2).mean() for q in (2.0, -1.0))
+    assert results["qf_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_iql_weighted_losses_match_hand_computations():
+    agent = tiny_agent("iql")
+    constant_output(agent.critic, [1.0, 4.0])
+    constant_output(agent.critic_target, [2.0, 3.0])
+    constant_output(agent.value, [2.5])
+    obs, action, reward, next_obs, _, is_online = random_batch(6)
+    done = torch.tensor([0.0, 1, 0, 0, 1, 0])
+    weight = torch.rand(6)
+    results = agent.update((obs, action, reward, next_obs, done, is_online), weight)
+    u = 2.0 - 2.5  # min target Q - V < 0: weight |0.7 - 1| = 0.3
+    assert results["value_loss"].item() == pytest.approx((weight * 0.3 * u**2).mean().item(), rel=1e-5)
+    y = reward + 0.99 * (1 - done) * 2.5  # V(s') before the V step
+    expected = 0.5 * sum((weight * (q - y) ** 2).mean() for q in (1.0, 4.0))
+    assert results["qf_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    u = torch.tensor([-2.0, 0.5, 1.0])
+    loss = baq.expectile_loss(u, 0.7, torch.tensor([1.0, 0.5, 2.0]))
+    assert loss.item() == pytest.approx((0.3 * 4 + 0.5 * 0.7 * 0.25 + 2 * 0.7 * 1) / 3)
+
+
+@pytest.mark.parametrize("backbone", ["cql", "iql"])
+def test_unit_weights_reduce_to_the_backbone(backbone):
+    plain, weighted = tiny_agent(backbone), tiny_agent(backbone)
+    batch = random_batch(16)
+    torch.manual_seed(1)
+    expected = plain.update(batch)
+    torch.manual_seed(1)
+    got = weighted.update(batch, torch.ones(16))
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value)
+    for a, b in zip(plain.critic.parameters(), weighted.critic.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_zero_weights_leave_only_the_conservative_gradient():
+    agent, reference = tiny_agent("cql"), tiny_agent("cql")
+    obs, action, reward, next_obs, done, is_online = random_batch(16)
+    torch.manual_seed(2)
+    agent.update((obs, action, reward, next_obs, done, is_online), torch.zeros(16))
+    torch.manual_seed(2)
+    reference.actor(obs)  # the draws cql_update makes before the conservative term
+    reference.actor(next_obs)
+    q = reference.critic(obs, action)
+    (10.0 * baq.cql_gap(reference.critic, reference.actor, obs, next_obs, q, 4).sum()).backward()
+    for got, expected in zip(agent.critic.parameters(), reference.critic.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, expected.grad)
+
+    iql = tiny_agent("iql")
+    before = [p.clone() for p in (*iql.critic.parameters(), *iql.value.parameters())]
+    iql.update(random_batch(16), torch.zeros(16))  # zero gradients: Adam's first step moves nothing
+    for old, new in zip(before, (*iql.critic.parameters(), *iql.value.parameters()), strict=True):
+        assert torch.equal(old, new)
+
+
+def test_iql_actor_lr_decays_offline_and_is_constant_online():
+    agent = tiny_agent("iql", offline_steps=10)
+    for _ in range(5):
+        agent.update(random_batch(8))
+    assert agent.actor_optimizer.param_groups[0]["lr"] == pytest.approx(3e-4 * (1 + math.cos(math.pi / 2)) / 2)
+    agent.hand_over()
+    for _ in range(3):
+        agent.update(random_batch(8))
+    assert agent.actor_optimizer.param_groups[0]["lr"] == 3e-4 and agent.actor_optimizer.state
+
+
+def test_calibration_medians():
+    agent = tiny_agent("cql", probe_states=500)
+    dataset = baq.ReplayBuffer(2001, OBS, ACT, torch.device("cpu"))
+    dataset.add(torch.from_numpy(baq.transition_rows(
+        np.random.randn(2001, OBS), np.random.uniform(-1, 1, (2001, ACT)), np.zeros(2001), np.random.randn(2001, OBS),
+        np.zeros(2001), False,
+    )))  # fmt: skip
+    replay, k_q, _ = baq.calibrate(agent, dataset, 10, SummaryWriter(), agent.args)
+    w = baq.td_weight(replay.bc_mse[:2001], k_q)
+    rho = torch.diff(replay.cumulative[:2001], prepend=torch.zeros(1, dtype=torch.float64))
+    assert w.median().item() >= 0.5 - 1e-6 and rho.min().item() >= 1.0
+    assert rho.median().item() == pytest.approx(2.0)  # 2^alpha at the median distance
+    replay, k_q, _ = baq.calibrate(agent, dataset, 10, SummaryWriter(), baq.Args(k_q=1e9, k_rho=2.0, probe_states=5))
+    assert k_q == 1e9 and replay.num_offline == 2001
+
+
+@pytest.fixture
+def online_run(minari_root, tmp_path):
+    """The real online phase in-process on tiny hopper data, with a short horizon and a recording env."""
+    data = load_dataset("hopper-medium")
+    args = baq.Args(hidden_dim=16, online_steps=40, batch_size=8, cql_samples=2, eval_freq=1000, eval_episodes=1,
+                    log_freq=10, progress=False, probe_states=50)  # fmt: skip
+    torch.manual_seed(0)
+    agent = baq.BAQ(11, 3, args, torch.device("cpu"))
+    dataset = baq.ReplayBuffer(len(data), 11, 3, agent.device)
+    dataset.add(torch.from_numpy(baq.prepare_data(agent, data, args)))
+    agent.bc_model.requires_grad_(False)
+    agent.hand_over()
+    writer = SummaryWriter(str(tmp_path))
+    replay, k_q, k_rho = baq.calibrate(agent, dataset, args.online_steps, writer, args)
+    offline_cumulative, bc_params = (
+        replay.cumulative[: len(data)].clone(),
+        [p.clone() for p in agent.bc_model.parameters()],
+    )
+    env, transitions = recording_env(data.env_spec)
+    baq.online_phase(agent, data, replay, k_q, k_rho, env, make_env(data.eval_env_spec, 1), writer, args)
+    return agent, replay, transitions, offline_cumulative, bc_params, len(data)
+
+
+def test_online_phase_keeps_priorities_and_pi_bc_and_stores_every_step(online_run):
+    agent, replay, transitions, offline_cumulative, bc_params, num_offline = online_run
+    assert torch.equal(replay.cumulative[:num_offline], offline_cumulative)  # static priorities
+    assert all(torch.equal(a, b) for a, b in zip(bc_params, agent.bc_model.parameters(), strict=True))
+    assert replay.buffer.size == num_offline + len(transitions) == num_offline + 40
+    _, action, _, _, done, is_online = replay.buffer.split(replay.buffer.storage[num_offline : num_offline + 40])
+    np.testing.assert_array_equal(action.numpy(), np.array([t[0] for t in transitions], np.float32))
+    np.testing.assert_array_equal(done.numpy(), [float(t[2]) for t in transitions])  # truncation stores d = 0
+    assert is_online.eq(1).all() and any(t[3] and not t[2] for t in transitions)
+    new_rho = torch.diff(replay.cumulative[num_offline - 1 : num_offline + 40])
+    assert (new_rho >= 1).all()  # Eq. 10 at insertion, not a max priority
+    logged = {}
+    writer = type("Writer", (), {"add_scalar": lambda self, tag, value, step: logged.__setitem__(tag, float(value))})()
+    baq.log_weights(writer, replay, 0.3, 40)
+    w = torch.exp(-replay.bc_mse / 0.3)
+    assert logged["charts/w_mean_offline"] == pytest.approx(w[:num_offline].mean().item(), rel=1e-5)
+    assert logged["charts/w_mean_online"] == pytest.approx(w[num_offline : num_offline + 40].mean().item(), rel=1e-5)
+
+
+SMOKE = [
+    "--env-id", "hopper-expert", "--hidden-dim", "32", "--batch-size", "16", "--bc-steps", "40",
+    "--online-steps", "60", "--eval-freq", "30", "--eval-episodes", "2", "--offline-eval-freq", "10",
+    "--log-freq", "10", "--cql-samples", "4", "--probe-states", "100", "--no-cuda",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["cql", "iql"])
+def test_smoke_both_phases_then_pretrained(minari_root, tmp_path, backbone):
+    env = {"MINARI_DATASETS_PATH": str(minari_root)}
+    script = str(REPO / "algorithms/baq.py")
+    result = run_cli(
+        [script, *SMOKE, "--backbone", backbone, "--offline-steps", "20", "--run-dir", str(tmp_path / "a")], env, 300
+    )
+    assert result.returncode == 0, result.stderr
+    (run,) = (tmp_path / "a").iterdir()
+    tags = scalars(run)
+    required = [
+        "offline/bc_loss", "offline/bc_val_mse", "offline/normalized_score", "offline/qf_loss", "offline/UPS",
+        "eval/normalized_score", "eval/episodic_return", "eval/q_bias", "eval/q_rank_tau", "charts/episodic_return",
+        "charts/SPS", "charts/UPS", "charts/k_q", "charts/k_rho", "charts/w_mean", "charts/w_min",
+        "charts/offline_share", "charts/w_mean_online", "charts/w_mean_offline", "losses/qf_loss",
+        "losses/qf_values", "losses/actor_loss",
+    ]  # fmt: skip
+    required += ["losses/cql_loss", "losses/alpha"] if backbone == "cql" else ["losses/value_loss"]
+    for tag in required:
+        assert tag in tags and np.isfinite(tags[tag]).all(), tag
+    assert all(0 < w <= 1 for w in tags["charts/w_mean"])
+    assert len(tags["eval/normalized_score"]) == 3  # steps 0, 30, 60
+    offline, final = (torch.load(run / name, weights_only=False) for name in ("offline.pt", "final.pt"))
+    assert offline["phase"] == "offline" and final["phase"] == "online" and "bc_val_mse" in offline
+    assert final["k_q"] > 0 and final["k_rho"] > 0 and "bc_model" in final and "obs_mean" in final
+    assert baq.policy_from_checkpoint(final)(np.zeros(11)).shape == (3,)  # evaluates without the dataset
+
+    again = run_cli(
+        [script, *SMOKE, "--backbone", backbone, "--pretrained", str(run / "offline.pt"), "--no-use-priority",
+         "--run-dir", str(tmp_path / "b")],
+        env,
+        300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    (second,) = (tmp_path / "b").iterdir()
+    assert not (second / "offline.pt").exists() and not any(tag.startswith("offline/") for tag in scalars(second))
+    for name in ("bc_model", "actor", "critic"):  # pi_BC is frozen; the backbone moved
+        same = [torch.equal(a, b) for a, b in zip(offline[name].values(), torch.load(second / "final.pt",
+                weights_only=False)[name].values(), strict=True)]  # fmt: skip
+        assert all(same) == (name == "bc_model"), name
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bc-steps", "0"], "BAQ needs pi_BC"),
+        (["--k-q", "-1"], "--k-q must be >= 0"),
+        (["--expectile", "1.5"], "--expectile must lie in (0, 1)"),
+        (["--pretrained", "/nonexistent/offline.pt"], "cannot be used"),
+    ],
+)
+def test_bad_input_is_one_line(minari_root, tmp_path, extra, message):
+    result = run_cli(
+        [str(REPO / "algorithms/baq.py"), *SMOKE, "--run-dir", str(tmp_path), *extra],
+        {"MINARI_DATASETS_PATH": str(minari_root)},
+        timeout=60,
+    )
+    assert result.returncode != 0 and message in error_line(result.stderr)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backbone", ["cql", "iql"])
+def test_cuda_updates_and_sampling(backbone):
+    agent = tiny_agent(backbone, device="cuda")
+    batch = tuple(t.cuda() for t in random_batch(64))
+    offline = agent.update(batch)
+    agent.hand_over()
+    online = agent.update(batch, baq.td_weight(torch.rand(64, device="cuda"), 0.5))
+    assert all(torch.isfinite(v).all() and v.device.type == "cuda" for v in (*offline.values(), *online.values()))
+    replay = filled_replay(torch.rand(100, dtype=torch.float64) + 1, 200)
+    assert replay.sample(32, True).max() < 100
+    assert agent.policy(np.zeros(OBS, np.float32), deterministic=False).shape == (ACT,)
