@@ -47,6 +47,13 @@ def run_cli(args: list[str], env_extra: dict[str, str] | None = None, timeout: f
     )
 
 
+def cli_error(script: str, args: list[str], minari_root: Path) -> str:
+    """Run algorithms/<script>.py with args on the tiny datasets; it must fail. Returns its one error line."""
+    result = run_cli([str(REPO / f"algorithms/{script}.py"), *args], {"MINARI_DATASETS_PATH": str(minari_root)})
+    assert result.returncode != 0, result.stdout
+    return error_line(result.stderr)
+
+
 def error_line(stderr: str) -> str:
     """The last stderr line, which must be the one clear `error: ...` line."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from algorithms import so2
-from tests.conftest import REPO, error_line, recording_env, run_cli, scalars
+from tests.conftest import REPO, cli_error, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -363,12 +363,7 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
     ],
 )
 def test_bad_input_is_one_line(minari_root, tmp_path, extra, message):
-    result = run_cli(
-        [str(REPO / "algorithms/so2.py"), *SMOKE, "--run-dir", str(tmp_path), *extra],
-        {"MINARI_DATASETS_PATH": str(minari_root)},
-        timeout=60,
-    )
-    assert result.returncode != 0 and message in error_line(result.stderr)
+    assert message in cli_error("so2", [*SMOKE, "--run-dir", str(tmp_path), *extra], minari_root)
 
 
 @pytest.mark.cuda
