@@ -627,7 +627,6 @@ def bc_phase(agent: BAQ, dataset: ReplayBuffer, writer, args: Args) -> float:
             metrics.flush(step)
     val_mse = bc_distances(agent.bc_model, val_obs, val_action)[0].mean().item()
     writer.add_scalar("offline/bc_val_mse", val_mse, args.bc_steps)
-    agent.bc_model.requires_grad_(False).eval()
     return val_mse
 
 
@@ -833,7 +832,7 @@ def main(args: Args) -> Path:
             save_checkpoint(
                 run_path / "offline.pt", agent, args, data, "offline", args.offline_steps, bc_val_mse=bc_val_mse
             )
-    agent.bc_model.requires_grad_(False).eval()
+    agent.bc_model.requires_grad_(False).eval()  # frozen from here on, trained here or loaded
     if args.online_steps > 0:
         agent.hand_over()
         replay, k_q, k_rho = calibrate(agent, dataset, args.online_steps, writer, args)

@@ -305,8 +305,8 @@ class BalancedReplay:
         self.priority = torch.zeros(self.buffer.capacity, dtype=torch.float64, device=device)
         self.priority[: self.num_offline] = 1.0
         f = args.init_online_fraction  # the first block of K new rows then holds a share f of the mass
-        self.max_priority = torch.tensor(self.num_offline * f / ((1 - f) * args.block_steps), dtype=torch.float64)
-        self.max_priority = self.max_priority.to(device)
+        initial = self.num_offline * f / ((1 - f) * args.block_steps)
+        self.max_priority = torch.tensor(initial, dtype=torch.float64, device=device)
 
     @property
     def num_online(self) -> int:
