@@ -11,7 +11,8 @@ device-resident buffers (no environment):
   UCB action choice + one update);
 - reference: a bare forward + backward of the same critic ensemble on the online batch, no optimiser;
 - overhead: the online step with tiny networks (hidden 8, 2 critics, batch 8), where compute is
-  negligible: the floor set by Python and kernel launches.
+  negligible: the floor set by Python and kernel launches;
+- other phases a hook names under `other_phases` (OPT: the Eq. 3 pre-training update), after the hand-over.
 Writes benchmark/results/speed_<device>.md and .json (device name, torch version, date).
 """
 
@@ -69,6 +70,8 @@ def measure(name: str, module, config: str, device: torch.device, iterations: di
     reference = per_second(hooks["reference"], iterations["offline"], 3, device)
     hooks["hand_over"]()
     online_sps = per_second(hooks["online"], iterations["online"], 1, device)
+    other = hooks.get("other_phases", {})
+    other_ups = {phase: per_second(fn, iterations["offline"], 3, device) for phase, fn in other.items()}
     tiny = module.speed_setup(config, obs_dim, act_dim, device, tiny=True)
     tiny["hand_over"]()
     return {
@@ -79,6 +82,7 @@ def measure(name: str, module, config: str, device: torch.device, iterations: di
         "online_updates_per_s": online_sps * hooks["online_updates"],
         "reference_fwd_bwd_per_s": reference,
         "tiny_ms_per_online_step": 1e3 / per_second(tiny["online"], 200, 20, device),
+        "other_phases_updates_per_s": other_ups,
     }
 
 
@@ -119,15 +123,16 @@ def main() -> None:
         f"--configs {' '.join(args.configs)}`.",
         "",
         "| algorithm | config | offline updates/s | online env steps/s (updates only) | online updates/s "
-        "| bare critic fwd+bwd/s (online batch) | tiny nets: ms per online step |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| bare critic fwd+bwd/s (online batch) | tiny nets: ms per online step | other phases: updates/s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['algorithm']} | {r['config']} | {r['offline_updates_per_s']:.1f} "
             f"| {r['online_env_steps_per_s']:.2f} "
             f"| {r['online_updates_per_s']:.1f} | {r['reference_fwd_bwd_per_s']:.1f} "
-            f"| {r['tiny_ms_per_online_step']:.2f} |"
+            f"| {r['tiny_ms_per_online_step']:.2f} "
+            f"| {'; '.join(f'{phase}: {ups:.1f}' for phase, ups in r['other_phases_updates_per_s'].items()) or '-'} |"
         )
     text = "\n".join(lines) + "\n"
     out = args.out

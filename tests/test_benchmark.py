@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from benchmark import report, sweep
@@ -147,6 +148,22 @@ def test_speed_discovers_every_algorithm_script():
 
     scripts = {path.stem for path in (REPO / "algorithms").glob("*.py")} - {"__init__"}
     assert set(speed.discover()) == scripts  # every script joins the benchmark through its speed_setup hook
+
+
+@pytest.mark.parametrize(
+    "name", sorted(path.stem for path in (REPO / "algorithms").glob("*.py") if path.stem != "__init__")
+)
+def test_every_speed_hook_runs_with_tiny_networks(name):
+    from benchmark import speed
+
+    hooks = speed.discover()[name].speed_setup("hopper", 11, 3, torch.device("cpu"), tiny=True)
+    hooks["offline"]()
+    hooks["reference"]()
+    hooks["hand_over"]()
+    hooks["online"]()
+    for phase in hooks.get("other_phases", {}).values():
+        phase()
+    assert hooks["label"] and hooks["online_updates"] >= 1
 
 
 @pytest.mark.slow

@@ -131,6 +131,11 @@ def test_evaluate_known_policies(registered):
 
     doubled = evaluate(env, lambda obs: np.ones(1), 3, 0, lambda o, a: 2 * true_q(o, a), gamma=gamma)
     assert doubled["q_bias"] == pytest.approx(1.0, abs=2e-2)  # Q_est = 2 Q_true everywhere
+    both = evaluate(
+        env, lambda obs: np.ones(1), 3, 0, true_q, gamma, extra_q_functions={"x2": lambda o, a: 2 * true_q(o, a)}
+    )
+    assert both["q_bias"] == forward["q_bias"] and both["q_bias_x2"] == doubled["q_bias"]  # same pairs, own Q
+    assert both["q_rank_tau_x2"] == pytest.approx(1.0) and both["q_pairs_x2"] == 15
 
     backward = evaluate(env, lambda obs: -np.ones(1), 2, 0, lambda o, a: np.zeros(len(o)), gamma=gamma)
     assert backward["episodic_return"] == 10 and backward["episode_length"] == 10

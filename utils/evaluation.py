@@ -67,6 +67,7 @@ def evaluate(
     q_reward_fn: Callable[[np.ndarray], np.ndarray] | None = None,
     tail_tol: float = 0.01,
     minari_ref_scores: tuple[float, float] | None = None,
+    extra_q_functions: dict[str, QFunction] | None = None,
 ) -> dict[str, float]:
     """Run `episodes` episodes of a deterministic policy; episode i is reset with seed + i.
 
@@ -74,6 +75,7 @@ def evaluate(
     (NaN where the task has no notion of success), minari_normalized_score where the dataset has Minari refs,
     and, given a Q function, q_bias / q_rank_tau / q_pairs against discounted Monte-Carlo returns.
     `q_reward_fn` maps env rewards to the rewards the critic was trained on (e.g. AntMaze r - 1, scaling).
+    `extra_q_functions` (name -> Q) adds q_bias_<name> / q_rank_tau_<name> on the same state-action pairs.
     """
     task = task_of_env_id(env.spec.id) if env.spec is not None else None
     returns, lengths, successes = [], [], []
@@ -115,9 +117,12 @@ def evaluate(
         result["minari_normalized_score"] = 100.0 * (mean_return - low) / (high - low)
     if q_function is not None:
         true = np.concatenate(q_true)
-        if len(true) >= 2:
-            estimates = np.asarray(q_function(np.concatenate(q_obs), np.concatenate(q_actions)), np.float64).reshape(-1)
-            result.update(q_diagnostics(estimates, true))
-        else:  # every episode was cut too early for an exact return
-            result.update({"q_bias": float("nan"), "q_rank_tau": float("nan"), "q_pairs": float(len(true))})
+        functions = {"": q_function} | {f"_{name}": fn for name, fn in (extra_q_functions or {}).items()}
+        for suffix, fn in functions.items():
+            if len(true) >= 2:
+                estimates = np.asarray(fn(np.concatenate(q_obs), np.concatenate(q_actions)), np.float64).reshape(-1)
+                diagnostics = q_diagnostics(estimates, true)
+            else:  # every episode was cut too early for an exact return
+                diagnostics = {"q_bias": float("nan"), "q_rank_tau": float("nan"), "q_pairs": float(len(true))}
+            result.update({f"{key}{suffix}": value for key, value in diagnostics.items()})
     return result

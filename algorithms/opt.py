@@ -1,0 +1,1053 @@
+"""OPT: Online Pre-Training for Offline-to-Online Reinforcement Learning.
+
+Shin, Kim, Jung, Hong, Yoon, Jang, Kim, Chae, Sung, Lee, Lim, ICML 2025, arXiv 2507.08387. Three phases:
+(i) offline TD3+BC (MuJoCo) or SPOT (AntMaze, Adroit) gives an actor and twin critics Q_off; (ii) Online
+Pre-Training: the frozen offline actor collects N_tau = 25k online steps, then a NEW twin critic Q_on is
+trained for N_pretrain = 50k updates with the meta-adaptation loss of Eq. 3,
+    L_off(psi) + c * L_on(psi - alpha_in * grad L_off(psi)),
+on offline and online minibatches, while nothing else changes; (iii) fine-tuning: TD3 (or SPOT) updates of
+both critics on balanced replay (Off2On's density-ratio priorities), the actor maximising Eq. 4,
+(1 - kappa) Q1_off + kappa Q1_on, with kappa raised linearly. The online budget (300k) includes N_tau.
+
+The official code (LGAI-Research/opt) was not available; the card lists its second-hand sources. Decisions:
+- Eq. 3: second order (the inner gradient is differentiated, torch.func), alpha_in = 3e-4 as a plain SGD
+  step, and c = stopgrad(min(L_off, L_on) / L_on) (an unofficial re-implementation reports this weight;
+  unverified). `--meta-first-order` drops the Hessian term, `--meta-weight none` uses c = 1 (Eq. 3 as
+  printed), `--meta-inner-lr 0` gives the paper's Eq. 10 ablation. Both twins are adapted; Q_on's own
+  targets and the frozen actor target make y; Q_on targets move every 2nd pre-training update.
+- The N_tau window explores with N(0, 0.1) like fine-tuning (`--no-ntau-noise`: deterministic).
+- kappa counts fine-tuning env steps from 0 (kappa_start at the first fine-tuning step), constant within
+  the UTD loop. Defaults by dataset (App. H, T15): random 1 -> 1; replay-type 0.1 -> 0.9 over 150k; other
+  MuJoCo levels (Minari: simple, medium, expert) 0.3 -> 0.9 over 150k; AntMaze 0.1 -> 0.9 over 100k
+  (large-diverse 200k); Adroit 0.1 -> 0.9 over 250k. With kappa = 1, Q_off is still trained (Alg. 1).
+- TD3+BC normalises states with the dataset mean and std (+1e-3) in every phase; SPOT does not (CORL).
+  TD3+BC keeps its Adam states online; SPOT resets actor and Q_off Adam and switches to the online
+  discount (AntMaze 0.995) before the N_tau window (CORL). Q_on keeps its pre-training Adam.
+- SPOT as CORL: VAE 750-750, latent 2|A|, KL weight 0.5, 100k steps at 1e-3; lambda by task (AntMaze
+  0.25 / 0.05 / 0.025, Adroit 1), cooled online to lambda_end (0.2 AntMaze, 0.5 otherwise) over 300k
+  fine-tuning updates; actor lr 1e-4, heads U(+-1e-3) (actor) / U(+-3e-3) (critics), UTD 1. Online SPOT
+  actor loss = -(Q_k / mean|Q_k|) + lambda_t * neg ELBO (the paper writes only the TD3 form). LayerNorm
+  after each hidden ReLU on Adroit. AntMaze trains on r - 1 and is scored on r. Values for tasks outside
+  the card's table (SPOT on MuJoCo) are ours: lambda 1, lambda_end 0.5.
+- Balanced replay as Off2On's official code, but B_BR holds every offline and online row (no eviction),
+  new rows enter at the running-max priority (which starts at 1, the offline priority), and the density
+  network's online minibatch is uniform over all online rows. Both critics share one target action a'.
+- Bootstrapping uses `terminated` only. Evaluation every 10k offline / 5k online steps (also in the N_tau
+  window, where the curve must stay flat), 10 deterministic episodes. eval/q_bias and eval/q_rank_tau use
+  Q_off's twin minimum, eval/q_bias_on and eval/q_rank_tau_on Q_on's.
+- Minari data and v5 environments are not D4RL: scores are not comparable with the paper's tables.
+Not done: the RLPD and IQL backbones (App. A.2-A.3), the PT-Bon ablation (Q_on pre-trained on B_on only),
+the card's optional --skip-unused-critic (D6), the final 100-episode AntMaze evaluation (use --eval-episodes
+100). SPOT has only run on MuJoCo data here: no AntMaze or Adroit dataset can be downloaded on this machine.
+
+Usage: python algorithms/opt.py --env-id hopper-medium
+Ablations: --no-new-critic (Eq. 3 on Q_off, no Q_on), --no-online-pretraining (Q_on randomly initialised),
+--kappa-start 0.5 --kappa-end 0.5 (fixed kappa), --replay uniform (or online_only).
+Own tags: offline/bc_loss, offline/vae_loss (x = VAE step); pretrain/offline_loss, pretrain/online_loss
+(L_off, L_on at the adapted parameters), pretrain/meta_weight (c), pretrain/UPS (x = pre-training update);
+losses/qf_on_loss, losses/qf_on_values, losses/density_loss, losses/spot_lambda, charts/kappa,
+charts/offline_share, charts/density_online, charts/density_offline, charts/p_new, eval/q_bias_on,
+eval/q_rank_tau_on.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
+from utils import OfflineData, UserError, evaluate, load_dataset, make_env
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "opt"
+    """name of the experiment, part of the run name"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """torch.backends.cudnn.deterministic"""
+    cuda: bool = True
+    """use the GPU when there is one (falls back to the CPU with a notice)"""
+    run_dir: str = "runs"
+    """folder that receives runs/<run name>/ (TensorBoard events, args.json, checkpoints)"""
+    save_model: bool = True
+    """write offline.pt after pretraining and final.pt at the end"""
+    progress: bool = True
+    """tqdm bars (off automatically when stdout is not a terminal)"""
+    # data
+    env_id: str = "hopper-medium"
+    """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
+    pretrained: str | None = None
+    """an offline.pt to start from; skips the offline phase"""
+    # budgets
+    offline_steps: int = 1_000_000
+    """backbone gradient steps (paper 4.1); 0 = no pretraining"""
+    online_steps: int = 300_000
+    """online environment steps in total, the N_tau window included (paper 4.1, App. A.3)"""
+    n_tau: int = 25_000
+    """N_tau: env steps the frozen offline actor collects before Online Pre-Training (paper 5.5)"""
+    n_pretrain: int = 50_000
+    """N_pretrain: meta-adaptation updates of Q_on, no env steps (paper 5.5)"""
+    vae_steps: int = 100_000
+    """SPOT's VAE gradient steps, before the backbone (CORL)"""
+    batch_size: int = 256
+    """minibatch size; Online Pre-Training draws this many offline AND this many online rows"""
+    # algorithm
+    backbone: Literal["auto", "td3bc", "spot"] = "auto"
+    """offline algorithm; auto = TD3+BC for MuJoCo, SPOT for AntMaze and Adroit (paper 4.1)"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of actor, critics and density network"""
+    layer_norm: bool | None = None
+    """LayerNorm after each hidden ReLU of actor and critics; None = on for Adroit only (App. H)"""
+    gamma: float = 0.99
+    """discount of the offline phase"""
+    online_gamma: float | None = None
+    """discount from the N_tau window on; None = 0.995 for SPOT on AntMaze, otherwise --gamma (CORL)"""
+    tau: float = 0.005
+    """target soft-update rate"""
+    policy_noise: float = 0.2
+    """std of the target-policy smoothing noise"""
+    noise_clip: float = 0.5
+    """clip of the target-policy smoothing noise"""
+    policy_freq: int = 2
+    """actor and target updates every this many critic updates (also Q_on targets in pre-training)"""
+    exploration_noise: float = 0.1
+    """std of the Gaussian exploration noise online"""
+    ntau_noise: bool = True
+    """explore with that noise in the N_tau window too (card D3); off = the deterministic offline actor"""
+    actor_lr: float | None = None
+    """None = 3e-4 for TD3+BC, 1e-4 for SPOT"""
+    critic_lr: float = 3e-4
+    """learning rate of Q_off and Q_on"""
+    normalize_states: bool | None = None
+    """None = on for TD3+BC, off for SPOT (card D1)"""
+    td3bc_alpha: float = 2.5
+    """TD3+BC: lambda = alpha / mean|Q|"""
+    spot_lambda: float | None = None
+    """SPOT's density weight; None = by task (CORL configs)"""
+    spot_lambda_end: float | None = None
+    """online floor of lambda's cooling; None = 0.2 AntMaze, 0.5 otherwise"""
+    spot_cool_steps: int = 300_000
+    """fine-tuning updates over which lambda cools (card D7)"""
+    new_critic: bool = True
+    """train the new critic Q_on; --no-new-critic applies Eq. 3 to Q_off and keeps one critic (ablation)"""
+    online_pretraining: bool = True
+    """Eq. 3 pre-training of Q_on; off = Q_on starts from a random init (ablation RandInit)"""
+    meta_inner_lr: float = 3e-4
+    """alpha_in of Eq. 3's inner SGD step (0 = the Eq. 10 ablation)"""
+    meta_first_order: bool = False
+    """drop the Hessian term of Eq. 3 (first-order MAML)"""
+    meta_weight: Literal["min_ratio", "none"] = "min_ratio"
+    """online-term weight c: min(L_off, L_on) / L_on (detached), or 1"""
+    updates_per_step: int | None = None
+    """fine-tuning updates per env step (UTD); None = 5 for TD3+BC, 1 for SPOT (paper 4.1)"""
+    kappa_start: float | None = None
+    """kappa at the first fine-tuning step; None = the card's table for the dataset"""
+    kappa_end: float | None = None
+    """kappa after --kappa-steps; None = the card's table"""
+    kappa_steps: int | None = None
+    """fine-tuning env steps of the linear kappa ramp; None = the card's table"""
+    replay: Literal["balanced", "uniform", "online_only"] = "balanced"
+    """fine-tuning batches: density-ratio priorities, uniform over all rows, or online rows only (ablation OR)"""
+    priority_temperature: float = 5.0
+    """T: priorities follow w^(1/T) (Off2On)"""
+    # evaluation
+    eval_freq: int = 5_000
+    """online evaluation every this many environment steps (and at step 0)"""
+    offline_eval_freq: int = 10_000
+    """offline evaluation every this many gradient steps (and at the end)"""
+    eval_episodes: int = 10
+    """deterministic episodes per evaluation"""
+    log_freq: int = 1_000
+    """write training metrics every this many updates"""
+
+
+ADROIT = ("pen", "door", "hammer", "relocate")
+SPOT_LAMBDA = {"umaze": 0.25, "medium-play": 0.05, "medium-diverse": 0.025, "large": 0.025}  # CORL configs
+
+
+def task_defaults(name: str, task: str | None) -> dict:
+    """The card's per-dataset settings (App. H T15, CORL configs) for a dataset name and task."""
+    name = name.lower()
+    if task == "antmaze":
+        maze_lambda = next((value for key, value in SPOT_LAMBDA.items() if key in name), 0.025)
+        kappa = (0.1, 0.9, 200_000 if "large-diverse" in name else 100_000)
+        return {"backbone": "spot", "kappa": kappa, "spot_lambda": maze_lambda, "spot_lambda_end": 0.2}
+    if task in ADROIT:
+        return {"backbone": "spot", "kappa": (0.1, 0.9, 250_000), "spot_lambda": 1.0, "spot_lambda_end": 0.5}
+    kappa = (1.0, 1.0, 0) if "random" in name else (0.1, 0.9, 150_000) if "replay" in name else (0.3, 0.9, 150_000)
+    return {"backbone": "td3bc", "kappa": kappa, "spot_lambda": 1.0, "spot_lambda_end": 0.5}
+
+
+def resolve_args(args: Args, name: str, task: str | None) -> None:
+    """Fill every `None` / auto setting from the dataset and backbone, so args.json holds what ran."""
+    defaults = task_defaults(name, task)
+    args.backbone = defaults["backbone"] if args.backbone == "auto" else args.backbone
+    spot = args.backbone == "spot"
+    for field, value in zip(("kappa_start", "kappa_end", "kappa_steps"), defaults["kappa"], strict=True):
+        setattr(args, field, value if getattr(args, field) is None else getattr(args, field))
+    fallbacks = {
+        "spot_lambda": defaults["spot_lambda"],
+        "spot_lambda_end": defaults["spot_lambda_end"],
+        "layer_norm": task in ADROIT,
+        "online_gamma": 0.995 if spot and task == "antmaze" else args.gamma,
+        "actor_lr": 1e-4 if spot else 3e-4,
+        "normalize_states": not spot,
+        "updates_per_step": 1 if spot else 5,
+    }
+    for field, value in fallbacks.items():
+        if getattr(args, field) is None:
+            setattr(args, field, value)
+
+
+def kappa_at(t: int, start: float, end: float, steps: int) -> float:
+    """Eq. 4's kappa after t fine-tuning env steps: linear from start to end over `steps`, then end."""
+    return end if t >= steps else start + (end - start) * t / steps
+
+
+def training_reward(reward, task: str | None):
+    """AntMaze trains on r - 1 (CORL SPOT); scores always use the env's reward."""
+    return reward - 1.0 if task == "antmaze" else reward
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------------
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers as one batched matmul: [E, B, in] -> [E, B, out]."""
+
+    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
+        bound = 1 / in_features**0.5  # nn.Linear's default init, as TD3 and TD3+BC
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm over features with each member's own gain and bias."""
+
+    def __init__(self, features: int, ensemble_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ensemble_size, 1, features))
+        self.bias = nn.Parameter(torch.zeros(ensemble_size, 1, features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)
+
+
+def mlp(sizes: tuple[int, ...], ensemble_size: int, layer_norm: bool = False, last_init: float | None = None):
+    """Ensemble MLP, ReLU (then LayerNorm if asked) after each hidden layer; last layer U(+-last_init) if given."""
+    layers = []
+    for n_in, n_out in itertools.pairwise(sizes[:-1]):
+        layers += [EnsembleLinear(n_in, n_out, ensemble_size), nn.ReLU()]
+        layers += [EnsembleLayerNorm(n_out, ensemble_size)] if layer_norm else []
+    last = EnsembleLinear(sizes[-2], sizes[-1], ensemble_size)
+    if last_init is not None:
+        nn.init.uniform_(last.weight, -last_init, last_init)
+        nn.init.uniform_(last.bias, -last_init, last_init)
+    return nn.Sequential(*layers, last)
+
+
+class Critic(nn.Module):
+    """Twin Q-functions (s, a) -> 256 -> 256 -> 1 as one 2-member ensemble: Q of shape [2, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layer_norm: bool, last_init: float | None):
+        super().__init__()
+        self.net = mlp((obs_dim + act_dim, hidden, hidden, 1), 2, layer_norm, last_init)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, action], -1).unsqueeze(0).expand(2, -1, -1)).squeeze(-1)
+
+
+class Actor(nn.Module):
+    """Deterministic policy obs -> 256 -> 256 -> tanh (max action 1 on every task)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layer_norm: bool, last_init: float | None):
+        super().__init__()
+        self.net = mlp((obs_dim, hidden, hidden, act_dim), 1, layer_norm, last_init)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(obs.unsqueeze(0))[0])
+
+
+class VAE(nn.Module):
+    """SPOT's behaviour density: encoder (s, a) -> 750 -> 750 -> (mean, log std), decoder (s, z) -> 750 -> 750 -> a."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 750, kl_weight: float = 0.5):
+        super().__init__()
+        self.latent_dim, self.kl_weight = 2 * act_dim, kl_weight
+        self.encoder = mlp((obs_dim + act_dim, hidden, hidden, 2 * self.latent_dim), 1)
+        self.decoder = mlp((obs_dim + self.latent_dim, hidden, hidden, act_dim), 1)
+
+    def neg_elbo(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """-ELBO per sample with one latent draw: mean squared reconstruction + kl_weight * mean KL, [B]."""
+        mean, log_std = self.encoder(torch.cat([obs, action], -1).unsqueeze(0))[0].chunk(2, -1)
+        log_std = log_std.clamp(-4.0, 15.0)
+        z = mean + log_std.exp() * torch.randn_like(mean)
+        reconstruction = torch.tanh(self.decoder(torch.cat([obs, z], -1).unsqueeze(0))[0])
+        kl = -0.5 * (1 + 2 * log_std - mean.pow(2) - (2 * log_std).exp()).mean(-1)
+        return (reconstruction - action).pow(2).mean(-1) + self.kl_weight * kl
+
+
+class DensityNet(nn.Module):
+    """w(s, a) >= 0 estimating d_on / d_off: (s, a) -> 256 -> 256 -> 1 -> ReLU, starting at w = 1."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = mlp((obs_dim + act_dim, hidden, hidden, 1), 1, last_init=3e-3)
+        nn.init.constant_(self.net[-1].bias, 1.0)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.net(torch.cat([obs, action], dim=-1).unsqueeze(0))).view(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Buffers
+# ---------------------------------------------------------------------------------------------------
+
+
+class ReplayBuffer:
+    """A device-resident ring buffer; one row = [obs, action, reward, next_obs, done, is_online]."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
+        self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
+        self.position = self.size = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Append rows [n, width], overwriting the oldest once full (FIFO)."""
+        slots = (self.position + torch.arange(len(rows), device=rows.device)) % self.capacity
+        self.storage[slots] = rows
+        self.position = (self.position + len(rows)) % self.capacity
+        self.size = min(self.size + len(rows), self.capacity)
+
+    def sample_rows(self, n: int) -> torch.Tensor:
+        return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """rows -> obs, action, reward, next_obs, done, is_online."""
+        obs, action, reward, next_obs, done, is_online = rows.split(
+            [self.obs_dim, self.act_dim, 1, self.obs_dim, 1, 1], -1
+        )
+        return obs, action, reward.squeeze(-1), next_obs, done.squeeze(-1), is_online.squeeze(-1)
+
+
+def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarray:
+    """Pack transitions (numpy, batched) into buffer rows, so adding them costs one host-device copy."""
+    n = len(obs)
+    columns = [obs, action, reward.reshape(n, 1), next_obs, done.reshape(n, 1), np.full((n, 1), float(is_online))]
+    return np.concatenate(columns, axis=1).astype(np.float32)
+
+
+class BalancedReplay:
+    """B_off then B_on in one buffer (rows 0..M-1 the dataset, then every online step in order) = B_BR.
+
+    Sized for the whole online budget, so no offline row is ever overwritten (card D8). Beside the rows a
+    float64 priority vector: the prioritized batch is drawn proportionally to priority with one uniform
+    draw in each of B equal slices of the total mass (stratified, as the sum tree of Off2On's code), via
+    cumsum + searchsorted on the device. B_off and B_on minibatches are uniform over their rows.
+    """
+
+    def __init__(self, dataset_rows: torch.Tensor, online_steps: int, obs_dim: int, act_dim: int):
+        device = dataset_rows.device
+        self.num_offline = len(dataset_rows)
+        self.buffer = ReplayBuffer(self.num_offline + online_steps, obs_dim, act_dim, device)
+        self.buffer.add(dataset_rows)
+        self.priority = torch.zeros(self.buffer.capacity, dtype=torch.float64, device=device)
+        self.priority[: self.num_offline] = 1.0
+        self.max_priority = torch.tensor(1.0, dtype=torch.float64, device=device)
+
+    @property
+    def num_online(self) -> int:
+        return self.buffer.size - self.num_offline
+
+    def add(self, row: torch.Tensor) -> None:
+        """A new online transition, at the running-max priority."""
+        self.priority[self.buffer.size] = self.max_priority
+        self.buffer.add(row)
+
+    def sample_prioritized(self, n: int) -> torch.Tensor:
+        cumulative = self.priority[: self.buffer.size].cumsum(0)
+        strata = torch.arange(n, device=cumulative.device, dtype=torch.float64)
+        targets = (strata + torch.rand(n, device=cumulative.device, dtype=torch.float64)) * (cumulative[-1] / n)
+        return torch.searchsorted(cumulative, targets, right=True).clamp_(max=self.buffer.size - 1)
+
+    def sample_uniform(self, low: int, high: int, n: int) -> torch.Tensor:
+        return torch.randint(low, high, (n,), device=self.priority.device)
+
+    def sample_offline(self, n: int) -> torch.Tensor:
+        return self.sample_uniform(0, self.num_offline, n)
+
+    def sample_online(self, n: int) -> torch.Tensor:
+        return self.sample_uniform(self.num_offline, self.buffer.size, n)
+
+    def sample_rl(self, mode: str, n: int) -> torch.Tensor:
+        if mode == "balanced":
+            return self.sample_prioritized(n)
+        if mode == "uniform":
+            return self.sample_uniform(0, self.buffer.size, n)
+        return self.sample_online(n)
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.buffer.split(self.buffer.storage[index])
+
+    def set_priorities(self, index: torch.Tensor, priorities: torch.Tensor) -> None:
+        """Duplicated indices carry equal values (same transition, same network), so write order is moot."""
+        self.priority[index] = priorities.double()
+        self.max_priority = torch.maximum(self.max_priority, self.priority[index].max())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses and updates
+# ---------------------------------------------------------------------------------------------------
+
+
+def twin_td_loss(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """L_TD of a twin pair (Eq. 2): MSE(Q1, y) + MSE(Q2, y); q is [2, B]."""
+    return (q - y).pow(2).mean(1).sum()
+
+
+def td3bc_actor_loss(q1: torch.Tensor, policy_action: torch.Tensor, action: torch.Tensor, alpha: float):
+    """Eq. 1: -lambda mean Q1(s, pi(s)) + mean (pi(s) - a)^2, lambda = alpha / mean|Q1| held constant."""
+    lmbda = alpha / q1.abs().mean().detach()
+    return -lmbda * q1.mean() + (policy_action - action).pow(2).mean()
+
+
+def spot_actor_loss(q: torch.Tensor, neg_log_beta: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """SPOT: -Q / mean|Q| (held constant) + lambda * the VAE's -ELBO of the policy action."""
+    return -q.mean() / q.abs().mean().detach() + lmbda * neg_log_beta.mean()
+
+
+def meta_objective(critic: nn.Module, offline, online, inner_lr: float, first_order: bool, weight: str):
+    """Eq. 3: L_off(psi) + c * L_on(psi'), psi' = psi - inner_lr * grad L_off(psi), one functional SGD step.
+
+    offline, online: (obs, action, y) with fixed targets. Second order: the inner gradient stays in the
+    graph, so backward gives grad L_off + c (I - inner_lr H_off) grad L_on(psi'); first order drops H_off.
+    Returns (objective, L_off, L_on, c); only the objective carries gradients to the critic's parameters.
+    """
+    params = dict(critic.named_parameters())
+
+    def td_loss(p, obs, action, y):
+        return twin_td_loss(torch.func.functional_call(critic, p, (obs, action)), y)
+
+    offline_loss = td_loss(params, *offline)
+    grads = torch.autograd.grad(offline_loss, list(params.values()), retain_graph=True, create_graph=not first_order)
+    adapted = {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads, strict=True)}
+    online_loss = td_loss(adapted, *online)
+    if weight == "min_ratio":
+        # min(L_off, L_on) / L_on, written so that it is exactly 1 when L_on <= L_off (no epsilon needed)
+        c = torch.where(online_loss > offline_loss, offline_loss / online_loss, 1.0).detach()
+    else:
+        c = torch.ones((), device=online_loss.device)
+    return offline_loss + c * online_loss, offline_loss.detach(), online_loss.detach(), c
+
+
+def density_loss(w_online: torch.Tensor, w_offline: torch.Tensor) -> torch.Tensor:
+    """Off2On Eq. 4 with the Jensen-Shannon f: minimised at w = d_on / d_off; 0 at w = 1."""
+    offline_term = -torch.log(2 / (w_offline + 1) + 1e-10).mean()
+    return offline_term - torch.log(2 * w_online / (w_online + 1) + 1e-10).mean()
+
+
+def priorities(w: torch.Tensor, w_offline: torch.Tensor, temperature: float) -> torch.Tensor:
+    """w^(1/T), self-normalised by the offline minibatch's mean of w^(1/T), clamped to [1e-3, 1e3]."""
+    scaled = w.pow(1 / temperature)
+    return (scaled / (w_offline.pow(1 / temperature).mean() + 1e-10)).clamp(1e-3, 1e3)
+
+
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Fused Adam: one kernel for all parameters instead of one per tensor (less per-update overhead)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+class OPT:
+    """Actor, Q_off, Q_on, (VAE, density network), their optimisers, and the update rule of each phase."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
+        self.args, self.device, self.obs_dim, self.act_dim = args, device, obs_dim, act_dim
+        spot = args.backbone == "spot"
+        self.actor = Actor(obs_dim, act_dim, args.hidden_dim, args.layer_norm, 1e-3 if spot else None).to(device)
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        self.q_off = self.new_critic()
+        self.q_off_target = copy.deepcopy(self.q_off).requires_grad_(False)
+        self.actor_optimizer = adam(self.actor.parameters(), lr=args.actor_lr)
+        self.q_off_optimizer = adam(self.q_off.parameters(), lr=args.critic_lr)
+        self.vae = VAE(obs_dim, act_dim).to(device) if spot else None
+        self.vae_optimizer = adam(self.vae.parameters(), lr=1e-3) if spot else None
+        self.q_on = self.q_on_target = self.q_on_optimizer = None
+        self.density = self.density_optimizer = None
+        self.obs_mean, self.obs_std = np.zeros(obs_dim), np.ones(obs_dim)
+        self.gamma = args.gamma
+        self.offline_updates = self.pretrain_updates = self.finetune_updates = 0
+
+    def new_critic(self) -> Critic:
+        """A twin critic as the backbone builds it (Q_on: same architecture and init as Q_off)."""
+        args = self.args
+        last_init = 3e-3 if args.backbone == "spot" else None
+        return Critic(self.obs_dim, self.act_dim, args.hidden_dim, args.layer_norm, last_init).to(self.device)
+
+    def normalize(self, obs: np.ndarray) -> np.ndarray:
+        return ((obs - self.obs_mean) / self.obs_std).astype(np.float32)
+
+    def td_target(self, critic_target: Critic, reward, next_obs, done, next_action=None) -> torch.Tensor:
+        """y = r + gamma (1 - d) min_j Qbar_j(s', a'), a' = pi_target(s') + clipped noise (TD3)."""
+        if next_action is None:
+            next_action = self.target_action(next_obs)
+        return reward + self.gamma * (1.0 - done) * critic_target(next_obs, next_action).min(0).values
+
+    def target_action(self, next_obs: torch.Tensor) -> torch.Tensor:
+        args = self.args
+        noise = (torch.randn(len(next_obs), self.act_dim, device=next_obs.device) * args.policy_noise).clamp(
+            -args.noise_clip, args.noise_clip
+        )
+        return (self.actor_target(next_obs) + noise).clamp(-1.0, 1.0)
+
+    def spot_lambda(self) -> float:
+        """SPOT's lambda, cooled during fine-tuning: lambda * max(lambda_end, 1 - n / N_cool)."""
+        args = self.args
+        return args.spot_lambda * max(args.spot_lambda_end, 1.0 - self.finetune_updates / args.spot_cool_steps)
+
+    def vae_update(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        loss = self.vae.neg_elbo(obs, action).mean()
+        optimizer_step(self.vae_optimizer, loss)
+        return loss.detach()
+
+    def offline_update(self, batch) -> dict[str, torch.Tensor]:
+        """One TD3+BC (or SPOT) step: the critic every step, the actor and all targets every `policy_freq`."""
+        args = self.args
+        obs, action, reward, next_obs, done, _ = batch
+        self.offline_updates += 1
+        with torch.no_grad():
+            y = self.td_target(self.q_off_target, reward, next_obs, done)
+        q = self.q_off(obs, action)
+        qf_loss = twin_td_loss(q, y)
+        optimizer_step(self.q_off_optimizer, qf_loss)
+        results = {"offline/qf_loss": qf_loss.detach(), "offline/qf_values": q.mean().detach()}
+        if self.offline_updates % args.policy_freq == 0:
+            policy_action = self.actor(obs)
+            q1 = self.q_off(obs, policy_action)[0]
+            if args.backbone == "td3bc":
+                actor_loss = td3bc_actor_loss(q1, policy_action, action, args.td3bc_alpha)
+                results["offline/bc_loss"] = (policy_action - action).pow(2).mean().detach()
+            else:
+                actor_loss = spot_actor_loss(q1, self.vae.neg_elbo(obs, policy_action), args.spot_lambda)
+            optimizer_step(self.actor_optimizer, actor_loss)
+            soft_update(self.q_off_target, self.q_off, args.tau)
+            soft_update(self.actor_target, self.actor, args.tau)
+            results["offline/actor_loss"] = actor_loss.detach()
+        return results
+
+    def hand_over(self) -> None:
+        """Before the N_tau window: SPOT resets actor and Q_off Adam (CORL); the online discount applies."""
+        args = self.args
+        if args.backbone == "spot":
+            self.actor_optimizer = adam(self.actor.parameters(), lr=args.actor_lr)
+            self.q_off_optimizer = adam(self.q_off.parameters(), lr=args.critic_lr)
+        self.gamma = args.online_gamma
+
+    def start_online_critic(self) -> None:
+        """Q_on freshly initialised, its targets a copy, its own Adam (kept into fine-tuning)."""
+        self.q_on = self.new_critic()
+        self.q_on_target = copy.deepcopy(self.q_on).requires_grad_(False)
+        self.q_on_optimizer = adam(self.q_on.parameters(), lr=self.args.critic_lr)
+
+    def meta_critic(self) -> tuple[Critic, Critic, torch.optim.Adam]:
+        """The critic Online Pre-Training trains: Q_on, or Q_off in the no-new-critic ablation."""
+        if self.args.new_critic:
+            return self.q_on, self.q_on_target, self.q_on_optimizer
+        return self.q_off, self.q_off_target, self.q_off_optimizer
+
+    def pretrain_update(self, offline_batch, online_batch) -> dict[str, torch.Tensor]:
+        """One Eq. 3 step of the meta critic; targets from its own target nets and the frozen actor target."""
+        args = self.args
+        critic, critic_target, optimizer = self.meta_critic()
+        with torch.no_grad():
+            y_offline = self.td_target(critic_target, *offline_batch[2:5])
+            y_online = self.td_target(critic_target, *online_batch[2:5])
+        objective, offline_loss, online_loss, c = meta_objective(
+            critic,
+            (offline_batch[0], offline_batch[1], y_offline),
+            (online_batch[0], online_batch[1], y_online),
+            args.meta_inner_lr,
+            args.meta_first_order,
+            args.meta_weight,
+        )
+        optimizer_step(optimizer, objective)
+        self.pretrain_updates += 1
+        if self.pretrain_updates % args.policy_freq == 0:
+            soft_update(critic_target, critic, args.tau)
+        return {"pretrain/offline_loss": offline_loss, "pretrain/online_loss": online_loss, "pretrain/meta_weight": c}
+
+    def start_finetuning(self) -> None:
+        """A random Q_on where Online Pre-Training did not make one; a fresh density network for balanced replay."""
+        if self.args.new_critic and self.q_on is None:
+            self.start_online_critic()
+        if self.args.replay == "balanced":
+            self.density = DensityNet(self.obs_dim, self.act_dim, self.args.hidden_dim).to(self.device)
+            self.density_optimizer = adam(self.density.parameters(), lr=3e-4)
+
+    def actor_loss(self, obs: torch.Tensor, kappa: float) -> torch.Tensor:
+        """Eq. 4 on Q1 of each pair: Q_k = (1 - kappa) Q1_off + kappa Q1_on (Q1_off alone without Q_on)."""
+        policy_action = self.actor(obs)
+        q = self.q_off(obs, policy_action)[0]
+        if self.q_on is not None:
+            q = (1.0 - kappa) * q + kappa * self.q_on(obs, policy_action)[0]
+        if self.args.backbone == "td3bc":
+            return -q.mean()  # plain TD3 online, no BC term (paper 4.1)
+        return spot_actor_loss(q, self.vae.neg_elbo(obs, policy_action), self.spot_lambda())
+
+    def finetune_update(self, batch, kappa: float, online_batch=None, offline_batch=None):
+        """TD steps of Q_off and Q_on on the batch, the density step when its minibatches are given, and the
+        Eq. 4 actor step with all target updates every `policy_freq`. Returns metrics and new priorities."""
+        args = self.args
+        obs, action, reward, next_obs, done, _ = batch
+        self.finetune_updates += 1
+        results, new_priorities = {}, None
+        with torch.no_grad():
+            next_action = self.target_action(next_obs)  # one a' for both pairs, both from the actor target
+        pairs = [("qf", self.q_off, self.q_off_target, self.q_off_optimizer)]
+        pairs += [("qf_on", self.q_on, self.q_on_target, self.q_on_optimizer)] if self.q_on is not None else []
+        for name, critic, critic_target, optimizer in pairs:
+            with torch.no_grad():
+                y = self.td_target(critic_target, reward, next_obs, done, next_action)
+            q = critic(obs, action)
+            loss = twin_td_loss(q, y)
+            optimizer_step(optimizer, loss)
+            results |= {f"losses/{name}_loss": loss.detach(), f"losses/{name}_values": q.mean().detach()}
+        if online_batch is not None:
+            w_online = self.density(online_batch[0], online_batch[1])
+            w_offline = self.density(offline_batch[0], offline_batch[1])
+            with torch.no_grad():  # the pre-update density network scores the batch
+                new_priorities = priorities(self.density(obs, action), w_offline, args.priority_temperature)
+            loss_w = density_loss(w_online, w_offline)
+            optimizer_step(self.density_optimizer, loss_w)
+            results |= {
+                "losses/density_loss": loss_w.detach(),
+                "charts/density_online": w_online.mean().detach(),
+                "charts/density_offline": w_offline.mean().detach(),
+            }
+        if self.finetune_updates % args.policy_freq == 0:
+            actor_loss = self.actor_loss(obs, kappa)
+            optimizer_step(self.actor_optimizer, actor_loss)
+            for target, source in ((self.q_off_target, self.q_off), (self.q_on_target, self.q_on)):
+                if source is not None:
+                    soft_update(target, source, args.tau)
+            soft_update(self.actor_target, self.actor, args.tau)
+            results["losses/actor_loss"] = actor_loss.detach()
+        return results, new_priorities
+
+    def policy(self, obs: np.ndarray, noise: float) -> np.ndarray:
+        """Action for a raw (unnormalised) observation: pi(s) + N(0, noise^2), clipped to [-1, 1]."""
+        with torch.no_grad():
+            action = self.actor(torch.as_tensor(self.normalize(obs), device=self.device).view(1, -1))[0]
+            action = (action + noise * torch.randn_like(action)).clamp(-1.0, 1.0) if noise > 0 else action
+        return action.cpu().numpy()
+
+    def q_min(self, critic: Critic, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            obs_t = torch.as_tensor(self.normalize(obs), device=self.device)
+            action_t = torch.as_tensor(action, dtype=torch.float32, device=self.device)
+            return critic(obs_t, action_t).min(0).values.cpu().numpy()
+
+    def networks(self) -> dict[str, nn.Module | torch.optim.Optimizer]:
+        names = ["actor", "actor_target", "q_off", "q_off_target", "actor_optimizer", "q_off_optimizer"]
+        names += ["vae", "vae_optimizer", "q_on", "q_on_target", "q_on_optimizer", "density", "density_optimizer"]
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def state_dict(self) -> dict:
+        state = {name: module.state_dict() for name, module in self.networks().items()}
+        return state | {"obs_mean": self.obs_mean, "obs_std": self.obs_std}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """Loads what the checkpoint holds (offline.pt: the backbone; final.pt: Q_on and the density too)."""
+        if "q_on" in checkpoint and self.args.new_critic:
+            self.start_online_critic()
+        for name, module in self.networks().items():
+            module.load_state_dict(checkpoint[name])
+        self.obs_mean, self.obs_std = checkpoint["obs_mean"], checkpoint["obs_std"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging, checkpoints, evaluation
+# ---------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Accumulates detached device tensors under their tags; `flush` moves the means to the host in one transfer."""
+
+    def __init__(self, writer: SummaryWriter):
+        self.writer, self.sums, self.counts = writer, {}, {}
+
+    def add(self, *results: dict[str, torch.Tensor]) -> None:
+        for metrics in results:
+            for key, value in metrics.items():
+                self.sums[key] = self.sums.get(key, 0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def flush(self, step: int) -> None:
+        if not self.sums:
+            return
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.sums.values()]).cpu().tolist()
+        for (key, count), value in zip(self.counts.items(), values, strict=True):
+            self.writer.add_scalar(key, value / count, step)
+        self.sums, self.counts = {}, {}
+
+
+def save_checkpoint(path: Path, agent: OPT, args: Args, data: OfflineData, phase: str, step: int) -> None:
+    """One self-contained dict, written to a temporary file and renamed, so a crash never leaves half a file."""
+    checkpoint = {
+        "algorithm": "opt",
+        "args": asdict(args),
+        **agent.state_dict(),
+        "obs_dim": data.observations.shape[1],
+        "act_dim": data.actions.shape[1],
+        "phase": phase,
+        "step": step,
+        "dataset": data.name,
+        "env_spec": data.env_spec,
+        "eval_env_spec": data.eval_env_spec,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def policy_from_checkpoint(checkpoint: dict):
+    """The deterministic actor of a checkpoint as raw obs -> action (used by utils.make_dataset)."""
+    args = Args(**{**checkpoint["args"], "pretrained": None})
+    agent = OPT(checkpoint["obs_dim"], checkpoint["act_dim"], args, torch.device("cpu"))
+    agent.load_state_dict(checkpoint)
+    return lambda obs: agent.policy(obs, noise=0.0)
+
+
+EVAL_TAGS = (
+    *("normalized_score", "episodic_return", "success_rate", "minari_normalized_score", "q_bias", "q_rank_tau"),
+    *("q_bias_on", "q_rank_tau_on"),  # the same diagnostics for Q_on
+)
+
+
+def log_evaluation(writer, agent: OPT, env, args: Args, data: OfflineData, prefix: str, step: int, seed: int):
+    online = prefix == "eval"
+    result = evaluate(
+        env,
+        lambda obs: agent.policy(obs, noise=0.0),
+        args.eval_episodes,
+        seed,
+        q_function=(lambda obs, action: agent.q_min(agent.q_off, obs, action)) if online else None,
+        gamma=agent.gamma,
+        q_reward_fn=lambda reward: training_reward(reward, data.task),
+        minari_ref_scores=data.minari_ref_scores,
+        extra_q_functions={"on": lambda obs, action: agent.q_min(agent.q_on, obs, action)}
+        if online and agent.q_on is not None
+        else None,
+    )
+    for key, value in result.items():
+        if key in EVAL_TAGS and not np.isnan(value):
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------------------
+
+
+def prepare_data(agent: OPT, data: OfflineData, fit_statistics: bool) -> np.ndarray:
+    """The dataset as buffer rows in the training scale; `fit_statistics` first takes the state mean and std
+    from it (TD3+BC; a loaded checkpoint brings the statistics its networks were trained with)."""
+    if fit_statistics:
+        agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3
+    columns = (
+        agent.normalize(data.observations),
+        np.clip(data.actions, -1, 1),
+        training_reward(data.rewards, data.task),
+    )
+    return transition_rows(*columns, agent.normalize(data.next_observations), data.terminals, False)
+
+
+def vae_phase(agent: OPT, dataset: ReplayBuffer, writer, args: Args) -> None:
+    """SPOT's behaviour VAE, trained first and frozen afterwards (x = VAE step)."""
+    metrics = Metrics(writer)
+    for step in tqdm(range(1, args.vae_steps + 1), desc="VAE", disable=not args.progress):
+        obs, action, *_ = dataset.split(dataset.sample_rows(args.batch_size))
+        metrics.add({"offline/vae_loss": agent.vae_update(obs, action)})
+        if step % args.log_freq == 0 or step == args.vae_steps:
+            metrics.flush(step)
+
+
+def offline_phase(agent: OPT, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args) -> None:
+    metrics, bar = Metrics(writer), tqdm(range(1, args.offline_steps + 1), desc="offline", disable=not args.progress)
+    start = time.perf_counter()
+    for step in bar:
+        metrics.add(agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size))))
+        if step % args.log_freq == 0:
+            metrics.flush(step)
+            writer.add_scalar("offline/UPS", step / (time.perf_counter() - start), step)
+        if step % args.offline_eval_freq == 0 or step == args.offline_steps:
+            result = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
+            bar.set_postfix(
+                score=f"{result['normalized_score']:.1f}", UPS=f"{step / (time.perf_counter() - start):.0f}"
+            )
+
+
+def online_pretraining(agent: OPT, replay: BalancedReplay, writer, args: Args) -> None:
+    """N_pretrain Eq. 3 updates on B_off and B_on minibatches (x = pre-training update); no env steps."""
+    metrics, start = Metrics(writer), time.perf_counter()
+    for update in tqdm(range(1, args.n_pretrain + 1), desc="online pre-training", disable=not args.progress):
+        offline_batch = replay.batch(replay.sample_offline(args.batch_size))
+        online_batch = replay.batch(replay.sample_online(args.batch_size))
+        metrics.add(agent.pretrain_update(offline_batch, online_batch))
+        if update % args.log_freq == 0 or update == args.n_pretrain:
+            metrics.flush(update)
+            writer.add_scalar("pretrain/UPS", update / (time.perf_counter() - start), update)
+
+
+def replay_update(agent: OPT, replay: BalancedReplay, kappa: float, args: Args) -> dict[str, torch.Tensor]:
+    """Draw the batch (and, for balanced replay, the density minibatches), update, write priorities."""
+    index = replay.sample_rl(args.replay, args.batch_size)
+    if args.replay == "balanced":
+        online_batch = replay.batch(replay.sample_online(args.batch_size))
+        offline_batch = replay.batch(replay.sample_offline(args.batch_size))
+        results, new_priorities = agent.finetune_update(replay.batch(index), kappa, online_batch, offline_batch)
+        replay.set_priorities(index, new_priorities)
+        results["charts/p_new"] = replay.max_priority
+    else:
+        results, _ = agent.finetune_update(replay.batch(index), kappa)
+    results["charts/offline_share"] = (index < replay.num_offline).float().mean()
+    return results
+
+
+def online_phase(agent: OPT, data: OfflineData, replay: BalancedReplay, env, eval_env, writer, args: Args) -> None:
+    """Env steps 1..N_tau with the frozen actor; then Online Pre-Training; then UTD fine-tuning updates per step."""
+    metrics, updates, logged_at, update_time = Metrics(writer), 0, 0, 0.0
+    log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
+    if args.n_tau == 0:
+        agent.start_finetuning()
+    obs, _ = env.reset(seed=args.seed)
+    episode_return, start, kappa = 0.0, time.perf_counter(), args.kappa_start
+    bar = tqdm(range(1, args.online_steps + 1), desc="online", disable=not args.progress)
+    for step in bar:
+        finetuning = step > args.n_tau
+        action = agent.policy(obs, args.exploration_noise if finetuning or args.ntau_noise else 0.0)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        row = transition_rows(
+            agent.normalize(obs)[None],
+            action[None],
+            np.array([training_reward(reward, data.task)]),
+            agent.normalize(next_obs)[None],
+            np.array([terminated]),
+            True,
+        )
+        replay.add(torch.from_numpy(row).to(agent.device))  # into B_on and B_BR (the same rows)
+        episode_return += float(reward)
+        obs = next_obs
+        if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
+            writer.add_scalar("charts/episodic_return", episode_return, step)
+            obs, _ = env.reset()
+            episode_return = 0.0
+        if finetuning:
+            kappa = kappa_at(step - args.n_tau - 1, args.kappa_start, args.kappa_end, args.kappa_steps)
+            tic = time.perf_counter()
+            for _ in range(args.updates_per_step):
+                metrics.add(replay_update(agent, replay, kappa, args))
+            updates, update_time = updates + args.updates_per_step, update_time + time.perf_counter() - tic
+            if updates - logged_at >= args.log_freq or step == args.online_steps:
+                logged_at = updates
+                metrics.flush(step)
+                writer.add_scalar("charts/kappa", kappa, step)
+                writer.add_scalar("charts/UPS", updates / update_time, step)
+                writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)
+                if args.backbone == "spot":
+                    writer.add_scalar("losses/spot_lambda", agent.spot_lambda(), step)
+        if step % args.eval_freq == 0:
+            result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
+            bar.set_postfix(
+                score=f"{result['normalized_score']:.1f}", SPS=f"{step / (time.perf_counter() - start):.0f}"
+            )
+        if step == args.n_tau:  # the N_tau window is over: Online Pre-Training, then fine-tuning
+            if args.online_pretraining:
+                if args.new_critic:
+                    agent.start_online_critic()
+                online_pretraining(agent, replay, writer, args)
+            agent.start_finetuning()
+
+
+def check_args(args: Args) -> None:
+    """Refuse settings the phases cannot run with, naming the flag to change."""
+    positive = ("hidden_dim", "policy_freq", "updates_per_step", "spot_cool_steps", "eval_freq", "offline_eval_freq")
+    for name in (*positive, "log_freq", "eval_episodes", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("n_tau", "n_pretrain", "vae_steps", "kappa_steps"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.online_steps > 0 and args.n_tau >= args.online_steps:
+        raise UserError(
+            f"--n-tau {args.n_tau} leaves no fine-tuning in --online-steps {args.online_steps}; lower --n-tau"
+        )
+    if args.online_steps > 0 and args.online_pretraining and args.n_tau == 0:
+        raise UserError("Online Pre-Training needs online data: set --n-tau >= 1 or pass --no-online-pretraining")
+    for name in ("kappa_start", "kappa_end"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
+    if args.meta_inner_lr < 0 or args.priority_temperature <= 0:
+        raise UserError("--meta-inner-lr must be >= 0 and --priority-temperature > 0")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Speed benchmark hook (benchmark/speed.py discovers it in every script)
+# ---------------------------------------------------------------------------------------------------
+
+
+def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False) -> dict:
+    """Paper-default TD3+BC agent on random device-resident data; `tiny` shrinks networks and batches.
+
+    Returns the callables benchmark/speed.py times: one offline TD3+BC update, the hand-over, one fine-tuning
+    env step's 5 updates with density steps, prioritized draws and priority writes, one Eq. 3 pre-training
+    update (second order), and a bare forward + backward of one twin critic on the batch.
+    """
+    args = Args(hidden_dim=8, batch_size=8) if tiny else Args()
+    resolve_args(args, f"{task}-medium", task)
+    agent = OPT(obs_dim, act_dim, args, device)
+    dataset = ReplayBuffer(100_000, obs_dim, act_dim, device)
+    dataset.add(torch.rand(dataset.capacity, dataset.storage.shape[1], device=device) * 2 - 1)
+    dataset.storage[:, -3:] = 0.0  # not done, offline
+    replay = BalancedReplay(dataset.storage, 10_000, obs_dim, act_dim)
+    for _ in range(10):
+        replay.add(dataset.storage[:1000])
+    batch = dataset.split(dataset.sample_rows(args.batch_size))
+
+    def hand_over():
+        agent.hand_over()
+        agent.start_online_critic()
+        agent.start_finetuning()
+
+    def critic_forward_backward():
+        agent.q_off.zero_grad(set_to_none=True)
+        agent.q_off(batch[0], batch[1]).sum().backward()
+
+    def finetune_step():
+        for _ in range(args.updates_per_step):
+            replay_update(agent, replay, 0.5, args)
+
+    def pretrain_update():
+        agent.pretrain_update(replay.batch(replay.sample_offline(args.batch_size)), batch)
+
+    return {
+        "label": f"UTD {args.updates_per_step}",
+        "offline": lambda: agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size))),
+        "hand_over": hand_over,
+        "online": finetune_step,
+        "online_updates": args.updates_per_step,
+        "reference": critic_forward_backward,
+        "other_phases": {"online pre-training (Eq. 3)": pretrain_update},
+    }
+
+
+def main(args: Args) -> Path:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("CUDA is not available: running on the CPU", file=sys.stderr)
+    args.progress = args.progress and sys.stdout.isatty()
+
+    checkpoint = None
+    if args.pretrained is not None:
+        try:
+            checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
+            if checkpoint.get("algorithm") != "opt" or checkpoint.get("phase") != "offline":
+                raise ValueError("not an OPT offline.pt")
+        except Exception as err:
+            raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
+        trained = checkpoint["args"]
+        if args.backbone not in ("auto", trained["backbone"]):
+            raise UserError(
+                f"--pretrained {args.pretrained} holds a {trained['backbone']} backbone, not {args.backbone}"
+            )
+        for name in ("backbone", "hidden_dim", "layer_norm", "normalize_states"):  # the network's shape and inputs
+            setattr(args, name, trained[name])
+    data = load_dataset(args.env_id)
+    resolve_args(args, data.name, data.task)
+    check_args(args)
+    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
+    if checkpoint is not None and (checkpoint["obs_dim"], checkpoint["act_dim"]) != (obs_dim, act_dim):
+        raise UserError(f"--pretrained {args.pretrained} was trained on {checkpoint['dataset']}, not {data.name}")
+
+    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_path = Path(args.run_dir) / run_name
+    run_path.mkdir(parents=True, exist_ok=True)
+    (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    writer = SummaryWriter(str(run_path))
+    env, eval_env = make_env(data.env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
+    agent = OPT(obs_dim, act_dim, args, device)
+
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint)
+    rows = prepare_data(agent, data, fit_statistics=checkpoint is None and args.normalize_states)
+    dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
+    dataset.add(torch.from_numpy(rows).to(device))
+    del rows
+    if checkpoint is None and args.backbone == "spot":
+        vae_phase(agent, dataset, writer, args)
+    if agent.vae is not None:
+        agent.vae.requires_grad_(False)  # frozen from here on, trained here or loaded
+    if checkpoint is None:
+        if args.offline_steps > 0:
+            offline_phase(agent, data, dataset, eval_env, writer, args)
+        if args.save_model:
+            save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
+    if args.online_steps > 0:
+        agent.hand_over()
+        replay = BalancedReplay(dataset.storage, args.online_steps, obs_dim, act_dim)
+        del dataset  # its rows now live in B_BR
+        online_phase(agent, data, replay, env, eval_env, writer, args)
+    if args.save_model:
+        save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps)
+    writer.close()
+    print(f"run written to {run_path}")
+    return run_path
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as err:
+        sys.exit(f"error: {err}")
