@@ -664,9 +664,8 @@ class OPT:
         if self.finetune_updates % args.policy_freq == 0:
             actor_loss = self.actor_loss(obs, kappa)
             optimizer_step(self.actor_optimizer, actor_loss)
-            for target, source in ((self.q_off_target, self.q_off), (self.q_on_target, self.q_on)):
-                if source is not None:
-                    soft_update(target, source, args.tau)
+            for _, critic, critic_target, _ in pairs:
+                soft_update(critic_target, critic, args.tau)
             soft_update(self.actor_target, self.actor, args.tau)
             results["losses/actor_loss"] = actor_loss.detach()
         return results, new_priorities
