@@ -858,7 +858,7 @@ def online_phase(agent: OPT, data: OfflineData, replay: BalancedReplay, env, eva
     if args.n_tau == 0:
         agent.start_finetuning()
     obs, _ = env.reset(seed=args.seed)
-    episode_return, start, kappa = 0.0, time.perf_counter(), args.kappa_start
+    episode_return, start = 0.0, time.perf_counter()
     bar = tqdm(range(1, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         finetuning = step > args.n_tau

@@ -116,11 +116,11 @@ def evaluate(
         low, high = minari_ref_scores
         result["minari_normalized_score"] = 100.0 * (mean_return - low) / (high - low)
     if q_function is not None:
-        true = np.concatenate(q_true)
+        true, pair_obs, pair_actions = np.concatenate(q_true), np.concatenate(q_obs), np.concatenate(q_actions)
         functions = {"": q_function} | {f"_{name}": fn for name, fn in (extra_q_functions or {}).items()}
         for suffix, fn in functions.items():
             if len(true) >= 2:
-                estimates = np.asarray(fn(np.concatenate(q_obs), np.concatenate(q_actions)), np.float64).reshape(-1)
+                estimates = np.asarray(fn(pair_obs, pair_actions), np.float64).reshape(-1)
                 diagnostics = q_diagnostics(estimates, true)
             else:  # every episode was cut too early for an exact return
                 diagnostics = {"q_bias": float("nan"), "q_rank_tau": float("nan"), "q_pairs": float(len(true))}
