@@ -28,7 +28,8 @@ No public code exists; every constant the paper leaves open is a decision of the
   clipped to [-1, 1]. One buffer holds all offline and online data (no eviction), one update per env step,
   no warm-up, 30k online steps. Bootstrapping uses `terminated` only.
 - Evaluation every 10k offline / 5k online steps, 10 deterministic episodes. eval/q_bias and q_rank_tau use
-  the twin minimum (in the trained reward scale).
+  the twin minimum (in the trained reward scale); no backup has an entropy term, so like is compared with like.
+- The CQL actor's log pi uses the exact tanh correction 2 (log 2 - u - softplus(-2u)), as CORL's TanhTransform.
 - Minari data and v5 environments are not D4RL: scores are not comparable with the paper's tables.
 Not implemented: the `--is-beta` importance-sampling ablation (the card keeps it for ablation only).
 
@@ -55,12 +56,13 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
-from utils import OfflineData, UserError, evaluate, load_dataset, make_env
+from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
 
 
 @dataclass
@@ -71,7 +73,7 @@ class Args:
     seed: int = 1
     """seed of python, numpy, torch and the environments"""
     torch_deterministic: bool = True
-    """torch.backends.cudnn.deterministic"""
+    """deterministic torch kernels where torch has them (use_deterministic_algorithms, warn-only) and cuDNN"""
     cuda: bool = True
     """use the GPU when there is one (falls back to the CPU with a notice)"""
     run_dir: str = "runs"
@@ -200,6 +202,11 @@ class ValueNet(nn.Module):
         return self.net(obs.unsqueeze(0)).view(obs.shape[:-1])
 
 
+def tanh_log_det(pre_tanh: torch.Tensor) -> torch.Tensor:
+    """log(1 - tanh(z)^2) summed over the action, in the stable form 2 (log 2 - z - softplus(-2z))."""
+    return (2 * (math.log(2) - pre_tanh - F.softplus(-2 * pre_tanh))).sum(-1)
+
+
 class TanhGaussianActor(nn.Module):
     """CORL CQL actor: obs -> 3 x 256 -> (mu, raw log sigma); log sigma = scale * raw + offset, learnable."""
 
@@ -214,10 +221,9 @@ class TanhGaussianActor(nn.Module):
         """Action in (-1, 1) and its log-probability (tanh change of variables)."""
         mu, raw = self.net(obs.unsqueeze(0))[0].chunk(2, dim=-1)
         log_std = (self.log_std_scale * raw + self.log_std_offset).clamp(-20.0, 2.0)
-        normal = torch.distributions.Normal(mu, log_std.exp())
+        normal = torch.distributions.Normal(mu, log_std.exp(), validate_args=False)
         pre_tanh = mu if deterministic else normal.rsample()
-        action = torch.tanh(pre_tanh)
-        return action, normal.log_prob(pre_tanh).sum(-1) - torch.log(1 - action.pow(2) + 1e-6).sum(-1)
+        return torch.tanh(pre_tanh), normal.log_prob(pre_tanh).sum(-1) - tanh_log_det(pre_tanh)
 
 
 class GaussianActor(nn.Module):
@@ -229,7 +235,8 @@ class GaussianActor(nn.Module):
         self.log_std = nn.Parameter(torch.zeros(act_dim))
 
     def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
-        return torch.distributions.Normal(torch.tanh(self.net(obs.unsqueeze(0))[0]), self.log_std.clamp(-20, 2).exp())
+        mean = torch.tanh(self.net(obs.unsqueeze(0))[0])
+        return torch.distributions.Normal(mean, self.log_std.clamp(-20, 2).exp(), validate_args=False)
 
     def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.distribution(obs)
@@ -603,10 +610,12 @@ def log_evaluation(writer, agent: BAQ, env, args: Args, data: OfflineData, prefi
 # ---------------------------------------------------------------------------------------------------
 
 
-def prepare_data(agent: BAQ, data: OfflineData, args: Args) -> np.ndarray:
-    """State statistics and (IQL) reward scale from the dataset; returns its normalised buffer rows."""
-    agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3
-    if args.backbone == "iql":  # IQL's MuJoCo recipe: r * 1000 / (max - min episode return)
+def prepare_data(agent: BAQ, data: OfflineData, args: Args, fit_statistics: bool) -> np.ndarray:
+    """The dataset as normalised buffer rows; `fit_statistics` first takes the state statistics and (IQL) the
+    reward scale from it (a loaded checkpoint brings the ones its networks were trained with)."""
+    if fit_statistics:
+        agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3
+    if fit_statistics and args.backbone == "iql":  # IQL's MuJoCo recipe: r * 1000 / (max - min episode return)
         episode_returns = np.add.reduceat(data.rewards, np.r_[0, np.flatnonzero(data.episode_ends)[:-1] + 1])
         agent.reward_scale = 1000.0 / max(episode_returns.max() - episode_returns.min(), 1e-6)
     columns = (agent.normalize(data.observations), np.clip(data.actions, -1, 1), data.rewards * agent.reward_scale)
@@ -689,7 +698,7 @@ def online_phase(agent: BAQ, data: OfflineData, replay: PriorityReplay, k_q, k_r
     metrics, device = Metrics(writer), agent.device
     log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
     obs, _ = env.reset(seed=args.seed)
-    episode_return, start = 0.0, time.perf_counter()
+    episode_return, start, update_time = 0.0, time.perf_counter(), 0.0
     bar = tqdm(range(1, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         action = np.clip(agent.policy(obs, deterministic=False), -1.0, 1.0)
@@ -705,12 +714,14 @@ def online_phase(agent: BAQ, data: OfflineData, replay: PriorityReplay, k_q, k_r
         row = torch.from_numpy(row).to(device)
         bc_mse, distance = bc_distances(agent.bc_model, *replay.buffer.split(row)[:2])
         replay.add(row, bc_mse, priority(distance, k_rho, args.priority_alpha))
+        tic = time.perf_counter()
         metrics.add(online_update(agent, replay, k_q, args))
+        update_time += time.perf_counter() - tic
         if step % args.log_freq == 0:
             metrics.flush(step)
             log_weights(writer, replay, k_q, step)
-            writer.add_scalar("charts/UPS", step / (time.perf_counter() - start), step)
-            writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)
+            writer.add_scalar("charts/UPS", step / update_time, step)  # updates per second of update time
+            writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)  # env steps per wall second
         episode_return += float(reward)
         obs = next_obs
         if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
@@ -726,6 +737,9 @@ def online_phase(agent: BAQ, data: OfflineData, replay: PriorityReplay, k_q, k_r
 
 def check_args(args: Args) -> None:
     """Refuse settings the phases cannot run with, naming the flag to change."""
+    for name in ("offline_steps", "online_steps", "bc_steps"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     positive = ("hidden_dim", "cql_samples", "probe_states", "eval_freq", "offline_eval_freq", "log_freq")
     for name in (*positive, "eval_episodes", "batch_size"):
         if getattr(args, name) < 1:
@@ -784,6 +798,9 @@ def main(args: Args) -> Path:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    if args.torch_deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if args.cuda and device.type == "cpu":
@@ -798,29 +815,31 @@ def main(args: Args) -> Path:
                 raise ValueError("not a BAQ offline.pt")
         except Exception as err:
             raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
-        trained = checkpoint["args"]
-        if (trained["backbone"], trained["hidden_dim"]) != (args.backbone, args.hidden_dim):
-            raise UserError(
-                f"--pretrained {args.pretrained} holds a {trained['backbone']} backbone of width "
-                f"{trained['hidden_dim']}: pass --backbone {trained['backbone']} --hidden-dim {trained['hidden_dim']}"
+        shape = (checkpoint["args"]["backbone"], checkpoint["args"]["hidden_dim"])  # the offline run's networks
+        if shape != (args.backbone, args.hidden_dim):
+            print(
+                f"--pretrained: using the checkpoint's --backbone {shape[0]} --hidden-dim {shape[1]}", file=sys.stderr
             )
+        args.backbone, args.hidden_dim = shape
     check_args(args)
     data = load_dataset(args.env_id)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    if checkpoint is not None and (checkpoint["obs_dim"], checkpoint["act_dim"]) != (obs_dim, act_dim):
-        raise UserError(f"--pretrained {args.pretrained} was trained on {checkpoint['dataset']}, not {data.name}")
+    if checkpoint is not None:
+        check_pretrained_dataset(checkpoint, data, args.pretrained)
 
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_path = Path(args.run_dir) / run_name
     run_path.mkdir(parents=True, exist_ok=True)
     (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
     writer = SummaryWriter(str(run_path))
-    env, eval_env = make_env(data.env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
+    # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
+    # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
+    env, eval_env = make_env(data.eval_env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
     agent = BAQ(obs_dim, act_dim, args, device)
 
-    rows = prepare_data(agent, data, args)
     if checkpoint is not None:
-        agent.load_state_dict(checkpoint)  # its state statistics and reward scale come from the same dataset
+        agent.load_state_dict(checkpoint)  # with the state statistics and reward scale its networks learnt with
+    rows = prepare_data(agent, data, args, fit_statistics=checkpoint is None)
     dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
     dataset.add(torch.from_numpy(rows).to(device))
     del rows

@@ -14,17 +14,24 @@ sources. Decisions where the paper is silent or the sources disagree:
 - Updates run in d3rlpy's order, each on the parameters the previous one left: temperature, critics,
   actor, targets. The temperature loss is d3rlpy's -alpha (log pi - |A|) (alpha, not log alpha, in front).
 - Hand-over: the last offline networks, target networks, temperature and all Adam states are kept; only
-  the CQL term goes. The online buffer starts empty and the dataset is not used online (official code).
+  the CQL term goes (`--pretrained` continues those Adam states at the learning rates of the --*-lr flags).
+  The online buffer starts empty and the dataset is not used online (official code).
 - SUNRISE weight per sample, w = sigmoid(-T std_i Q'_i(s', a')) + 0.5 (SUNRISE's definition); the official
   code's one scalar per batch is `--sunrise-weight batch`. std is the population std (correction 0).
 - UCB: N candidates from the one actor, scored by mean + lambda std of the current critics; it also acts
   during the 1000 steps before the first update. No bootstrap masks (the official buffer has none).
 - Variants for the paper's ablations: `--q-target min|mean|rem|random_min_pair|weighted_min_pair` (REM and
   RandomMinPair draw once per update, for any N), `--exploration none|sunrise|bootstrap|oac`,
-  `--sunrise-weight per_sample|batch|off`, `--keep-cql-online` and `--num-critics 2` (CQL -> CQL,
-  CQL -> SAC).
+  `--sunrise-weight per_sample|batch|off`, `--keep-cql-online`, `--online-backup sac|cql`.
+- Presets (PRESETS): `--preset official` is what the released E2O pipeline ran (policy sampling, no UCB,
+  one SUNRISE weight per batch); `--preset cql_sac` is the paper's CQL -> SAC baseline (2 critics, min
+  target, no weights, policy sampling); `--preset cql_cql` is CQL -> CQL (the same, with the CQL term and
+  CQL's deterministic, entropy-free backup kept online). The defaults stay the card's.
 - Evaluation every 10k offline / 5k online steps (official: 1k), 10 deterministic episodes.
-  eval/q_bias and eval/q_rank_tau use the ensemble minimum (what the actor maximises).
+  eval/q_bias and eval/q_rank_tau use the ensemble minimum (what the actor maximises); online it is a soft Q
+  (entropy terms in its targets) set against the plain discounted return, which shows as positive bias.
+- log pi(a|s) uses the exact tanh correction 2 (log 2 - u - softplus(-2u)), as d3rlpy; the common
+  log(1 - tanh(u)^2 + 1e-6) is off by several nats once |u| > 7, which saturated CQL policies reach.
 - AntMaze: the training reward is (r - 0.5) * 4 in both phases (the fork's CQL setting), evaluation uses r.
 Not implemented: ENOTO-LAPO, the paper's AntMaze variant (no public code; AntMaze runs use the CQL backbone
 and will score lower than the paper's LAPO numbers). Minari data and v5 environments are not D4RL: scores
@@ -52,12 +59,13 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
-from utils import OfflineData, UserError, evaluate, load_dataset, make_env
+from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
 
 
 @dataclass
@@ -68,7 +76,7 @@ class Args:
     seed: int = 1
     """seed of python, numpy, torch and the environments"""
     torch_deterministic: bool = True
-    """torch.backends.cudnn.deterministic"""
+    """deterministic torch kernels where torch has them (use_deterministic_algorithms, warn-only) and cuDNN"""
     cuda: bool = True
     """use the GPU when there is one (falls back to the CPU with a notice)"""
     run_dir: str = "runs"
@@ -112,6 +120,11 @@ class Args:
     """actions per source (uniform, pi(s), pi(s')) in the CQL logsumexp"""
     keep_cql_online: bool = False
     """keep the CQL term online (the paper's CQL -> CQL baseline)"""
+    online_backup: Literal["sac", "cql"] = "sac"
+    """online Bellman target: SAC-N's (sampled a', entropy term) or CQL's deterministic one without entropy"""
+    preset: Literal["enoto", "official", "cql_sac", "cql_cql"] = "enoto"
+    """enoto: the card's defaults; official: what the released E2O code ran; cql_sac, cql_cql: the paper's
+    baselines (see PRESETS); a flag that contradicts the preset is an error"""
     q_target: Literal["min", "mean", "rem", "random_min_pair", "weighted_min_pair"] = "weighted_min_pair"
     """online target rule over the target ensemble (paper 3.2); offline is always min"""
     exploration: Literal["none", "sunrise", "bootstrap", "oac"] = "sunrise"
@@ -137,6 +150,32 @@ class Args:
     """deterministic episodes per evaluation"""
     log_freq: int = 1_000
     """write training metrics every this many updates"""
+
+
+# One flag for what the official pipeline ran and for the paper's baselines (2 critics: standard CQL).
+PRESETS = {
+    "enoto": {},
+    "official": {"exploration": "none", "sunrise_weight": "batch"},
+    "cql_sac": {"num_critics": 2, "q_target": "min", "exploration": "none", "sunrise_weight": "off"},
+    "cql_cql": {
+        "num_critics": 2,
+        "q_target": "min",
+        "exploration": "none",
+        "sunrise_weight": "off",
+        "keep_cql_online": True,
+        "online_backup": "cql",
+    },
+}
+
+
+def apply_preset(args: Args) -> None:
+    """Set the preset's values; a flag given with another value than both its default and the preset's is refused."""
+    for name, value in PRESETS[args.preset].items():
+        given, default = getattr(args, name), Args.__dataclass_fields__[name].default
+        if given not in (default, value):
+            flag = f"--{name.replace('_', '-')}"
+            raise UserError(f"--preset {args.preset} sets {flag} {value}; drop {flag} {given} or the preset")
+        setattr(args, name, value)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,6 +217,11 @@ class Critic(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+def tanh_log_det(pre_tanh: torch.Tensor) -> torch.Tensor:
+    """log(1 - tanh(z)^2) summed over the action, in the stable form 2 (log 2 - z - softplus(-2z))."""
+    return (2 * (math.log(2) - pre_tanh - F.softplus(-2 * pre_tanh))).sum(-1)
+
+
 class Actor(nn.Module):
     """Tanh-Gaussian policy: obs -> 256 -> 256 -> 256 -> (mu, log sigma in [-20, 2]), default init."""
 
@@ -198,11 +242,9 @@ class Actor(nn.Module):
     def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Action in (-1, 1) and its log-probability (tanh change of variables)."""
         mu, std = self.distribution(obs)
-        normal = torch.distributions.Normal(mu, std)
+        normal = torch.distributions.Normal(mu, std, validate_args=False)
         pre_tanh = mu if deterministic else normal.rsample()
-        action = torch.tanh(pre_tanh)
-        log_prob = normal.log_prob(pre_tanh).sum(-1) - torch.log(1 - action.pow(2) + 1e-6).sum(-1)
-        return action, log_prob
+        return torch.tanh(pre_tanh), normal.log_prob(pre_tanh).sum(-1) - tanh_log_det(pre_tanh)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -386,7 +428,11 @@ class ENOTO:
         with torch.no_grad():
             next_action, next_log_prob = self.actor(next_obs)
             target_q = self.critic_target(next_obs, next_action)
-            y = reward + args.gamma * (1.0 - done) * (ensemble_target(target_q, args.q_target) - alpha * next_log_prob)
+            if args.online_backup == "cql":  # CQL -> CQL keeps the offline backup
+                y = self.offline_target(next_obs, reward, done)
+            else:
+                soft_value = ensemble_target(target_q, args.q_target) - alpha * next_log_prob
+                y = reward + args.gamma * (1.0 - done) * soft_value
             if args.sunrise_weight == "per_sample":
                 weight = sunrise_weight(target_q.std(0, correction=0), args.sunrise_temperature)
             elif args.sunrise_weight == "batch":  # official E2O: std of the batch-mean Q over N policy draws
@@ -469,6 +515,9 @@ class ENOTO:
         """Everything the hand-over carries: networks, targets, temperature, Adam states."""
         for name in ("actor", "critic", "critic_target", "actor_optimizer", "critic_optimizer", "alpha_optimizer"):
             getattr(self, name).load_state_dict(checkpoint[name])
+        for name in ("actor", "critic", "alpha"):  # the Adam states continue, at the learning rates of the flags
+            for group in getattr(self, f"{name}_optimizer").param_groups:
+                group["lr"] = getattr(self.args, f"{name}_lr")
         with torch.no_grad():
             self.log_alpha.copy_(checkpoint["log_alpha"])
 
@@ -619,6 +668,9 @@ def online_phase(agent: ENOTO, data: OfflineData, env, eval_env, writer, args: A
 
 def check_args(args: Args) -> None:
     """Refuse settings the phases cannot run with, naming the flag to change."""
+    for name in ("offline_steps", "online_steps", "warmup_steps"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.online_steps and args.online_steps <= args.warmup_steps:
         raise UserError(f"--online-steps {args.online_steps} leaves nothing after the warm-up; lower --warmup-steps")
     if args.q_target in ("weighted_min_pair", "random_min_pair") and args.num_critics < 2:
@@ -670,12 +722,16 @@ def main(args: Args) -> Path:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    if args.torch_deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if args.cuda and device.type == "cpu":
         print("CUDA is not available: running on the CPU", file=sys.stderr)
     args.progress = args.progress and sys.stdout.isatty()
 
+    apply_preset(args)
     checkpoint = None
     if args.pretrained is not None:
         try:
@@ -684,7 +740,7 @@ def main(args: Args) -> Path:
                 raise ValueError("not an ENOTO offline.pt")
         except Exception as err:
             raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
-        # the networks come from the offline run (official code re-reads its params); lrs live in the Adam states
+        # the networks come from the offline run (official code re-reads its params)
         shape = (checkpoint["num_critics"], checkpoint["args"]["hidden_dim"])
         if shape != (args.num_critics, args.hidden_dim):
             print(
@@ -695,15 +751,17 @@ def main(args: Args) -> Path:
     check_args(args)
     data = load_dataset(args.env_id)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    if checkpoint is not None and (checkpoint["obs_dim"], checkpoint["act_dim"]) != (obs_dim, act_dim):
-        raise UserError(f"--pretrained {args.pretrained} was trained on {checkpoint['dataset']}, not {data.name}")
+    if checkpoint is not None:
+        check_pretrained_dataset(checkpoint, data, args.pretrained)
 
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_path = Path(args.run_dir) / run_name
     run_path.mkdir(parents=True, exist_ok=True)
     (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
     writer = SummaryWriter(str(run_path))
-    env, eval_env = make_env(data.env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
+    # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
+    # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
+    env, eval_env = make_env(data.eval_env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
     agent = ENOTO(obs_dim, act_dim, args, device)
 
     if checkpoint is not None:

@@ -28,7 +28,10 @@ Decisions where the paper is silent or the sources disagree:
 - Dataset transitions that end in a time limit are kept with done = 0 (Minari stores their next state;
   the official D4RL loader skipped them). Bootstrapping uses `terminated` only.
 - Evaluation every 10k offline / 5k online steps with 10 deterministic episodes of tanh(mean) (official:
-  every 1k steps). eval/q_bias and eval/q_rank_tau use the mean of the members' twin minima.
+  every 1k steps). eval/q_bias and eval/q_rank_tau use the mean of the members' twin minima; online it is a
+  soft Q (entropy terms in its targets) set against the plain discounted return, which shows as bias.
+- log pi(a|s) uses the exact tanh correction 2 (log 2 - u - softplus(-2u)); the official rlkit code adds
+  1e-6 inside log(1 - tanh(u)^2), which differs only where |u| > 7.
 - Minari data and v5 environments are not D4RL: scores are not comparable with the paper's curves.
 Not done: the paper's pixel-based manipulation experiments; per-member offline evaluation.
 
@@ -61,7 +64,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
-from utils import OfflineData, UserError, evaluate, load_dataset, make_env
+from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
 
 
 @dataclass
@@ -72,7 +75,7 @@ class Args:
     seed: int = 1
     """seed of python, numpy, torch and the environments"""
     torch_deterministic: bool = True
-    """torch.backends.cudnn.deterministic"""
+    """deterministic torch kernels where torch has them (use_deterministic_algorithms, warn-only) and cuDNN"""
     cuda: bool = True
     """use the GPU when there is one (falls back to the CPU with a notice)"""
     run_dir: str = "runs"
@@ -227,7 +230,7 @@ def tanh_log_det(pre_tanh: torch.Tensor) -> torch.Tensor:
 
 def tanh_gaussian(mu, std, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Action tanh(z), z ~ N(mu, std) (or z = mu), and its log-probability."""
-    normal = torch.distributions.Normal(mu, std)
+    normal = torch.distributions.Normal(mu, std, validate_args=False)
     pre_tanh = mu if deterministic else normal.rsample()
     return torch.tanh(pre_tanh), normal.log_prob(pre_tanh).sum(-1) - tanh_log_det(pre_tanh)
 
@@ -236,7 +239,7 @@ def data_log_prob(actor: Actor, obs: torch.Tensor, action: torch.Tensor) -> torc
     """log pi_i(a|s) of dataset actions under each member (the BC warm start), [N, B]."""
     mu, std = actor.members(obs)
     pre_tanh = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6))
-    return torch.distributions.Normal(mu, std).log_prob(pre_tanh).sum(-1) - tanh_log_det(pre_tanh)
+    return torch.distributions.Normal(mu, std, validate_args=False).log_prob(pre_tanh).sum(-1) - tanh_log_det(pre_tanh)
 
 
 class DensityNet(nn.Module):
@@ -703,6 +706,9 @@ def online_phase(agent: Off2On, data: OfflineData, replay: BalancedReplay, env, 
 
 def check_args(args: Args) -> None:
     """Refuse settings the phases cannot run with, naming the flag to change."""
+    for name in ("offline_steps", "online_steps", "bc_steps"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if 0 < args.online_steps < args.block_steps:
         raise UserError(f"--online-steps {args.online_steps} is shorter than one block; lower --block-steps")
     if not 0 < args.init_online_fraction < 1:
@@ -758,6 +764,9 @@ def main(args: Args) -> Path:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    if args.torch_deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if args.cuda and device.type == "cpu":
@@ -781,15 +790,17 @@ def main(args: Args) -> Path:
     check_args(args)
     data = load_dataset(args.env_id)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    if checkpoint is not None and (checkpoint["obs_dim"], checkpoint["act_dim"]) != (obs_dim, act_dim):
-        raise UserError(f"--pretrained {args.pretrained} was trained on {checkpoint['dataset']}, not {data.name}")
+    if checkpoint is not None:
+        check_pretrained_dataset(checkpoint, data, args.pretrained)
 
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_path = Path(args.run_dir) / run_name
     run_path.mkdir(parents=True, exist_ok=True)
     (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
     writer = SummaryWriter(str(run_path))
-    env, eval_env = make_env(data.env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
+    # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
+    # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
+    env, eval_env = make_env(data.eval_env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
     agent = Off2On(obs_dim, act_dim, args, device)
 
     columns = (data.observations, data.actions, data.rewards, data.next_observations, data.terminals)

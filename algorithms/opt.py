@@ -30,8 +30,11 @@ The official code (LGAI-Research/opt) was not available; the card lists its seco
   after each hidden ReLU on Adroit. AntMaze trains on r - 1 and is scored on r. Values for tasks outside
   the card's table (SPOT on MuJoCo) are ours: lambda 1, lambda_end 0.5.
 - Balanced replay as Off2On's official code, but B_BR holds every offline and online row (no eviction),
-  new rows enter at the running-max priority (which starts at 1, the offline priority), and the density
-  network's online minibatch is uniform over all online rows. Both critics share one target action a'.
+  and the density network's online minibatch is uniform over all online rows. New rows enter at the
+  running-max priority, which starts as Off2On's code starts it, at M f / ((1 - f) N_tau), so that the
+  N_tau rows hold a share f = 0.75 (Off2On's default) of the mass when fine-tuning starts. The card says
+  only "the current max priority": a start at 1, the offline priority, left the 25k N_tau rows 2.4% of
+  the mass of a 1M-row dataset and batches ~97% offline at the hand-over. Both critics share one target a'.
 - Bootstrapping uses `terminated` only. Evaluation every 10k offline / 5k online steps (also in the N_tau
   window, where the curve must stay flat), 10 deterministic episodes. eval/q_bias and eval/q_rank_tau use
   Q_off's twin minimum, eval/q_bias_on and eval/q_rank_tau_on Q_on's.
@@ -42,7 +45,8 @@ the card's optional --skip-unused-critic (D6), the final 100-episode AntMaze eva
 
 Usage: python algorithms/opt.py --env-id hopper-medium
 Ablations: --no-new-critic (Eq. 3 on Q_off, no Q_on), --no-online-pretraining (Q_on randomly initialised),
---kappa-start 0.5 --kappa-end 0.5 (fixed kappa), --replay uniform (or online_only).
+--kappa-start 0.5 --kappa-end 0.5 (fixed kappa), --replay uniform (or online_only). Plain TD3 fine-tuning
+(the paper's TD3 baseline): --no-new-critic --no-online-pretraining --n-tau 0 --replay uniform.
 Own tags: offline/bc_loss, offline/vae_loss (x = VAE step); pretrain/offline_loss, pretrain/online_loss
 (L_off, L_on at the adapted parameters), pretrain/meta_weight (c), pretrain/UPS (x = pre-training update);
 losses/qf_on_loss, losses/qf_on_values, losses/density_loss, losses/spot_lambda, charts/kappa,
@@ -72,7 +76,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
-from utils import OfflineData, UserError, evaluate, load_dataset, make_env
+from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
 
 
 @dataclass
@@ -83,7 +87,7 @@ class Args:
     seed: int = 1
     """seed of python, numpy, torch and the environments"""
     torch_deterministic: bool = True
-    """torch.backends.cudnn.deterministic"""
+    """deterministic torch kernels where torch has them (use_deterministic_algorithms, warn-only) and cuDNN"""
     cuda: bool = True
     """use the GPU when there is one (falls back to the CPU with a notice)"""
     run_dir: str = "runs"
@@ -169,6 +173,8 @@ class Args:
     """fine-tuning batches: density-ratio priorities, uniform over all rows, or online rows only (ablation OR)"""
     priority_temperature: float = 5.0
     """T: priorities follow w^(1/T) (Off2On)"""
+    init_online_fraction: float = 0.75
+    """f: share of the priority mass the N_tau rows hold when fine-tuning starts (Off2On's init and default)"""
     # evaluation
     eval_freq: int = 5_000
     """online evaluation every this many environment steps (and at step 0)"""
@@ -373,14 +379,16 @@ class BalancedReplay:
     cumsum + searchsorted on the device. B_off and B_on minibatches are uniform over their rows.
     """
 
-    def __init__(self, dataset_rows: torch.Tensor, online_steps: int, obs_dim: int, act_dim: int):
+    def __init__(self, dataset_rows: torch.Tensor, online_steps: int, args: Args, obs_dim: int, act_dim: int):
         device = dataset_rows.device
         self.num_offline = len(dataset_rows)
         self.buffer = ReplayBuffer(self.num_offline + online_steps, obs_dim, act_dim, device)
         self.buffer.add(dataset_rows)
         self.priority = torch.zeros(self.buffer.capacity, dtype=torch.float64, device=device)
         self.priority[: self.num_offline] = 1.0
-        self.max_priority = torch.tensor(1.0, dtype=torch.float64, device=device)
+        f = args.init_online_fraction  # the N_tau rows (Off2On: its first block) then hold a share f of the mass
+        initial = self.num_offline * f / ((1 - f) * max(args.n_tau, 1))
+        self.max_priority = torch.tensor(initial, dtype=torch.float64, device=device)
 
     @property
     def num_online(self) -> int:
@@ -912,7 +920,7 @@ def check_args(args: Args) -> None:
     for name in (*positive, "log_freq", "eval_episodes", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("n_tau", "n_pretrain", "vae_steps", "kappa_steps"):
+    for name in ("offline_steps", "online_steps", "n_tau", "n_pretrain", "vae_steps", "kappa_steps"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.online_steps > 0 and args.n_tau >= args.online_steps:
@@ -924,6 +932,8 @@ def check_args(args: Args) -> None:
     for name in ("kappa_start", "kappa_end"):
         if not 0 <= getattr(args, name) <= 1:
             raise UserError(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
+    if not 0 < args.init_online_fraction < 1:
+        raise UserError(f"--init-online-fraction must lie in (0, 1), got {args.init_online_fraction}")
     if args.meta_inner_lr < 0 or args.priority_temperature <= 0:
         raise UserError("--meta-inner-lr must be >= 0 and --priority-temperature > 0")
 
@@ -946,7 +956,7 @@ def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tin
     dataset = ReplayBuffer(100_000, obs_dim, act_dim, device)
     dataset.add(torch.rand(dataset.capacity, dataset.storage.shape[1], device=device) * 2 - 1)
     dataset.storage[:, -3:] = 0.0  # not done, offline
-    replay = BalancedReplay(dataset.storage, 10_000, obs_dim, act_dim)
+    replay = BalancedReplay(dataset.storage, 10_000, args, obs_dim, act_dim)
     for _ in range(10):
         replay.add(dataset.storage[:1000])
     batch = dataset.split(dataset.sample_rows(args.batch_size))
@@ -982,6 +992,9 @@ def main(args: Args) -> Path:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    if args.torch_deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if args.cuda and device.type == "cpu":
@@ -1007,15 +1020,17 @@ def main(args: Args) -> Path:
     resolve_args(args, data.name, data.task)
     check_args(args)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    if checkpoint is not None and (checkpoint["obs_dim"], checkpoint["act_dim"]) != (obs_dim, act_dim):
-        raise UserError(f"--pretrained {args.pretrained} was trained on {checkpoint['dataset']}, not {data.name}")
+    if checkpoint is not None:
+        check_pretrained_dataset(checkpoint, data, args.pretrained)
 
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_path = Path(args.run_dir) / run_name
     run_path.mkdir(parents=True, exist_ok=True)
     (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
     writer = SummaryWriter(str(run_path))
-    env, eval_env = make_env(data.env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
+    # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
+    # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
+    env, eval_env = make_env(data.eval_env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
     agent = OPT(obs_dim, act_dim, args, device)
 
     if checkpoint is not None:
@@ -1035,7 +1050,7 @@ def main(args: Args) -> Path:
             save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
     if args.online_steps > 0:
         agent.hand_over()
-        replay = BalancedReplay(dataset.storage, args.online_steps, obs_dim, act_dim)
+        replay = BalancedReplay(dataset.storage, args.online_steps, args, obs_dim, act_dim)
         del dataset  # its rows now live in B_BR
         online_phase(agent, data, replay, env, eval_env, writer, args)
     if args.save_model:

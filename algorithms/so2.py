@@ -23,7 +23,13 @@ algorithm card lists every source. Decisions where the paper is silent or the so
   every 100 env steps). log sigma is clamped to [-5, 2] in both phases (the code's online head: [-20, 2]).
 - Minibatches are drawn with replacement (the code samples without; negligible, much faster on GPU).
 - Critic loss: summed over members offline (EDAC; eta is calibrated against it), averaged online (code).
-- eval/q_bias and eval/q_rank_tau use the ensemble minimum as the Q estimate (what the actor maximises).
+  offline/qf_loss and losses/qf_loss both log the per-member mean, so the curve does not jump at the switch.
+- eval/q_bias and eval/q_rank_tau use the ensemble minimum as the Q estimate (what the actor maximises). It is
+  a soft Q (its targets hold -alpha log pi of later steps) set against the plain discounted return of the
+  deterministic evaluation policy, so the entropy bonus shows as positive bias. q_rank_tau is the paper's
+  mean Kendall tau over 10 windows within each episode (utils.evaluate).
+- log pi(a|s) uses log(1 - tanh(u)^2 + 1e-6), as the official code (DI-engine) does; it departs from the
+  exact form only where |u| > 7, and SO2's results were produced with it.
 - Minari data and v5 environments are not D4RL: scores are not comparable with the paper's tables.
 Speed: all minibatches of one environment step come from one gather per buffer, Adam is fused and target
 updates are one foreach lerp, so 10 updates cost about 5x one, not 10x (tiny nets on the CPU: 5.7 ms per step
@@ -56,7 +62,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
-from utils import OfflineData, UserError, evaluate, load_dataset, make_env
+from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
 
 
 @dataclass
@@ -67,7 +73,7 @@ class Args:
     seed: int = 1
     """seed of python, numpy, torch and the environments"""
     torch_deterministic: bool = True
-    """torch.backends.cudnn.deterministic"""
+    """deterministic torch kernels where torch has them (use_deterministic_algorithms, warn-only) and cuDNN"""
     cuda: bool = True
     """use the GPU when there is one (falls back to the CPU with a notice)"""
     run_dir: str = "runs"
@@ -200,7 +206,7 @@ class Actor(nn.Module):
         """Action in (-1, 1) and its log-probability (tanh change of variables)."""
         hidden = self.trunk(obs)
         mu, log_std = self.mu(hidden), self.log_std(hidden).clamp(-5.0, 2.0)
-        normal = torch.distributions.Normal(mu, log_std.exp())
+        normal = torch.distributions.Normal(mu, log_std.exp(), validate_args=False)
         pre_tanh = mu if deterministic else normal.rsample()
         action = torch.tanh(pre_tanh)
         log_prob = normal.log_prob(pre_tanh).sum(-1) - torch.log(1 - action.pow(2) + 1e-6).sum(-1)
@@ -350,7 +356,7 @@ class SO2:
         self.critic_optimizer.step()
         soft_update(self.critic_target, self.critic, self.args.tau)
         return {
-            "offline/qf_loss": td_loss.detach(),
+            "offline/qf_loss": td_loss.detach() / q.shape[0],  # logged per member, as online
             "offline/diversity_loss": div_loss.detach(),
             "offline/qf_values": q.mean().detach(),
             "offline/actor_loss": actor_loss.detach(),
@@ -591,6 +597,9 @@ def online_phase(agent: SO2, data: OfflineData, pool: ReplayBuffer, env, eval_en
 
 def check_args(args: Args, data: OfflineData) -> tuple[int, float]:
     """Resolve the per-dataset defaults and refuse budgets the phases cannot run with."""
+    for name in ("offline_steps", "online_steps", "warmup_steps"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     num_critics = args.num_critics or (50 if data.task == "hopper" else 10)
     medium_expert = data.name in ("halfcheetah-medium-expert", "walker2d-medium-expert")
     eta = args.eta if args.eta is not None else (5.0 if medium_expert else 1.0)
@@ -654,6 +663,9 @@ def main(args: Args) -> Path:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    if args.torch_deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if args.cuda and device.type == "cpu":
@@ -668,19 +680,26 @@ def main(args: Args) -> Path:
                 raise ValueError("not an SO2 offline.pt")
         except Exception as err:
             raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
+        shape = (checkpoint["num_critics"], checkpoint["args"]["hidden_dim"])  # the networks of the offline run
+        if args.num_critics not in (None, shape[0]) or args.hidden_dim != shape[1]:
+            print(
+                f"--pretrained: using the checkpoint's --num-critics {shape[0]} --hidden-dim {shape[1]}",
+                file=sys.stderr,
+            )
+        args.num_critics, args.hidden_dim = shape
     data = load_dataset(args.env_id)
     num_critics, eta = check_args(args, data)
     if checkpoint is not None:
-        num_critics = checkpoint["num_critics"]
-        if (checkpoint["obs_dim"], checkpoint["act_dim"]) != (data.observations.shape[1], data.actions.shape[1]):
-            raise UserError(f"--pretrained {args.pretrained} was trained on {checkpoint['dataset']}, not {data.name}")
+        check_pretrained_dataset(checkpoint, data, args.pretrained)
 
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_path = Path(args.run_dir) / run_name
     run_path.mkdir(parents=True, exist_ok=True)
     (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
     writer = SummaryWriter(str(run_path))
-    env, eval_env = make_env(data.env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
+    # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
+    # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
+    env, eval_env = make_env(data.eval_env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     agent = SO2(obs_dim, act_dim, num_critics, args, device)
 

@@ -190,7 +190,7 @@ def online_run(minari_root, tmp_path):
     torch.manual_seed(0)
     agent = baq.BAQ(11, 3, args, torch.device("cpu"))
     dataset = baq.ReplayBuffer(len(data), 11, 3, agent.device)
-    dataset.add(torch.from_numpy(baq.prepare_data(agent, data, args)))
+    dataset.add(torch.from_numpy(baq.prepare_data(agent, data, args, fit_statistics=True)))
     agent.bc_model.requires_grad_(False)
     agent.hand_over()
     writer = SummaryWriter(str(tmp_path))
@@ -252,6 +252,7 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path, backbone):
     for tag in required:
         assert tag in tags and np.isfinite(tags[tag]).all(), tag
     assert all(0 < w <= 1 for w in tags["charts/w_mean"])
+    assert all(ups > sps for ups, sps in zip(tags["charts/UPS"], tags["charts/SPS"], strict=True))  # update time only
     assert len(tags["eval/normalized_score"]) == 3  # steps 0, 30, 60
     offline, final = (torch.load(run / name, weights_only=False) for name in ("offline.pt", "final.pt"))
     assert offline["phase"] == "offline" and final["phase"] == "online" and "bc_val_mse" in offline

@@ -5,6 +5,7 @@ import socket
 import threading
 import time
 
+import gymnasium
 import h5py
 import minari
 import numpy as np
@@ -222,3 +223,73 @@ def test_normalized_score_reference_points():
     assert normalized_score("pen", 3076.8331017826877) == pytest.approx(100.0)
     assert normalized_score("antmaze", 123.0, success_rate=0.3) == pytest.approx(30.0)
     assert np.isnan(normalized_score(None, 10.0))
+
+
+class ImageEnv(gymnasium.Env):
+    """Image observations: loadable by Minari, not by the scripts' flat buffers."""
+
+    observation_space = gymnasium.spaces.Box(0, 255, (4, 4, 3), np.uint8)
+    action_space = gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+@pytest.fixture
+def test_env_ids():
+    """Register ImageEnv under the given ids for one test."""
+    made = []
+
+    def register(env_id):
+        if env_id in gymnasium.registry:
+            pytest.skip(f"{env_id} is registered by an installed package")
+        gymnasium.register(env_id, entry_point=f"{__name__}:ImageEnv", max_episode_steps=10)
+        made.append(env_id)
+
+    yield register
+    for env_id in made:
+        del gymnasium.registry[env_id]
+
+
+def test_unsupported_data_gets_one_line_that_says_what(tmp_path, monkeypatch, test_env_ids):
+    from utils.make_dataset import collect_dataset
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    collect_dataset("CartPole-v1", "test/cartpole/discrete-v0", steps=30)
+    with pytest.raises(UserError, match=r"'test/cartpole/discrete-v0' has actions Discrete\(2\); .*continuous"):
+        load_dataset("test/cartpole/discrete-v0")
+    test_env_ids("Pixels-v0")
+    collect_dataset("Pixels-v0", "test/pixels/image-v0", steps=30)
+    with pytest.raises(UserError, match=r"'test/pixels/image-v0' has observations Box.*flat vector observations"):
+        load_dataset("test/pixels/image-v0")
+    test_env_ids("FrankaKitchen-v1")  # a kitchen env spec behind a raw id bypasses the name table
+    collect_dataset("FrankaKitchen-v1", "D4RL/kitchen/mixed-v2", steps=30)
+    with pytest.raises(UserError, match=r"'D4RL/kitchen/mixed-v2' is not supported: FrankaKitchen-v1 does not run"):
+        load_dataset("D4RL/kitchen/mixed-v2")
+
+
+def test_non_hdf5_data_format_is_named_not_called_corrupted(minari_root, tmp_path, monkeypatch):
+    shutil.copytree(minari_root / "mujoco/hopper/medium-v0", tmp_path / "mujoco/hopper/medium-v0")
+    metadata_path = tmp_path / "mujoco/hopper/medium-v0/data/metadata.json"
+    metadata_path.write_text(json.dumps(json.loads(metadata_path.read_text()) | {"data_format": "arrow"}))
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    with pytest.raises(UserError, match="stored as 'arrow'; only Minari's hdf5 format is supported") as caught:
+        load_dataset("hopper-medium")
+    assert "corrupted" not in str(caught.value)
+
+
+def test_cache_key_holds_the_format_version_and_the_observation_layout(minari_root, monkeypatch):
+    load_dataset("hopper-medium")  # cached under the current format version
+    monkeypatch.setattr(data_module, "FLAT_FORMAT_VERSION", data_module.FLAT_FORMAT_VERSION + 1)
+    reads = []
+    real_flatten = data_module.flatten_hdf5
+    monkeypatch.setattr(data_module, "flatten_hdf5", lambda *a: reads.append(a) or real_flatten(*a))
+    load_dataset("hopper-medium")
+    assert len(reads) == 1, "a cache of another format version was served"
+    hdf5 = minari_root / "mujoco/hopper/medium-v0/data/main_data.hdf5"
+    by_layout = {data_module._cache_path("x/y-v0", hdf5, 10, keys) for keys in (None, ("a", "b"), ("b", "a"))}
+    assert len(by_layout) == 3

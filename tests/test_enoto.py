@@ -120,6 +120,41 @@ def test_offline_target_is_deterministic_min_without_entropy():
     torch.testing.assert_close(agent.offline_target(next_obs, reward, done), expected)
 
 
+@pytest.mark.parametrize("backup", ["cql", "sac"])
+def test_cql_backup_online_is_the_offline_backup_in_the_real_update(monkeypatch, backup):
+    """--online-backup cql (CQL -> CQL): the critic regresses to the deterministic, entropy-free min target."""
+    agent = tiny_agent(online_backup=backup, sunrise_weight="off")
+    with torch.no_grad():
+        agent.log_alpha.fill_(1.0)  # a large entropy term, so that the two backups differ clearly
+    agent.hand_over()
+    batch = random_batch(done=torch.tensor([0.0, 1, 0, 0, 0, 1, 0, 0]))
+    deterministic = agent.offline_target(batch[3], batch[2], batch[4])
+    seen, update_critic = [], agent.update_critic
+    monkeypatch.setattr(agent, "update_critic", lambda b, y, w=1.0: seen.append(y) or update_critic(b, y, w))
+    agent.online_update(batch)
+    if backup == "cql":
+        torch.testing.assert_close(seen[0], deterministic, rtol=0, atol=0)
+    else:
+        assert (seen[0] - deterministic)[batch[4] == 0].abs().min() > 1e-3  # sampled a' and the entropy term
+
+
+def test_presets_set_their_values_and_refuse_a_contradicting_flag():
+    args = enoto.Args(preset="official")
+    enoto.apply_preset(args)
+    assert (args.exploration, args.sunrise_weight, args.num_critics) == ("none", "batch", 10)
+    args = enoto.Args(preset="cql_cql")
+    enoto.apply_preset(args)
+    assert (args.num_critics, args.q_target, args.exploration, args.sunrise_weight) == (2, "min", "none", "off")
+    assert args.keep_cql_online and args.online_backup == "cql"
+    agent = enoto.ENOTO(OBS, ACT, args, torch.device("cpu"))
+    agent.hand_over()
+    assert agent.cql_weight == 5.0  # the CQL term stays online
+    args = enoto.Args(preset="cql_sac", num_critics=2, exploration="oac")  # agrees, then contradicts
+    with pytest.raises(enoto.UserError, match="--preset cql_sac sets --exploration none; drop --exploration oac"):
+        enoto.apply_preset(args)
+    assert enoto.Args().preset == "enoto" and enoto.PRESETS["enoto"] == {}  # the card's defaults stay
+
+
 def brute_force_cql_gap(critic, actor, obs, next_obs, action, samples):
     """Loops over critics, states and the 3 x samples actions, drawing in cql_gap's order."""
     batch, n = len(obs), critic.num_critics

@@ -7,7 +7,7 @@ import pytest
 from gymnasium.envs.registration import EnvSpec
 
 from utils import UserError, discounted_returns, evaluate, kendall_tau, make_env, normalized_score
-from utils.evaluation import exact_return_mask, q_diagnostics
+from utils.evaluation import exact_return_mask, q_diagnostics, window_labels
 
 
 class ChainEnv(gym.Env):
@@ -146,6 +146,29 @@ def test_evaluate_known_policies(registered):
     assert shifted["q_bias"] > 1e6 or np.isnan(shifted["q_bias"])  # Q_true is 0 for r - 1 = 0
 
 
+def test_rank_tau_is_the_mean_over_windows_within_episodes():
+    """SO2 paper: K = mean_i tau(P_i) over windows of consecutive pairs of one episode, not one tau over all."""
+    np.testing.assert_array_equal(window_labels(100, 10, first=20), np.repeat(np.arange(20, 30), 10))
+    np.testing.assert_array_equal(window_labels(5, 10), [0, 0, 0, 1, 1])  # at least two pairs per window
+    true = np.array([5.0, 4, 3, 2, 1, 50, 40, 30, 20, 10])
+    estimate = np.array([1.0, 2, 3, 4, 5, 5, 4, 3, 2, 1])  # wrong order in window 0, right order in window 1
+    windows = np.repeat([0, 1], 5)
+    assert q_diagnostics(estimate, true, windows)["q_rank_tau"] == pytest.approx(0.0)  # (-1 + 1) / 2
+    assert q_diagnostics(estimate, true)["q_rank_tau"] == pytest.approx(brute_force_tau_b(estimate, true))
+
+
+def test_evaluate_ranks_within_windows_of_each_episode(registered):
+    env = make_env(registered("Chain-v0", "ChainEnv", max_episode_steps=10), seed=0)
+    gamma = 0.5
+    true_q = lambda obs, act: discounted_returns(np.ones(5), gamma)[np.round(obs[:, 0]).astype(int)]
+    t = lambda obs: np.round(obs[:, 0]).astype(int)
+    offset_q = lambda obs, act: true_q(obs, act) + 100.0 * (t(obs) >= 3)  # right within windows {0,1,2}, {3,4}
+    result = evaluate(env, lambda obs: np.ones(1), 3, 0, offset_q, gamma=gamma, q_windows=10)
+    assert result["q_rank_tau"] == pytest.approx(1.0)
+    one_window = evaluate(env, lambda obs: np.ones(1), 1, 0, offset_q, gamma=gamma, q_windows=1)
+    assert one_window["q_rank_tau"] < 0.5  # across the two windows the offset inverts 6 of the 10 pairs
+
+
 def test_evaluate_is_seeded_and_scores_hopper():
     spec = gym.spec("Hopper-v5").to_json()
     zero = lambda obs: np.zeros(3)
@@ -185,3 +208,22 @@ def test_missing_gymnasium_robotics_is_a_clear_error():
 def test_unknown_env_is_a_clear_error():
     with pytest.raises(UserError, match="cannot build the environment NoSuchEnv-v0"):
         make_env(EnvSpec("NoSuchEnv-v0", entry_point="no_such_module:Env").to_json(), seed=0)
+
+
+class BrokenEnv(gym.Env):
+    """Fails in its constructor the way a stale or foreign env spec does."""
+
+    observation_space = ChainEnv.observation_space
+    action_space = ChainEnv.action_space
+
+    def __init__(self, error: str = "TypeError"):
+        raise {"AttributeError": AttributeError, "TypeError": TypeError, "KeyError": KeyError}.get(
+            error, AssertionError
+        )("broken")
+
+
+@pytest.mark.parametrize("error", ["AttributeError", "TypeError", "KeyError", "AssertionError"])
+def test_env_spec_that_raises_inside_the_env_is_a_clear_error(error):
+    spec = EnvSpec("Broken-v0", entry_point=f"{__name__}:BrokenEnv", kwargs={"error": error}).to_json()
+    with pytest.raises(UserError, match=f"cannot build the environment Broken-v0: {error}"):
+        make_env(spec, seed=0)

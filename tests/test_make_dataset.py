@@ -39,6 +39,8 @@ def test_cli_creates_a_dataset_that_loads_offline(tmp_path):
         (["--env-id", "Hopper-v5", "--dataset-id", "a/b-v0", "--noise-std", "0.1"], "error: --noise-std applies to"),
         (["--env-id", "Hopper-v5", "--dataset-id", "a/b-v0", "--checkpoint", "/nonexistent.pt"], "error: cannot use"),
         (["--env-id", "Nope-v0", "--dataset-id", "a/b-v0", "--checkpoint", "/nonexistent.pt"], "error: cannot make"),
+        (["--env-id", "Hopper-v5", "--dataset-id", "a/b-v0", "--max-episode-steps", "0"], "error: --max-episode-steps"),
+        (["--env-id", "Hopper-v5", "--dataset-id", "a/b-v0", "--ref-min-score", "0"], "error: --ref-min-score is"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
@@ -85,14 +87,14 @@ def fake_algorithm(monkeypatch):
 def test_checkpoint_actor_with_noise(tmp_path, monkeypatch, fake_algorithm):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     checkpoint = tmp_path / "final.pt"
-    torch.save({"algorithm": "fake_constant", "action": 0.5}, checkpoint)
-    space = gym.make("Hopper-v5").action_space
+    torch.save({"algorithm": "fake_constant", "action": 0.5, "obs_dim": 11, "act_dim": 3}, checkpoint)
+    env = gym.make("Hopper-v5")
 
-    exact = policy_from_checkpoint(str(checkpoint), 0.0, space, seed=0)
+    exact = policy_from_checkpoint(str(checkpoint), 0.0, env, seed=0)
     collect_dataset("Hopper-v5", "test/hopper/actor-v0", steps=200, policy=exact)
     np.testing.assert_array_equal(load_dataset("test/hopper/actor-v0").actions, 0.5)
 
-    noisy = policy_from_checkpoint(str(checkpoint), 0.3, space, seed=0)
+    noisy = policy_from_checkpoint(str(checkpoint), 0.3, env, seed=0)
     collect_dataset("Hopper-v5", "test/hopper/noisy-v0", steps=2000, policy=noisy)
     actions = load_dataset("test/hopper/noisy-v0").actions
     assert actions.min() >= -1 and actions.max() <= 1  # clipped to the action bounds
@@ -105,4 +107,31 @@ def test_bad_checkpoint_contract_is_a_clear_error(tmp_path):
     checkpoint = tmp_path / "old.pt"
     torch.save({"no_algorithm_key": 1}, checkpoint)
     with pytest.raises(UserError, match=r"cannot use checkpoint .*KeyError"):
-        policy_from_checkpoint(str(checkpoint), 0.0, gym.make("Hopper-v5").action_space, seed=0)
+        policy_from_checkpoint(str(checkpoint), 0.0, gym.make("Hopper-v5"), seed=0)
+
+
+def test_checkpoint_of_another_env_is_refused_before_collection(tmp_path, fake_algorithm):
+    checkpoint = tmp_path / "final.pt"
+    torch.save({"algorithm": "fake_constant", "action": 0.5, "obs_dim": 11, "act_dim": 3, "dataset": "x"}, checkpoint)
+    with pytest.raises(UserError, match=r"trained on x \(obs dim 11, action dim 3\); Walker2d-v5 has obs dim 17"):
+        policy_from_checkpoint(str(checkpoint), 0.0, gym.make("Walker2d-v5"), seed=0)
+
+
+def test_dict_observations_reach_the_actor_flat_in_the_loader_layout(tmp_path, monkeypatch):
+    from tests.test_evaluation import FakeAntMaze
+
+    seen = []
+    module = types.ModuleType("algorithms.fake_recorder")
+    module.policy_from_checkpoint = lambda checkpoint: lambda obs: seen.append(obs) or np.zeros(8)
+    monkeypatch.setitem(sys.modules, "algorithms.fake_recorder", module)
+    gym.register("AntMaze_Recorder-v4", entry_point=FakeAntMaze, max_episode_steps=5)
+    try:
+        env = gym.make("AntMaze_Recorder-v4")
+        checkpoint = tmp_path / "final.pt"
+        torch.save({"algorithm": "fake_recorder", "obs_dim": 29, "act_dim": 8}, checkpoint)
+        policy = policy_from_checkpoint(str(checkpoint), 0.0, env, seed=0)
+        observation, _ = env.reset(seed=0)
+        policy(observation)
+    finally:
+        del gym.registry["AntMaze_Recorder-v4"]
+    np.testing.assert_array_equal(seen[0], np.concatenate([observation["achieved_goal"], observation["observation"]]))

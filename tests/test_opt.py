@@ -303,7 +303,7 @@ def test_density_loss_and_priorities_by_hand():
 def test_draws_follow_priorities_new_rows_take_the_max_and_offline_rows_stay():
     torch.manual_seed(0)
     rows = torch.arange(4 * 14, dtype=torch.float32).view(4, 14)  # 2 OBS + ACT + 3 columns
-    replay = opt.BalancedReplay(rows.clone(), 3, OBS, ACT)
+    replay = opt.BalancedReplay(rows.clone(), 3, opt.Args(), OBS, ACT)
     replay.set_priorities(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]))
     draws = torch.cat([replay.sample_prioritized(256) for _ in range(400)])
     counts = torch.bincount(draws, minlength=4).double()
@@ -355,12 +355,16 @@ VARIANTS = {"opt": {}, "no_new_critic": {"new_critic": False}, "rand_init": {"on
 
 @pytest.fixture(params=list(VARIANTS))
 def online_run(request, minari_root, tmp_path):
+    return request.param, *run_online_phase(VARIANTS[request.param], tmp_path)
+
+
+def run_online_phase(variant: dict, tmp_path):
     """The real online phase in-process on tiny hopper data, recording every pre-training and fine-tuning call."""
     data = load_dataset("hopper-medium")
-    args = opt.Args(
-        hidden_dim=16, batch_size=8, online_steps=50, n_tau=20, n_pretrain=6, updates_per_step=3, eval_freq=1000,
-        eval_episodes=1, log_freq=10, progress=False, **VARIANTS[request.param],
-    )  # fmt: skip
+    args = opt.Args(**{
+        "hidden_dim": 16, "batch_size": 8, "online_steps": 50, "n_tau": 20, "n_pretrain": 6, "updates_per_step": 3,
+        "eval_freq": 1000, "eval_episodes": 1, "log_freq": 10, "progress": False,
+    } | variant)  # fmt: skip
     opt.resolve_args(args, data.name, data.task)
     torch.manual_seed(0)
     agent = opt.OPT(11, 3, args, torch.device("cpu"))
@@ -369,7 +373,7 @@ def online_run(request, minari_root, tmp_path):
     for _ in range(2):  # a critic and an actor step, so every optimizer has a state to keep
         agent.offline_update(split(torch.from_numpy(rows[:8])))
     agent.hand_over()
-    replay = opt.BalancedReplay(torch.from_numpy(rows), args.online_steps, 11, 3)
+    replay = opt.BalancedReplay(torch.from_numpy(rows), args.online_steps, args, 11, 3)
     env, transitions = recording_env(data.env_spec)
     record = {"initial": snapshot(agent), "pretrain": [], "finetune": []}
     pretrain_update, finetune_update = agent.pretrain_update, agent.finetune_update
@@ -381,12 +385,23 @@ def online_run(request, minari_root, tmp_path):
 
     def finetune(batch, kappa, *rest):
         record.setdefault("before_finetune", snapshot(agent))
+        record.setdefault("priority_before_finetune", replay.priority.clone())
         record["finetune"].append((len(transitions), kappa))
         return finetune_update(batch, kappa, *rest)
 
     agent.pretrain_update, agent.finetune_update = pretrain, finetune
     opt.online_phase(agent, data, replay, env, make_env(data.eval_env_spec, 1), SummaryWriter(str(tmp_path)), args)
-    return request.param, agent, replay, transitions, record, rows
+    return agent, replay, transitions, record, rows
+
+
+def test_plain_td3_recipe_is_td3_from_the_first_step_on_uniform_replay(minari_root, tmp_path):
+    """README's TD3 baseline: no Q_on, no pre-training, no N_tau window, no density network, no priorities."""
+    recipe = {"new_critic": False, "online_pretraining": False, "n_tau": 0, "replay": "uniform"}
+    agent, replay, _, record, rows = run_online_phase(recipe, tmp_path)
+    assert [step for step, _ in record["finetune"]] == [step for step in range(1, 51) for _ in range(3)]
+    assert agent.q_on is None and agent.density is None and record["pretrain"] == []
+    offline, online = replay.priority[: len(rows)], replay.priority[len(rows) : replay.buffer.size]
+    assert offline.eq(1).all() and online.eq(replay.max_priority).all()  # no priority was ever written
 
 
 def test_collection_window_changes_nothing_and_pretraining_only_the_meta_critic(online_run):
@@ -406,6 +421,16 @@ def test_collection_window_changes_nothing_and_pretraining_only_the_meta_critic(
         assert agent.q_on is None and not tensors_equal(before_finetune["q_off"], initial["q_off"])
     if variant == "rand_init":
         assert "q_on" in before_finetune  # created at random when fine-tuning starts
+
+
+def test_n_tau_rows_hold_the_initial_online_fraction_of_the_priority_mass(online_run):
+    """Off2On's init: the running max starts at M f / ((1 - f) N_tau), so the N_tau rows hold f of the mass."""
+    _, agent, replay, _, record, rows = online_run
+    priority, offline, n_tau = record["priority_before_finetune"], len(rows), agent.args.n_tau
+    assert replay.num_offline == offline and torch.equal(priority[:offline], torch.ones(offline, dtype=torch.float64))
+    window = priority[offline : offline + n_tau]
+    assert torch.equal(window, torch.full_like(window, offline * 0.75 / (0.25 * n_tau)))
+    assert (window.sum() / (offline + window.sum())).item() == pytest.approx(0.75, rel=1e-12)
 
 
 def test_budget_kappa_and_stored_transitions(online_run):
@@ -513,7 +538,7 @@ def test_cuda_updates_of_every_phase(backbone):
     results.append(agent.pretrain_update(batch, tuple(t.cuda() for t in random_batch(64))))
     agent.start_finetuning()
     rows = torch.cat([batch[0], batch[1], batch[2][:, None], batch[3], batch[4][:, None], batch[5][:, None]], 1)
-    replay = opt.BalancedReplay(rows, 10, OBS, ACT)
+    replay = opt.BalancedReplay(rows, 10, agent.args, OBS, ACT)
     replay.add(rows[:1])
     results += [opt.replay_update(agent, replay, 0.5, agent.args) for _ in range(2)]
     assert all(torch.isfinite(v).all() and v.device.type == "cuda" for r in results for v in r.values())

@@ -386,3 +386,19 @@ def test_cuda_offline_and_online_updates():
     online = agent.online_critic_update(batch) | agent.online_actor_update(batch[0])
     for value in (*offline.values(), *online.values()):
         assert value.device.type == "cuda" and torch.isfinite(value).all()
+
+
+def test_qf_loss_is_logged_per_member_in_both_phases():
+    """The offline gradient uses EDAC's sum over members; both phases log the mean, so the curve does not jump."""
+    agent = tiny_agent(num_critics=3)
+    with torch.no_grad():
+        agent.log_alpha.fill_(-30.0)  # alpha ~ 0: the target no longer depends on the sampled next action
+    constant_critic(agent.critic_target, [1.0, 2.0, 3.0])
+    obs, action, reward, next_obs = torch.randn(8, OBS), torch.rand(8, ACT) * 2 - 1, torch.randn(8), torch.randn(8, OBS)
+    done = torch.tensor([0.0, 1, 0, 0, 1, 0, 0, 0])
+    batch = (obs, action, reward, next_obs, done, torch.zeros(8))
+    with torch.no_grad():
+        y = reward + 0.99 * (1 - done) * 1.0  # the min over the constant target members
+        per_member = (agent.critic(obs, action) - y).pow(2).mean()
+    logged = agent.offline_update(batch, eta=0.0)["offline/qf_loss"]
+    assert logged.item() == pytest.approx(per_member.item(), rel=1e-5)

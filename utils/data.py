@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -207,6 +208,31 @@ def ensure_local(minari_id: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 FLAT_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "episode_ends")
+# Part of the cache key: raise it whenever flatten_hdf5 or the arrays it writes change meaning.
+FLAT_FORMAT_VERSION = 2
+
+
+def check_supported(minari_id: str, env_spec: str | None, dataset) -> None:
+    """One clear line for data the scripts cannot train on, before anything is read or crashes later."""
+    env_id = json.loads(env_spec)["id"] if env_spec else ""
+    if env_id.startswith("FrankaKitchen"):
+        raise UserError(f"'{minari_id}' is not supported: {_REFUSED['kitchen']}")
+    from gymnasium.spaces import Box, Dict
+
+    def is_vector(space) -> bool:
+        return isinstance(space, Box) and len(space.shape) == 1
+
+    if not is_vector(dataset.action_space):
+        raise UserError(
+            f"'{minari_id}' has actions {dataset.action_space}; the scripts need continuous vector (Box) actions"
+        )
+    space = dataset.observation_space
+    parts = space.spaces.values() if isinstance(space, Dict) else [space]
+    if not all(is_vector(part) for part in parts):
+        raise UserError(
+            f"'{minari_id}' has observations {space}; the scripts need flat vector observations or a Dict of "
+            "them (no images, nested or discrete spaces)"
+        )
 
 
 def observation_keys(task: str | None, observation_space) -> tuple[str, ...] | None:
@@ -274,10 +300,12 @@ def flatten_hdf5(hdf5_path: Path, episode_indices, total_steps: int, obs_keys) -
     return arrays
 
 
-def _cache_path(minari_id: str, hdf5_path: Path, total_steps: int) -> Path:
+def _cache_path(minari_id: str, hdf5_path: Path, total_steps: int, obs_keys) -> Path:
     stat = hdf5_path.stat()
-    # Keyed by id and size; the file's byte size and mtime catch a dataset recreated under the same id.
-    digest = hashlib.sha1(f"{hdf5_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    # Keyed by id and size; the file's byte size and mtime catch a dataset recreated under the same id, the
+    # format version and the observation layout a change to the flattening or to the key order.
+    key = f"{FLAT_FORMAT_VERSION}|{obs_keys}|{hdf5_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     cache_dir = Path(os.environ.get("O2O_CACHE_DIR") or datasets_root() / ".o2o-flat-cache")
     return cache_dir / f"{minari_id.replace('/', '__')}__{total_steps}steps__{digest}.npz"
 
@@ -303,6 +331,14 @@ def _load_part(minari_id: str, use_cache: bool) -> _MinariPart:
     import minari
 
     ensure_local(minari_id)
+    metadata_path = datasets_root() / minari_id / "data" / "metadata.json"
+    with contextlib.suppress(OSError, ValueError):  # an unreadable file is reported below, as corrupted
+        data_format = json.loads(metadata_path.read_text()).get("data_format", "hdf5")
+        if data_format != "hdf5":
+            raise UserError(
+                f"'{minari_id}' is stored as {data_format!r}; only Minari's hdf5 format is supported "
+                "(recreate it with data_format='hdf5', e.g. with `python -m utils.make_dataset`)"
+            )
     try:
         dataset = minari.load_dataset(minari_id)
         metadata = dataset.storage.metadata
@@ -310,11 +346,10 @@ def _load_part(minari_id: str, use_cache: bool) -> _MinariPart:
         env_spec = metadata.get("env_spec")
         eval_env_spec = metadata.get("eval_env_spec") or env_spec
         task = task_of_env_id(json.loads(env_spec)["id"]) if env_spec else None
+        check_supported(minari_id, env_spec, dataset)
         obs_keys = observation_keys(task, dataset.observation_space)
         hdf5_path = Path(dataset.storage.data_path) / "main_data.hdf5"
-        if metadata.get("data_format", "hdf5") != "hdf5":
-            raise ValueError(f"data_format {metadata.get('data_format')!r} is not supported; use hdf5")
-        cache = _cache_path(minari_id, hdf5_path, total_steps)
+        cache = _cache_path(minari_id, hdf5_path, total_steps, obs_keys)
         if use_cache and cache.is_file():
             with np.load(cache) as stored:
                 arrays = {key: stored[key] for key in FLAT_KEYS}
@@ -408,3 +443,15 @@ def load_dataset(name: str, use_cache: bool = True, random_steps: int = RANDOM_D
         minari_ref_scores=first.ref_scores if len(parts) == 1 else None,  # Minari refs do not survive a concat
         **arrays,
     )
+
+
+def check_pretrained_dataset(checkpoint: dict, data: OfflineData, path: str) -> None:
+    """A checkpoint continues only on the data it was trained on: its networks, state statistics and reward
+    scale belong to that dataset, and mixing them with another one's would change the run's meaning."""
+    trained = checkpoint.get("dataset")
+    try:
+        same = trained is not None and resolve_name(trained).minari_ids == data.minari_ids
+    except UserError:
+        same = False
+    if not same:
+        raise UserError(f"--pretrained {path} was trained on {trained}, not {data.name}: pass --env-id {trained}")

@@ -52,18 +52,18 @@ def make_env(env_spec: str, seed: int) -> gym.Env:
     kwargs = {"max_episode_steps": HORIZON_OVERRIDES[task]} if task in HORIZON_OVERRIDES else {}
     try:
         env = gym.make(spec, **kwargs)
-    except (ImportError, gym.error.Error) as err:
-        if task in ROBOTICS_TASKS:
+        keys = observation_keys(task, env.observation_space)
+        if keys is not None:
+            env = FlattenDictObservation(env, keys)
+        if task == "antmaze":
+            env = TerminateAtGoal(env)
+        env.reset(seed=seed)
+    except Exception as err:  # a stale or foreign spec fails in many ways inside gym.make and the env's init
+        if task in ROBOTICS_TASKS and isinstance(err, ImportError | gym.error.Error):
             raise UserError(
                 f"{spec.id} needs gymnasium-robotics ({type(err).__name__}: {err}); "
                 "install it with `pip install -r requirements-robotics.txt`"
             ) from err
         raise UserError(f"cannot build the environment {spec.id}: {type(err).__name__}: {err}") from err
-    keys = observation_keys(task, env.observation_space)
-    if keys is not None:
-        env = FlattenDictObservation(env, keys)
-    if task == "antmaze":
-        env = TerminateAtGoal(env)
-    env.reset(seed=seed)
     env.action_space.seed(seed)
     return env

@@ -47,14 +47,30 @@ def kendall_tau(x: np.ndarray, y: np.ndarray, chunk: int = 1024) -> float:
     return float(concordance / denominator) if denominator > 0 else float("nan")
 
 
-def q_diagnostics(q_estimates: np.ndarray, q_true: np.ndarray, min_abs_true: float = 1e-6) -> dict[str, float]:
-    """SO2 paper: q_bias = mean (Q_est - Q_true) / |Q_true|; q_rank_tau = Kendall tau(Q_est, Q_true).
+def window_labels(pairs: int, windows: int, first: int = 0) -> np.ndarray:
+    """Labels from `first` on for `pairs` consecutive pairs of one episode: `windows` equal-length windows, fewer
+    where the episode is too short for two pairs in each."""
+    count = max(1, min(windows, pairs // 2))
+    return first + np.arange(pairs) * count // max(pairs, 1)
 
-    Pairs with |Q_true| < min_abs_true are left out of the bias (the ratio is undefined there).
+
+def q_diagnostics(
+    q_estimates: np.ndarray, q_true: np.ndarray, windows: np.ndarray | None = None, min_abs_true: float = 1e-6
+) -> dict[str, float]:
+    """SO2 paper: q_bias = mean (Q_est - Q_true) / |Q_true|; q_rank_tau = K = mean_i Kendall tau over the windows.
+
+    `windows` labels each pair with its window P_i (consecutive pairs within one episode, see window_labels), so
+    that tau ranks similar states against each other and not the states of different episodes; None = one
+    window. Windows whose tau is undefined (fewer than 2 pairs, or all ties) are left out of the mean. Pairs
+    with |Q_true| < min_abs_true are left out of the bias (the ratio is undefined there).
     """
     usable = np.abs(q_true) >= min_abs_true
     bias = np.mean((q_estimates[usable] - q_true[usable]) / np.abs(q_true[usable])) if usable.any() else np.nan
-    return {"q_bias": float(bias), "q_rank_tau": kendall_tau(q_estimates, q_true), "q_pairs": float(len(q_true))}
+    windows = np.zeros(len(q_true), int) if windows is None else windows
+    taus = [kendall_tau(q_estimates[windows == w], q_true[windows == w]) for w in np.unique(windows)]
+    taus = [tau for tau in taus if np.isfinite(tau)]
+    rank_tau = float(np.mean(taus)) if taus else float("nan")
+    return {"q_bias": float(bias), "q_rank_tau": rank_tau, "q_pairs": float(len(q_true))}
 
 
 def evaluate(
@@ -68,6 +84,7 @@ def evaluate(
     tail_tol: float = 0.01,
     minari_ref_scores: tuple[float, float] | None = None,
     extra_q_functions: dict[str, QFunction] | None = None,
+    q_windows: int = 10,
 ) -> dict[str, float]:
     """Run `episodes` episodes of a deterministic policy; episode i is reset with seed + i.
 
@@ -76,10 +93,15 @@ def evaluate(
     and, given a Q function, q_bias / q_rank_tau / q_pairs against discounted Monte-Carlo returns.
     `q_reward_fn` maps env rewards to the rewards the critic was trained on (e.g. AntMaze r - 1, scaling).
     `extra_q_functions` (name -> Q) adds q_bias_<name> / q_rank_tau_<name> on the same state-action pairs.
+    q_rank_tau averages Kendall tau over `q_windows` consecutive windows of each episode's exact-return pairs
+    (the SO2 paper's M = 10 sliding windows; it gives no window size or stride, so the windows split each
+    episode into equal, non-overlapping parts), which also keeps its cost at 1/q_windows of one global tau.
+    q_bias compares Q with the plain discounted return of the deterministic evaluation policy: for a soft
+    (SAC-style) critic that Q also holds the discounted entropy bonus of later steps, which shows as bias.
     """
     task = task_of_env_id(env.spec.id) if env.spec is not None else None
     returns, lengths, successes = [], [], []
-    q_obs, q_actions, q_true = [], [], []
+    q_obs, q_actions, q_true, q_window = [], [], [], []
     for episode in range(episodes):
         observation, _ = env.reset(seed=seed + episode)
         observations, actions, rewards = [], [], []
@@ -100,6 +122,7 @@ def evaluate(
             trained_rewards = q_reward_fn(rewards_array) if q_reward_fn is not None else rewards_array
             mask = exact_return_mask(len(rewards), terminated, gamma, tail_tol)
             q_true.append(discounted_returns(trained_rewards, gamma)[mask])
+            q_window.append(window_labels(int(mask.sum()), q_windows, first=episode * q_windows))
             q_obs.append(np.asarray(observations)[mask])
             q_actions.append(np.asarray(actions)[mask])
     mean_return = float(np.mean(returns))
@@ -117,11 +140,12 @@ def evaluate(
         result["minari_normalized_score"] = 100.0 * (mean_return - low) / (high - low)
     if q_function is not None:
         true, pair_obs, pair_actions = np.concatenate(q_true), np.concatenate(q_obs), np.concatenate(q_actions)
+        windows = np.concatenate(q_window)
         functions = {"": q_function} | {f"_{name}": fn for name, fn in (extra_q_functions or {}).items()}
         for suffix, fn in functions.items():
             if len(true) >= 2:
                 estimates = np.asarray(fn(pair_obs, pair_actions), np.float64).reshape(-1)
-                diagnostics = q_diagnostics(estimates, true)
+                diagnostics = q_diagnostics(estimates, true, windows)
             else:  # every episode was cut too early for an exact return
                 diagnostics = {"q_bias": float("nan"), "q_rank_tau": float("nan"), "q_pairs": float(len(true))}
             result.update({f"{key}{suffix}": value for key, value in diagnostics.items()})

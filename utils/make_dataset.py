@@ -27,7 +27,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.data import VERSIONED_ID, datasets_root, is_local
+from utils.data import VERSIONED_ID, datasets_root, is_local, observation_keys, task_of_env_id
 from utils.errors import UserError
 
 
@@ -57,10 +57,11 @@ class Args:
     """show a progress bar (off automatically when stderr is not a terminal)"""
 
 
-def policy_from_checkpoint(path: str, noise_std: float, action_space: gym.spaces.Box, seed: int) -> Callable:
+def policy_from_checkpoint(path: str, noise_std: float, env: gym.Env, seed: int) -> Callable:
     """The deterministic actor of one of our checkpoints, plus optional clipped Gaussian noise.
 
     Each algorithm script saves its name under `algorithm` and exposes `policy_from_checkpoint(ckpt)`.
+    Dict observations reach the actor flattened in the layout the data loader gives the scripts.
     """
     import torch
 
@@ -70,10 +71,19 @@ def policy_from_checkpoint(path: str, noise_std: float, action_space: gym.spaces
         actor = module.policy_from_checkpoint(checkpoint)
     except Exception as err:
         raise UserError(f"cannot use checkpoint {path} as a policy ({type(err).__name__}: {err})") from err
+    keys = observation_keys(task_of_env_id(env.spec.id), env.observation_space)
+    flatten = (lambda obs: obs) if keys is None else (lambda obs: np.concatenate([np.ravel(obs[k]) for k in keys]))
+    sizes = (flatten(env.observation_space.sample()).size, env.action_space.shape[0])
+    if (checkpoint.get("obs_dim"), checkpoint.get("act_dim")) != sizes:
+        raise UserError(
+            f"checkpoint {path} was trained on {checkpoint.get('dataset')} (obs dim {checkpoint.get('obs_dim')}, "
+            f"action dim {checkpoint.get('act_dim')}); {env.spec.id} has obs dim {sizes[0]}, action dim {sizes[1]}"
+        )
     rng = np.random.default_rng(seed)
+    action_space = env.action_space
 
-    def act(observation: np.ndarray) -> np.ndarray:
-        action = np.asarray(actor(observation), np.float64)
+    def act(observation) -> np.ndarray:
+        action = np.asarray(actor(flatten(observation)), np.float64)
         if noise_std > 0:
             action = action + rng.normal(0.0, noise_std, size=action.shape)
         return np.clip(action, action_space.low, action_space.high)
@@ -148,10 +158,14 @@ def collect_dataset(
         raise UserError(f"dataset id '{dataset_id}' must look like namespace/name-vN, e.g. o2o-local/hopper/random-v0")
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
+    if max_episode_steps is not None and max_episode_steps < 1:
+        raise UserError(f"--max-episode-steps must be at least 1, got {max_episode_steps}")
+    if ref_min_score is not None and ref_max_score is None:
+        raise UserError("--ref-min-score is stored only together with --ref-max-score; pass both or neither")
     if is_local(dataset_id) and not overwrite:
         raise UserError(f"{dataset_id} already exists under {datasets_root()}; pass --overwrite to replace it")
     try:
-        env = gym.make(env_id, **({"max_episode_steps": max_episode_steps} if max_episode_steps else {}))
+        env = gym.make(env_id, **({"max_episode_steps": max_episode_steps} if max_episode_steps is not None else {}))
     except Exception as err:
         raise UserError(f"cannot make the Gymnasium env '{env_id}' ({type(err).__name__}: {err})") from err
     progress = sys.stderr.isatty() if progress is None else progress
@@ -195,10 +209,10 @@ def main(args: Args) -> None:
     policy = None
     if args.checkpoint is not None:
         try:
-            space = gym.make(args.env_id).action_space
+            env = gym.make(args.env_id)
         except Exception as err:
             raise UserError(f"cannot make the Gymnasium env '{args.env_id}' ({type(err).__name__}: {err})") from err
-        policy = policy_from_checkpoint(args.checkpoint, args.noise_std, space, args.seed)
+        policy = policy_from_checkpoint(args.checkpoint, args.noise_std, env, args.seed)
     elif args.noise_std > 0:
         raise UserError("--noise-std applies to a --checkpoint actor; uniform random actions take no noise")
     path = collect_dataset(

@@ -1,0 +1,148 @@
+"""Edges shared by the five scripts, run in-process through each script's real main()."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from utils import UserError, load_dataset
+
+SCRIPTS = ("so2", "enoto", "baq", "off2on", "opt")
+BUDGETS = {
+    "so2": ("offline_steps", "online_steps", "warmup_steps"),
+    "enoto": ("offline_steps", "online_steps", "warmup_steps"),
+    "baq": ("offline_steps", "online_steps", "bc_steps"),
+    "off2on": ("offline_steps", "online_steps", "bc_steps"),
+    "opt": ("offline_steps", "online_steps", "n_tau", "n_pretrain", "vae_steps"),
+}
+
+
+class EnvsMade(Exception):
+    """Stops main() right after it built its two environments."""
+
+
+@pytest.mark.parametrize("script, budget", [(s, b) for s, names in BUDGETS.items() for b in names])
+def test_a_negative_budget_is_refused(minari_root, tmp_path, script, budget):
+    module = importlib.import_module(f"algorithms.{script}")
+    args = module.Args(env_id="hopper-medium", run_dir=str(tmp_path), **{budget: -5})
+    with pytest.raises(UserError, match=f"--{budget.replace('_', '-')} must be >= 0, got -5"):
+        module.main(args)
+    assert not any(tmp_path.iterdir()), "nothing may be written for a refused run"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_online_training_runs_in_the_evaluation_env_spec(minari_root, tmp_path, monkeypatch, script, deterministic):
+    """AntMaze's data env draws a new goal per episode: training and evaluation both use the eval env spec."""
+    module = importlib.import_module(f"algorithms.{script}")
+    data = load_dataset("hopper-medium")
+    collection_spec = json.dumps(json.loads(data.env_spec) | {"max_episode_steps": 7})
+    monkeypatch.setattr(module, "load_dataset", lambda name: dataclasses.replace(data, env_spec=collection_spec))
+    specs = []
+
+    def record(env_spec, seed):
+        specs.append((env_spec, seed))
+        if len(specs) == 2:
+            raise EnvsMade
+
+    monkeypatch.setattr(module, "make_env", record)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        with pytest.raises(EnvsMade):
+            module.main(module.Args(env_id="hopper-medium", run_dir=str(tmp_path), torch_deterministic=deterministic))
+        assert torch.are_deterministic_algorithms_enabled() == deterministic  # --torch-deterministic does that
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    seed = module.Args().seed
+    assert specs == [(data.eval_env_spec, seed), (data.eval_env_spec, seed + 100)]
+
+
+TINY = {
+    "so2": {"num_critics": 2},
+    "enoto": {"num_critics": 2},
+    "baq": {"bc_steps": 2},
+    "off2on": {"num_agents": 2, "bc_steps": 2},
+    "opt": {},
+}
+
+
+def tiny_args(script: str, tmp_path, **overrides):
+    module = importlib.import_module(f"algorithms.{script}")
+    sizes = {"hidden_dim": 16, "batch_size": 8, "eval_episodes": 1, "offline_steps": 2, "online_steps": 0}
+    sizes |= {"env_id": "hopper-medium", "run_dir": str(tmp_path)}
+    return module, module.Args(**sizes | TINY[script] | overrides)
+
+
+@pytest.fixture(scope="module", params=SCRIPTS)
+def offline_checkpoint(request, minari_root, tmp_path_factory):
+    """(script, path of an offline.pt) from a 2-update offline run on the tiny hopper-medium data."""
+    module, args = tiny_args(request.param, tmp_path_factory.mktemp(request.param))
+    return request.param, module.main(args) / "offline.pt"
+
+
+def test_pretrained_from_another_dataset_is_refused(offline_checkpoint, tmp_path):
+    script, path = offline_checkpoint
+    module, args = tiny_args(script, tmp_path, env_id="hopper-expert", pretrained=str(path))  # same dimensions
+    with pytest.raises(UserError, match="was trained on hopper-medium, not hopper-expert: pass --env-id hopper-medium"):
+        module.main(args)
+    module, args = tiny_args(script, tmp_path, env_id="mujoco/hopper/medium-v0", pretrained=str(path))
+    final = torch.load(module.main(args) / "final.pt", weights_only=False)  # the same data under its Minari id
+    assert final["dataset"] == "mujoco/hopper/medium-v0"
+
+
+def test_pretrained_takes_the_architecture_and_statistics_of_the_checkpoint(offline_checkpoint, tmp_path):
+    script, path = offline_checkpoint
+    checkpoint = torch.load(path, weights_only=False)
+    if "obs_mean" in checkpoint:  # a shifted mean shows whether the rows and the policy use the checkpoint's
+        checkpoint["obs_mean"] = checkpoint["obs_mean"] + 1.0
+        path = tmp_path / "shifted.pt"
+        torch.save(checkpoint, path)
+    module, args = tiny_args(script, tmp_path, hidden_dim=32, pretrained=str(path))
+    run = module.main(args)
+    final = torch.load(run / "final.pt", weights_only=False)
+    assert final["args"]["hidden_dim"] == 16 == json.loads((run / "args.json").read_text())["hidden_dim"]
+    if "obs_mean" in checkpoint:
+        np.testing.assert_array_equal(final["obs_mean"], checkpoint["obs_mean"])
+
+
+def test_enoto_pretrained_continues_at_the_learning_rates_of_the_flags(offline_checkpoint, tmp_path):
+    script, path = offline_checkpoint
+    if script != "enoto":
+        pytest.skip("ENOTO carries its Adam states over the hand-over")
+    module, args = tiny_args(script, tmp_path, pretrained=str(path), actor_lr=1e-3, critic_lr=2e-3, alpha_lr=3e-3)
+    final = torch.load(module.main(args) / "final.pt", weights_only=False)
+    for name, lr in (("actor", 1e-3), ("critic", 2e-3), ("alpha", 3e-3)):
+        assert [group["lr"] for group in final[f"{name}_optimizer"]["param_groups"]] == [lr], name
+
+
+def saturated_actor(script: str, pre_tanh: float):
+    """The script's tanh-Gaussian actor with its last layer set so that every pre-tanh mean is `pre_tanh`, std 1."""
+    module = importlib.import_module(f"algorithms.{script}")
+    with torch.no_grad():
+        if script == "enoto":
+            actor = module.Actor(4, 3, 8)
+            for head, value in ((actor.mu, pre_tanh), (actor.log_std, 0.0)):
+                head.weight.zero_()
+                head.bias.fill_(value)
+        else:  # BAQ: one head of 2|A| outputs, log sigma = 1 * raw - 1
+            actor = module.TanhGaussianActor(4, 3, 8)
+            last = actor.net[-1]
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor([pre_tanh] * 3 + [1.0] * 3).view_as(last.bias))
+    return actor
+
+
+@pytest.mark.parametrize("script", ["enoto", "baq"])
+@pytest.mark.parametrize("pre_tanh", [0.5, 8.0, 12.0])
+def test_tanh_gaussian_log_prob_is_exact_where_the_reference_code_is(script, pre_tanh):
+    """d3rlpy (ENOTO) and CORL's CQL (BAQ) use the exact tanh correction; the 1e-6 form is off by 4.6 at u = 12."""
+    _, log_prob = saturated_actor(script, pre_tanh)(torch.zeros(2, 4), deterministic=True)
+    u = np.float64(pre_tanh)
+    log_det = 2 * np.log(2) - 2 * u - 2 * np.log1p(np.exp(-2 * u))  # log(1 - tanh(u)^2), exact in float64
+    expected = 3 * (-0.5 * np.log(2 * np.pi) - log_det)
+    np.testing.assert_allclose(log_prob.detach().numpy(), [expected, expected], rtol=1e-5)
