@@ -38,6 +38,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import UserError, normalized_score, task_of_env_id
+from utils.make_dataset import BehaviorActor, load_behavior_actor, mlp
 
 
 @dataclass
@@ -68,32 +69,7 @@ class Args:
     """torch CPU threads (a background job should leave the other core free)"""
 
 
-def mlp(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out)
-    )
-
-
-class Actor(nn.Module):
-    """Tanh-Gaussian policy obs -> (mu, log sigma in [-5, 2]), actions rescaled to the env's bounds."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, low: np.ndarray, high: np.ndarray):
-        super().__init__()
-        self.net = mlp(obs_dim, 2 * act_dim, hidden)
-        self.register_buffer("scale", torch.as_tensor((high - low) / 2, dtype=torch.float32))
-        self.register_buffer("center", torch.as_tensor((high + low) / 2, dtype=torch.float32))
-
-    def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, log_std = self.net(obs).chunk(2, -1)
-        std = log_std.clamp(-5.0, 2.0).exp()
-        pre_tanh = mu if deterministic else mu + std * torch.randn_like(mu)
-        # log N(u; mu, std) - log(1 - tanh(u)^2), with the exact, stable form of the tanh correction
-        log_prob = (-0.5 * ((pre_tanh - mu) / std) ** 2 - std.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
-        log_prob = log_prob - (2 * (np.log(2) - pre_tanh - F.softplus(-2 * pre_tanh))).sum(-1)
-        return self.center + self.scale * torch.tanh(pre_tanh), log_prob - self.scale.log().sum()
-
-
-def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int) -> float:
+def evaluate(actor: BehaviorActor, env: gym.Env, episodes: int, seed: int) -> float:
     """Mean return of deterministic episodes, episode i reset with seed + i."""
     returns = []
     for episode in range(episodes):
@@ -109,7 +85,7 @@ def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int) -> float:
     return float(np.mean(returns))
 
 
-def save_snapshot(out: Path, actor: Actor, step: int, args: Args, env: gym.Env, eval_env: gym.Env) -> dict:
+def save_snapshot(out: Path, actor: BehaviorActor, step: int, args: Args, env: gym.Env, eval_env: gym.Env) -> dict:
     """The actor in float16, evaluated as stored (the behaviour policy IS these weights), written atomically."""
     snapshot = {
         "algorithm": "behavior",
@@ -122,7 +98,7 @@ def save_snapshot(out: Path, actor: Actor, step: int, args: Args, env: gym.Env, 
         "actor": {key: value.half() for key, value in actor.net.state_dict().items()},
         "step": step,
     }
-    eval_return = evaluate(load_actor(snapshot), eval_env, args.eval_episodes, args.seed + 10_000)
+    eval_return = evaluate(load_behavior_actor(snapshot), eval_env, args.eval_episodes, args.seed + 10_000)
     entry = {
         "step": step,
         "eval_return": eval_return,
@@ -135,13 +111,6 @@ def save_snapshot(out: Path, actor: Actor, step: int, args: Args, env: gym.Env, 
     torch.save(snapshot | entry, tmp)
     os.replace(tmp, path)
     return entry
-
-
-def load_actor(snapshot: dict) -> Actor:
-    """The float16-stored actor of a snapshot, in float32."""
-    actor = Actor(snapshot["obs_dim"], snapshot["act_dim"], snapshot["hidden_dim"], snapshot["low"], snapshot["high"])
-    actor.net.load_state_dict({key: value.float() for key, value in snapshot["actor"].items()})
-    return actor.eval()
 
 
 def train(args: Args) -> list[dict]:
@@ -164,7 +133,7 @@ def train(args: Args) -> list[dict]:
     (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
 
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    actor = Actor(obs_dim, act_dim, args.hidden_dim, env.action_space.low, env.action_space.high)
+    actor = BehaviorActor(obs_dim, act_dim, args.hidden_dim, env.action_space.low, env.action_space.high)
     critics = nn.ModuleList(mlp(obs_dim + act_dim, 1, args.hidden_dim) for _ in range(2))
     critic_targets = nn.ModuleList(mlp(obs_dim + act_dim, 1, args.hidden_dim) for _ in range(2))
     critic_targets.load_state_dict(critics.state_dict())

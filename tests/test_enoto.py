@@ -1,5 +1,6 @@
 """ENOTO: the card's testable properties with exact numbers, a smoke run, and a CUDA variant."""
 
+import copy
 import itertools
 import math
 
@@ -482,3 +483,80 @@ def test_cuda_offline_and_online_updates(exploration):
     online = agent.online_update(batch)
     assert all(torch.isfinite(v).all() and v.device.type == "cuda" for v in (*offline.values(), *online.values()))
     assert agent.explore(np.zeros(OBS, np.float32), head=1).shape == (ACT,)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real updates against hand-computed ones: plain SGD with lr 1, so a step is exactly minus the gradient
+# ---------------------------------------------------------------------------------------------------
+
+
+def assert_sgd_step(module_after, module_before, loss):
+    grads = torch.autograd.grad(loss, list(module_before.parameters()))
+    for after, before, grad in zip(module_after.parameters(), module_before.parameters(), grads, strict=True):
+        torch.testing.assert_close(after, before - grad, rtol=1e-5, atol=1e-6)
+
+
+def perturbed_targets(agent):
+    with torch.no_grad():  # targets that differ from the critics and between members, per state and action
+        for param in agent.critic_target.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+
+
+def test_online_critic_step_is_the_sunrise_weighted_td_to_the_wmp_soft_target():
+    agent = tiny_agent(num_critics=4, sunrise_temperature=1.0)  # T small enough that w varies per sample
+    agent.hand_over()
+    perturbed_targets(agent)
+    agent.critic_optimizer = torch.optim.SGD(agent.critic.parameters(), lr=1.0)
+    critic, target, actor = (copy.deepcopy(m) for m in (agent.critic, agent.critic_target, agent.actor))
+    batch = random_batch(done=torch.tensor([0.0, 1, 0, 0, 0, 1, 0, 0]))
+    obs, action, reward, next_obs, done, _ = batch
+    torch.manual_seed(5)
+    agent.online_update(batch)
+    alpha = agent.log_alpha.exp().detach()  # the temperature steps first; the target uses the new value
+    torch.manual_seed(5)  # the same draws: pi(s) for the temperature, then a' ~ pi(s')
+    with torch.no_grad():
+        actor(obs)
+        next_action, next_log_prob = actor(next_obs)
+        target_q = target(next_obs, next_action)
+        pair_minima = torch.stack(
+            [torch.minimum(target_q[i], target_q[j]) for i, j in itertools.combinations(range(4), 2)]
+        )
+        y = reward + 0.99 * (1 - done) * (pair_minima.mean(0) - alpha * next_log_prob)
+        weight = torch.sigmoid(-1.0 * target_q.std(0, correction=0)) + 0.5
+    assert weight.max() - weight.min() > 0.01, "the weights must differ between samples to be tested"
+    assert_sgd_step(agent.critic, critic, (weight * (critic(obs, action) - y).pow(2)).mean(1).sum())
+
+
+def test_offline_critic_step_carries_the_cql_gradient():
+    agent = tiny_agent(num_critics=3)
+    perturbed_targets(agent)
+    agent.critic_optimizer = torch.optim.SGD(agent.critic.parameters(), lr=1.0)
+    critic, target, actor = (copy.deepcopy(m) for m in (agent.critic, agent.critic_target, agent.actor))
+    batch = random_batch(done=torch.tensor([0.0, 1, 0, 0, 0, 1, 0, 0]))
+    obs, action, reward, next_obs, done, _ = batch
+    torch.manual_seed(6)
+    agent.offline_update(batch)
+    torch.manual_seed(6)  # the same draws: pi(s) for the temperature, then the CQL samples
+    with torch.no_grad():
+        actor(obs)
+        next_action, _ = actor(next_obs, deterministic=True)
+        y = reward + 0.99 * (1 - done) * target(next_obs, next_action).min(0).values
+    q = critic(obs, action)
+    gap = enoto.cql_gap(critic, actor, obs, next_obs, q, agent.args.cql_samples)
+    assert_sgd_step(agent.critic, critic, (q - y).pow(2).mean(1).sum() + 5.0 * gap)
+
+
+def test_hand_over_drops_the_cql_term_and_keeps_everything_else():
+    agent = tiny_agent(num_critics=3)
+    agent.offline_update(random_batch())
+    before = {name: copy.deepcopy(getattr(agent, name).state_dict()) for name in ("critic", "critic_target", "actor")}
+    optimizer_states = {name: getattr(agent, f"{name}_optimizer").state_dict() for name in ("actor", "critic")}
+    agent.hand_over()
+    assert agent.cql_weight == 0.0
+    for name, state in before.items():
+        assert all(torch.equal(state[key], value) for key, value in getattr(agent, name).state_dict().items()), name
+    for name, state in optimizer_states.items():
+        assert getattr(agent, f"{name}_optimizer").state_dict()["state"].keys() == state["state"].keys() != set()
+    kept = tiny_agent(num_critics=3, keep_cql_online=True)
+    kept.hand_over()
+    assert kept.cql_weight == 5.0

@@ -6,7 +6,7 @@ from utils import NAMES, UserError, resolve_name
 
 
 def test_every_name_maps_to_versioned_minari_ids():
-    assert len(NAMES) == 4 * 5 + 6 + 12
+    assert len(NAMES) == 4 * 7 + 6 + 12  # 4 envs x (simple, medium, expert, medium-expert, random, 2 sac levels)
     for name, resolved in NAMES.items():
         assert resolved.name == name
         assert all(re.search(r"-v\d+$", minari_id) for minari_id in resolved.minari_ids)
@@ -37,7 +37,18 @@ def test_random_is_generated_under_our_own_namespace():
     resolved = resolve_name("hopper-random-v2")
     assert resolved.minari_ids == ("o2o-local/hopper/random-v0",)
     assert resolved.generate_env_id == "Hopper-v5"
-    assert all(NAMES[name].generate_env_id is None for name in NAMES if not name.endswith("-random"))
+    ours = ("-random", "-sac-medium", "-sac-medium-replay")
+    assert all(NAMES[name].generate_env_id is None for name in NAMES if not name.endswith(ours))
+    replay = resolve_name("walker2d-sac-medium-replay")
+    assert (
+        replay.minari_ids == ("o2o-local/walker2d/sac-medium-replay-v0",) and replay.behavior_level == "medium-replay"
+    )
+    assert all(
+        minari_id.startswith("o2o-local/")
+        for name in NAMES
+        if name.endswith(ours)
+        for minari_id in NAMES[name].minari_ids
+    )
 
 
 def test_unknown_name_lists_the_known_names():

@@ -1,5 +1,6 @@
 """Off2On: the card's testable properties with exact numbers, a smoke run, and a CUDA variant."""
 
+import copy
 import math
 
 import numpy as np
@@ -378,3 +379,25 @@ def test_cuda_offline_and_online_updates():
     online = off2on.replay_update(agent, replay, agent.args)
     assert all(torch.isfinite(v).all() and v.device.type == "cuda" for v in (*offline.values(), *online.values()))
     assert agent.policy(np.zeros(OBS, np.float32), deterministic=False).shape == (ACT,)
+
+
+def test_replay_update_writes_the_pre_update_density_priorities_back(monkeypatch):
+    """The priorities of the RL batch come from the density network before its step and reach the replay."""
+    agent = tiny_agent(num_agents=2, batch_size=64)
+    agent.hand_over()
+    replay = make_replay(num_offline=200, online_steps=100, batch_size=64)
+    for _ in range(100):
+        replay.add(random_rows(1, True))
+    density = copy.deepcopy(agent.density)
+    seen = {}
+    sample_rl, online_update = replay.sample_rl, agent.online_update
+    monkeypatch.setattr(replay, "sample_rl", lambda *a: seen.setdefault("index", sample_rl(*a)))
+    monkeypatch.setattr(agent, "online_update", lambda *a: seen.setdefault("batches", a) and online_update(*a))
+    max_before = replay.max_priority.clone()
+    off2on.replay_update(agent, replay, agent.args)
+    batch, _, offline_batch = seen["batches"]
+    with torch.no_grad():
+        expected = off2on.priorities(density(*batch[:2]), density(*offline_batch[:2]), 5.0).double()
+    assert not torch.equal(agent.density.net[-1].weight, density.net[-1].weight)  # the density net did step
+    torch.testing.assert_close(replay.priority[seen["index"]], expected)  # a repeated row: the same value
+    assert replay.max_priority == torch.maximum(max_before, expected.max())

@@ -543,3 +543,30 @@ def test_cuda_updates_of_every_phase(backbone):
     results += [opt.replay_update(agent, replay, 0.5, agent.args) for _ in range(2)]
     assert all(torch.isfinite(v).all() and v.device.type == "cuda" for r in results for v in r.values())
     assert agent.policy(np.zeros(OBS, np.float32), noise=0.1).shape == (ACT,)
+
+
+def test_replay_update_writes_the_pre_update_density_priorities_back(monkeypatch):
+    agent = tiny_agent()
+    agent.args.batch_size = 64
+    agent.hand_over()
+    agent.start_online_critic()
+    agent.start_finetuning()
+    rows = torch.cat(
+        [torch.randn(300, OBS), torch.rand(300, ACT) * 2 - 1, torch.randn(300, 1), torch.randn(300, OBS)], 1
+    )
+    rows = torch.cat([rows, torch.zeros(300, 2)], 1)  # not done, offline
+    replay = opt.BalancedReplay(rows[:200], 100, agent.args, OBS, ACT)
+    replay.add(rows[200:] + torch.tensor([0.0] * (rows.shape[1] - 1) + [1.0]))  # 100 online rows
+    density = copy.deepcopy(agent.density)
+    seen = {}
+    sample_rl, finetune_update = replay.sample_rl, agent.finetune_update
+    monkeypatch.setattr(replay, "sample_rl", lambda *a: seen.setdefault("index", sample_rl(*a)))
+    monkeypatch.setattr(agent, "finetune_update", lambda *a: seen.setdefault("batches", a) and finetune_update(*a))
+    max_before = replay.max_priority.clone()
+    opt.replay_update(agent, replay, 0.5, agent.args)
+    batch, _, _, offline_batch = seen["batches"]
+    with torch.no_grad():
+        expected = opt.priorities(density(*batch[:2]), density(*offline_batch[:2]), 5.0).double()
+    assert not torch.equal(agent.density.net[-1].weight, density.net[-1].weight)  # the density net did step
+    torch.testing.assert_close(replay.priority[seen["index"]], expected)  # a repeated row: the same value
+    assert replay.max_priority == torch.maximum(max_before, expected.max())

@@ -1,5 +1,6 @@
 """SO2: the card's testable properties with exact numbers, a smoke run, and a CUDA variant."""
 
+import copy
 import itertools
 import json
 
@@ -402,3 +403,80 @@ def test_qf_loss_is_logged_per_member_in_both_phases():
         per_member = (agent.critic(obs, action) - y).pow(2).mean()
     logged = agent.offline_update(batch, eta=0.0)["offline/qf_loss"]
     assert logged.item() == pytest.approx(per_member.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real updates against hand-computed ones: plain SGD with lr 1, so a step is exactly minus the gradient
+# ---------------------------------------------------------------------------------------------------
+
+
+def hand_batch(n=8):
+    torch.manual_seed(1)
+    done = torch.tensor([0.0, 1, 0, 0, 1, 0, 0, 0])[:n]
+    return torch.randn(n, OBS), torch.rand(n, ACT) * 2 - 1, torch.randn(n), torch.randn(n, OBS), done, torch.ones(n)
+
+
+def assert_sgd_step(module_after, module_before, loss):
+    grads = torch.autograd.grad(loss, list(module_before.parameters()))
+    for after, before, grad in zip(module_after.parameters(), module_before.parameters(), grads, strict=True):
+        torch.testing.assert_close(after, before - grad, rtol=1e-5, atol=1e-6)
+
+
+def test_online_critic_update_regresses_to_the_perturbed_per_member_target():
+    """PVU: a clipped noisy a' into the target critics, the entropy of the un-noised a', one target per member."""
+    agent = tiny_agent(num_critics=3, target_noise=0.3, noise_clip=0.1)  # a clip that binds for most draws
+    agent.hand_over()
+    with torch.no_grad():  # targets that differ from the critics and depend strongly on the action
+        for param in agent.critic_target.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    agent.critic_optimizer = torch.optim.SGD(agent.critic.parameters(), lr=1.0)
+    critic, target = copy.deepcopy(agent.critic), copy.deepcopy(agent.critic_target)
+    obs, action, reward, next_obs, done, is_online = hand_batch()
+    torch.manual_seed(7)
+    agent.online_critic_update((obs, action, reward, next_obs, done, is_online))
+    torch.manual_seed(7)  # the same draws as the update: a' ~ pi(s'), then the noise
+    with torch.no_grad():
+        next_action, next_log_prob = agent.actor(next_obs)
+        noise = (torch.randn_like(next_action) * 0.3).clamp(-0.1, 0.1)
+        noisy_q = target(next_obs, (next_action + noise).clamp(-1, 1))  # [N, B]
+        y = reward + 0.99 * (1 - done) * (noisy_q - 0.2 * next_log_prob)
+    assert_sgd_step(agent.critic, critic, (critic(obs, action) - y).pow(2).mean())
+    moved = zip(agent.critic_target.parameters(), target.parameters(), agent.critic.parameters(), strict=True)
+    for after, old, new in moved:
+        torch.testing.assert_close(after, old + 0.005 * (new - old))  # the target follows after every update
+
+
+def test_offline_update_regresses_to_the_shared_min_target_with_the_diversity_term():
+    agent = tiny_agent(num_critics=3)
+    agent.critic_optimizer = torch.optim.SGD(agent.critic.parameters(), lr=1.0)
+    with torch.no_grad():
+        for param in agent.critic_target.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    critic, target, actor = (copy.deepcopy(m) for m in (agent.critic, agent.critic_target, agent.actor))
+    alpha = agent.log_alpha.exp().detach()
+    obs, action, reward, next_obs, done, is_online = hand_batch()
+    torch.manual_seed(3)
+    agent.offline_update((obs, action, reward, next_obs, done, is_online), eta=2.0)
+    torch.manual_seed(3)  # the update draws pi(s) for the actor loss first, then a' ~ pi(s')
+    with torch.no_grad():
+        actor(obs)
+        next_action, next_log_prob = actor(next_obs)
+        y = reward + 0.99 * (1 - done) * (target(next_obs, next_action).min(0).values - alpha * next_log_prob)
+    td = (critic(obs, action) - y).pow(2).mean(1).sum()  # EDAC: summed over members
+    assert_sgd_step(agent.critic, critic, td + 2.0 * so2.diversity_loss(critic, obs, action))
+
+
+def test_hand_over_copies_targets_fresh_adam_at_the_online_rate_and_fixes_alpha():
+    agent = tiny_agent(num_critics=3)
+    for _ in range(3):  # targets lag behind, Adam has state, alpha has moved
+        agent.offline_update(hand_batch(), eta=1.0)
+    same = lambda: all(map(torch.equal, agent.critic_target.parameters(), agent.critic.parameters()))
+    assert not same()
+    agent.hand_over()
+    assert same()
+    for optimizer in (agent.actor_optimizer, agent.critic_optimizer, agent.alpha_optimizer):
+        assert [group["lr"] for group in optimizer.param_groups] == [1e-3] and not optimizer.state
+    assert agent.log_alpha.exp().item() == pytest.approx(0.2, rel=1e-6)
+    agent.online_critic_update(hand_batch())
+    agent.online_actor_update(hand_batch()[0])
+    assert agent.log_alpha.exp().item() == pytest.approx(0.2, rel=1e-6)  # fixed online

@@ -28,7 +28,9 @@ ADROIT_TASKS = ("pen", "door", "hammer", "relocate")
 ADROIT_LEVELS = ("human", "cloned", "expert")
 # Our own namespace for data generated here, so it never shadows a remote Minari id.
 LOCAL_NAMESPACE = "o2o-local"
-RANDOM_DATASET_STEPS = 1_000_000
+RANDOM_DATASET_STEPS = 1_000_000  # also the size of a generated sac-medium dataset (D4RL: 1M)
+BEHAVIOR_LEVELS = ("medium", "medium-replay")
+BEHAVIOR_ROOT = Path(__file__).resolve().parents[1] / "benchmark" / "behavior"
 VERSIONED_ID = re.compile(r"-v\d+$")
 
 
@@ -38,7 +40,8 @@ class DatasetName:
 
     name: str
     minari_ids: tuple[str, ...]  # concatenated in this order (medium-expert = medium then expert)
-    generate_env_id: str | None = None  # set for data we create locally on first use (the random level)
+    generate_env_id: str | None = None  # set for data we create locally on first use
+    behavior_level: str | None = None  # medium / medium-replay from benchmark/behavior/<env>/; None = random
 
 
 def _name_table() -> dict[str, DatasetName]:
@@ -52,6 +55,10 @@ def _name_table() -> dict[str, DatasetName]:
         table[f"{env}-random"] = DatasetName(
             f"{env}-random", (f"{LOCAL_NAMESPACE}/{env}/random-v0",), generate_env_id=f"{Env}-v5"
         )
+        for level in BEHAVIOR_LEVELS:  # our own SAC behaviour data (benchmark/behavior.py), not D4RL's
+            name = f"{env}-sac-{level}"
+            minari_id = f"{LOCAL_NAMESPACE}/{env}/sac-{level}-v0"
+            table[name] = DatasetName(name, (minari_id,), generate_env_id=f"{Env}-v5", behavior_level=level)
     for level in ANTMAZE_LEVELS:
         table[f"antmaze-{level}"] = DatasetName(f"antmaze-{level}", (f"D4RL/antmaze/{level}-v1",))
     for task in ADROIT_TASKS:
@@ -64,7 +71,7 @@ NAMES = _name_table()
 
 _REFUSED = {
     "medium-replay": "Minari has no medium-replay data for the MuJoCo tasks (only simple, medium and expert "
-    "exist remotely); use {env}-simple or {env}-random, or make a dataset with `python -m utils.make_dataset`",
+    "exist remotely); use our own {env}-sac-medium-replay (README), {env}-simple or {env}-random",
     "full-replay": "Minari has no full-replay data; use {env}-medium or {env}-random",
     "kitchen": "FrankaKitchen-v1 does not run on mujoco 4 (its make fails in get_joint_qpos), so kitchen "
     "datasets cannot be fine-tuned online",
@@ -412,18 +419,23 @@ class OfflineData:
 def load_dataset(name: str, use_cache: bool = True, random_steps: int = RANDOM_DATASET_STEPS) -> OfflineData:
     """Load a dataset by D4RL-style name or Minari id as flat float32 arrays (cached on disk).
 
-    `random_steps` sets the size of a random dataset generated on first use (tests make tiny ones).
+    `random_steps` sets the size of a random or sac-medium dataset generated on first use (tests make tiny
+    ones); a sac-medium-replay dataset has the length of the behaviour's training run up to medium.
     """
     resolved = resolve_name(name)
     if resolved.generate_env_id and not is_local(resolved.minari_ids[0]):
-        from utils.make_dataset import collect_dataset
+        from utils.make_dataset import collect_behavior_dataset, collect_dataset
 
-        print(
-            f"{resolved.minari_ids[0]} is not under {datasets_root()}: generating {random_steps} steps of "
-            f"uniform random actions on {resolved.generate_env_id} (done once)",
-            file=sys.stderr,
+        minari_id, env_id, level = resolved.minari_ids[0], resolved.generate_env_id, resolved.behavior_level
+        what = (
+            f"{level} data of our SAC behaviour policy" if level else f"{random_steps} steps of uniform random actions"
         )
-        collect_dataset(resolved.generate_env_id, resolved.minari_ids[0], steps=random_steps)
+        print(f"{minari_id} is not under {datasets_root()}: generating {what} on {env_id} (done once)", file=sys.stderr)
+        if level is None:
+            collect_dataset(env_id, minari_id, steps=random_steps)
+        else:
+            behavior_dir = BEHAVIOR_ROOT / task_of_env_id(env_id)
+            collect_behavior_dataset(env_id, minari_id, level, random_steps, behavior_dir)
     parts = [_load_part(minari_id, use_cache) for minari_id in resolved.minari_ids]
     first = parts[0]
     if first.env_spec is None:

@@ -13,7 +13,10 @@ temporary root and moved into MINARI_DATASETS_PATH at the end, so an interrupted
 
 from __future__ import annotations
 
+import bisect
 import importlib
+import itertools
+import json
 import os
 import shutil
 import sys
@@ -23,11 +26,14 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.data import VERSIONED_ID, datasets_root, is_local, observation_keys, task_of_env_id
+from utils.data import BEHAVIOR_LEVELS, VERSIONED_ID, datasets_root, is_local, observation_keys, task_of_env_id
 from utils.errors import UserError
 
 
@@ -63,8 +69,6 @@ def policy_from_checkpoint(path: str, noise_std: float, env: gym.Env, seed: int)
     Each algorithm script saves its name under `algorithm` and exposes `policy_from_checkpoint(ckpt)`.
     Dict observations reach the actor flattened in the layout the data loader gives the scripts.
     """
-    import torch
-
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         module = importlib.import_module(f"algorithms.{checkpoint['algorithm']}")
@@ -89,6 +93,108 @@ def policy_from_checkpoint(path: str, noise_std: float, env: gym.Env, seed: int)
         return np.clip(action, action_space.low, action_space.high)
 
     return act
+
+
+# ---------------------------------------------------------------------------------------------------
+# Behaviour policies of benchmark/behavior.py (SAC snapshots) and the medium / medium-replay recipes
+# ---------------------------------------------------------------------------------------------------
+
+
+def mlp(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out)
+    )
+
+
+class BehaviorActor(nn.Module):
+    """Tanh-Gaussian policy obs -> (mu, log sigma in [-5, 2]), actions rescaled to the env's bounds."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, low: np.ndarray, high: np.ndarray):
+        super().__init__()
+        self.net = mlp(obs_dim, 2 * act_dim, hidden)
+        self.register_buffer("scale", torch.as_tensor((high - low) / 2, dtype=torch.float32))
+        self.register_buffer("center", torch.as_tensor((high + low) / 2, dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None):
+        """Action and its log-probability; `generator` draws the Gaussian noise (seeded data collection)."""
+        mu, log_std = self.net(obs).chunk(2, -1)
+        std = log_std.clamp(-5.0, 2.0).exp()
+        noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+        pre_tanh = mu if deterministic else mu + std * noise
+        # log N(u; mu, std) - log(1 - tanh(u)^2), with the exact, stable form of the tanh correction
+        log_prob = (-0.5 * ((pre_tanh - mu) / std) ** 2 - std.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
+        log_prob = log_prob - (2 * (np.log(2) - pre_tanh - F.softplus(-2 * pre_tanh))).sum(-1)
+        return self.center + self.scale * torch.tanh(pre_tanh), log_prob - self.scale.log().sum()
+
+
+def load_behavior_actor(snapshot: dict) -> BehaviorActor:
+    """The float16-stored actor of a benchmark/behavior.py snapshot, in float32."""
+    actor = BehaviorActor(
+        snapshot["obs_dim"], snapshot["act_dim"], snapshot["hidden_dim"], snapshot["low"], snapshot["high"]
+    )
+    actor.net.load_state_dict({key: value.float() for key, value in snapshot["actor"].items()})
+    return actor.eval()
+
+
+def behavior_policy(env_dir: Path, level: str, env_id: str, seed: int) -> tuple[Callable, int | None]:
+    """The policy that collects `level` data from the snapshots in env_dir, and the step count it fixes.
+
+    medium: the stochastic policy of the first snapshot whose D4RL-normalized return reaches 100/3 (D4RL:
+    a SAC policy stopped at a third of expert); any number of steps. medium-replay: the training run up to
+    that snapshot replayed, as many steps as it trained: the first learning_starts steps uniform random,
+    then every step by the newest snapshot taken before it (the replay buffer's policy mixture at the
+    snapshot resolution, not its exact transitions).
+    """
+    from utils.data import D4RL_REF_SCORES
+
+    try:
+        snapshots = json.loads((env_dir / "snapshots.json").read_text())
+        learning_starts = json.loads((env_dir / "args.json").read_text())["learning_starts"]
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(
+            f"no behaviour policy in {env_dir} ({type(err).__name__}: {err}); train one with "
+            f"`python benchmark/behavior.py --env-id {env_id} --out {env_dir}`"
+        ) from err
+    medium = next((entry for entry in snapshots if entry["normalized_score"] >= 100 / 3), None)
+    if medium is None:
+        best = max((entry["normalized_score"] for entry in snapshots), default=float("nan"))
+        raise UserError(
+            f"no snapshot in {env_dir} reaches a third of the expert return (best {best:.1f} normalized, "
+            f"D4RL refs {D4RL_REF_SCORES.get(task_of_env_id(env_id))}); train longer with benchmark/behavior.py"
+        )
+    generator = torch.Generator().manual_seed(seed)
+
+    def sample(actor: BehaviorActor, observation: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return actor(torch.as_tensor(observation, dtype=torch.float32), generator=generator)[0].numpy()
+
+    def load(entry: dict) -> BehaviorActor:
+        return load_behavior_actor(torch.load(env_dir / entry["path"], map_location="cpu", weights_only=False))
+
+    if level == "medium":
+        actor = load(medium)
+        return (lambda observation: sample(actor, observation)), None
+    window = sorted((entry for entry in snapshots if entry["step"] <= medium["step"]), key=lambda e: e["step"])
+    actors, starts = [load(entry) for entry in window], [entry["step"] for entry in window]
+    space = gym.make(env_id).action_space
+    space.seed(seed)
+    calls = itertools.count(1)
+
+    def replay(observation: np.ndarray) -> np.ndarray:
+        step = next(calls)
+        if step <= learning_starts or step <= starts[0]:
+            return space.sample()
+        return sample(actors[bisect.bisect_left(starts, step) - 1], observation)
+
+    return replay, medium["step"]
+
+
+def collect_behavior_dataset(env_id: str, dataset_id: str, level: str, steps: int, env_dir: Path, seed: int = 0):
+    """A medium or medium-replay dataset from benchmark/behavior.py's snapshots (see behavior_policy)."""
+    if level not in BEHAVIOR_LEVELS:
+        raise UserError(f"behaviour level '{level}' is not one of {BEHAVIOR_LEVELS}")
+    policy, fixed_steps = behavior_policy(env_dir, level, env_id, seed)
+    return collect_dataset(env_id, dataset_id, fixed_steps or steps, policy, seed)
 
 
 def _stack(observations: list):

@@ -1,0 +1,527 @@
+"""Mutation check: each edit switches one mechanism off where it enters the update; some test must fail.
+
+    python benchmark/mutation.py --scripts so2 enoto --out benchmark/results/mutation.md
+
+Every edit is applied alone to a scratch copy of the repository (never to this tree), then the script's
+test file and its cases of tests/test_edges.py run there with `pytest -x` (in-process tests; the
+subprocess smoke tests too with --with-slow). An edit the tests pass is MISSED: a mechanism
+that can be deleted without any test noticing. An edit whose text no longer occurs exactly once is reported
+as stale, so the list cannot silently stop testing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# script -> [(mechanism, text in algorithms/<script>.py, its replacement)]
+MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
+    "so2": [
+        (
+            "PVU: the target critic gets the un-noised next action",
+            "target_q = self.critic_target(next_obs, noisy_action)",
+            "target_q = self.critic_target(next_obs, next_action)",
+        ),
+        (
+            "PVU: the noise is not clipped",
+            "noise = (torch.randn_like(action) * noise_std).clamp(-noise_clip, noise_clip)",
+            "noise = torch.randn_like(action) * noise_std",
+        ),
+        (
+            "hand-over: targets are not copied from the critics",
+            "        self.critic_target.load_state_dict(self.critic.state_dict())\n",
+            "",
+        ),
+        (
+            "hand-over: the critic optimiser keeps the offline learning rate",
+            "self.critic_optimizer = adam(self.critic.parameters(), lr=args.online_lr)",
+            "self.critic_optimizer = adam(self.critic.parameters(), lr=args.offline_lr)",
+        ),
+        (
+            "hand-over: the actor optimiser keeps the offline learning rate",
+            "self.actor_optimizer = adam(self.actor.parameters(), lr=args.online_lr)",
+            "self.actor_optimizer = adam(self.actor.parameters(), lr=args.offline_lr)",
+        ),
+        (
+            "hand-over: alpha is not set to the fixed online value",
+            "self.log_alpha.fill_(float(np.log(args.online_alpha)))",
+            "self.log_alpha.add_(0.0)",
+        ),
+        (
+            "hand-over: alpha keeps being tuned online",
+            "self.auto_alpha = args.online_auto_alpha",
+            "self.auto_alpha = True",
+        ),
+        (
+            "online target: min over members instead of per member",
+            "next_value = target_q if per_member else target_q.min(0).values",
+            "next_value = target_q.min(0).values",
+        ),
+        (
+            "offline target: per member instead of the shared minimum",
+            "y = bellman_target(target_q, next_log_prob, reward, done, alpha, self.args.gamma, per_member=False)",
+            "y = bellman_target(target_q, next_log_prob, reward, done, alpha, self.args.gamma, per_member=True)",
+        ),
+        (
+            "target: terminations ignored",
+            "return reward + gamma * (1.0 - done) * (next_value - alpha * next_log_prob)",
+            "return reward + gamma * (next_value - alpha * next_log_prob)",
+        ),
+        (
+            "online: no target soft update",
+            "        soft_update(self.critic_target, self.critic, self.args.tau)\n        self.critic_updates += 1",
+            "        self.critic_updates += 1",
+        ),
+        (
+            "online: an actor update after every critic update",
+            "if agent.critic_updates % args.actor_update_freq == 0:",
+            "if True:",
+        ),
+        (
+            "actor: mean over critics instead of the minimum",
+            "return (alpha * log_prob - self.critic(obs, action).min(0).values).mean(), log_prob",
+            "return (alpha * log_prob - self.critic(obs, action).mean(0)).mean(), log_prob",
+        ),
+        (
+            "offline: the EDAC diversity term never reaches the critic loss",
+            "critic_loss = td_loss + eta * div_loss",
+            "critic_loss = td_loss",
+        ),
+        (
+            "mixed pool: online rows never enter it",
+            "                pool.add(row)  # overwrites the oldest pool slot",
+            "                pass  # overwrites the oldest pool slot",
+        ),
+        (
+            "sampling: the online share comes from the pool",
+            "online_rows = online.sample_rows(updates * n_online).view(updates, n_online, -1)",
+            "online_rows = pool.sample_rows(updates * n_online).view(updates, n_online, -1)",
+        ),
+        (
+            "warm-up: updates start at the first step",
+            "        if step > args.warmup_steps:",
+            "        if step > 0:",
+        ),
+        (
+            "online: a truncation is stored as terminal",
+            "np.array([terminated]), True)",
+            "np.array([terminated or truncated]), True)",
+        ),
+        (
+            "online: N_upc 1 instead of --updates-per-step",
+            "minibatches = sample_so2(online, pool, args.batch_size, args.mixed_batch_size, args.updates_per_step)",
+            "minibatches = sample_so2(online, pool, args.batch_size, args.mixed_batch_size, 1)",
+        ),
+        (
+            "evaluation: stochastic actions",
+            "lambda obs: agent.policy(obs, deterministic=True),",
+            "lambda obs: agent.policy(obs, deterministic=False),",
+        ),
+    ],
+    "enoto": [
+        (
+            "SUNRISE: the weight is computed but not passed to the critic loss",
+            "results |= self.update_critic(batch, y, weight)",
+            "results |= self.update_critic(batch, y)",
+        ),
+        (
+            "SUNRISE: the weight multiplies nothing in the TD loss",
+            "td_loss = (weight * (q - y).pow(2)).mean(1).sum()",
+            "td_loss = (q - y).pow(2).mean(1).sum()",
+        ),
+        (
+            "SUNRISE: the weight ignores the ensemble spread",
+            "weight = sunrise_weight(target_q.std(0, correction=0), args.sunrise_temperature)",
+            "weight = sunrise_weight(torch.zeros_like(reward), args.sunrise_temperature)",
+        ),
+        (
+            "CQL: the gap carries no gradient",
+            'critic_loss, results["cql_loss"] = td_loss + cql_loss, cql_loss.detach()',
+            'critic_loss, results["cql_loss"] = td_loss + cql_loss.detach(), cql_loss.detach()',
+        ),
+        (
+            "CQL: the logsumexp leaves out the pi(s') actions",
+            "actions = torch.cat([uniform_actions, policy_actions], dim=1)",
+            "actions = torch.cat([uniform_actions, policy_actions[:, :batch].repeat(1, 2, 1)], dim=1)",
+        ),
+        (
+            "hand-over: the CQL term stays online",
+            "self.cql_weight = self.args.cql_weight if self.args.keep_cql_online else 0.0",
+            "self.cql_weight = self.args.cql_weight",
+        ),
+        (
+            "online target: the --q-target rule is ignored (min over members)",
+            "soft_value = ensemble_target(target_q, args.q_target) - alpha * next_log_prob",
+            "soft_value = target_q.min(0).values - alpha * next_log_prob",
+        ),
+        (
+            "online target: no entropy term",
+            "soft_value = ensemble_target(target_q, args.q_target) - alpha * next_log_prob",
+            "soft_value = ensemble_target(target_q, args.q_target)",
+        ),
+        (
+            "offline target: a sampled next action instead of tanh(mu)",
+            "            next_action, _ = self.actor(next_obs, deterministic=True)\n            return reward",
+            "            next_action, _ = self.actor(next_obs)\n            return reward",
+        ),
+        (
+            "WeightedMinPair: pair counts reversed (a max-pair mean)",
+            "pair_counts = torch.arange(n - 1, -1, -1, device=q.device, dtype=q.dtype)",
+            "pair_counts = torch.arange(0, n, device=q.device, dtype=q.dtype)",
+        ),
+        (
+            "UCB: the candidates are scored by their mean only",
+            "return (q.mean(0) + ucb_lambda * q.std(0, correction=0)).argmax()",
+            "return q.mean(0).argmax()",
+        ),
+        (
+            "exploration: UCB replaced by a plain policy sample",
+            '            if mode == "none":',
+            "            if True:",
+        ),
+        (
+            "update order: the temperature is not updated online",
+            "        results = self.update_alpha(obs)\n        y, weight = self.online_target(next_obs, reward, done)",
+            "        results = {}\n        y, weight = self.online_target(next_obs, reward, done)",
+        ),
+        (
+            "actor: mean over critics instead of the minimum",
+            "actor_loss = (alpha * log_prob - self.critic(obs, action).min(0).values).mean()",
+            "actor_loss = (alpha * log_prob - self.critic(obs, action).mean(0)).mean()",
+        ),
+        (
+            "online: no target soft update",
+            "        results |= self.update_actor(obs)\n"
+            '        soft_update(self.critic_target, self.critic, self.args.tau)\n        return {f"losses/',
+            '        results |= self.update_actor(obs)\n        return {f"losses/',
+        ),
+        (
+            "warm-up: updates start at the first step",
+            "if step > args.warmup_steps and online.size >= args.batch_size:",
+            "if online.size >= args.batch_size:",
+        ),
+        (
+            "online: a truncation is stored as terminal",
+            "next_obs[None], np.array([terminated]), True)",
+            "next_obs[None], np.array([terminated or truncated]), True)",
+        ),
+        (
+            "AntMaze: the training reward is not shifted",
+            'return (reward - 0.5) * 4.0 if task == "antmaze" else reward',
+            "return reward",
+        ),
+    ],
+    "off2on": [
+        (
+            "balanced replay: the priorities are computed but never written back",
+            "        replay.set_priorities(index, new_priorities)\n    else:",
+            "        pass\n    else:",
+        ),
+        (
+            "balanced replay: new rows do not enter at the running max",
+            "        self.priority[self.buffer.size] = self.max_priority\n",
+            "        self.priority[self.buffer.size] = 1.0\n",
+        ),
+        (
+            "balanced replay: the running max starts at 1, not from --init-online-fraction",
+            "        self.max_priority = torch.tensor(initial, dtype=torch.float64, device=device)",
+            "        self.max_priority = torch.tensor(1.0, dtype=torch.float64, device=device)",
+        ),
+        (
+            "priorities: the temperature is not applied",
+            "    scaled = w.pow(1 / temperature)\n    return (scaled / (w_offline.pow(1 / temperature)",
+            "    scaled = w\n    return (scaled / (w_offline.pow(1 / temperature)",
+        ),
+        (
+            "priorities: not normalised by the offline minibatch",
+            "    return (scaled / (w_offline.pow(1 / temperature).mean() + 1e-10)).clamp(1e-3, 1e3)",
+            "    return scaled.clamp(1e-3, 1e3)",
+        ),
+        (
+            "density: its loss never steps the density network",
+            "        if density_loss is not None:\n            self.density_optimizer.zero_grad",
+            "        if False:\n            self.density_optimizer.zero_grad",
+        ),
+        (
+            "density: the offline term of the JS loss is dropped",
+            "    return offline_term - torch.log(2 * w_online / (w_online + 1) + 1e-10).mean()",
+            "    return -torch.log(2 * w_online / (w_online + 1) + 1e-10).mean()",
+        ),
+        (
+            "ensemble policy: the mean of the members only (no mixture variance)",
+            "    variance = (std.pow(2) + mu.pow(2)).mean(0) - mean.pow(2)",
+            "    variance = std.pow(2).mean(0)",
+        ),
+        (
+            "online actor: one member's Q instead of the ensemble mean of twin minima",
+            "actor_loss = (alpha * log_prob - self.critic.twin_min(obs, new_action).mean(0)).mean()",
+            "actor_loss = (alpha * log_prob - self.critic.twin_min(obs, new_action)[0]).mean()",
+        ),
+        (
+            "online target: no entropy term",
+            "next_value = self.critic_target.twin_min(next_obs, next_action) - alpha * next_log_prob  # [N, B]",
+            "next_value = self.critic_target.twin_min(next_obs, next_action)  # [N, B]",
+        ),
+        (
+            "hand-over: targets are not copied from the critics",
+            "        self.critic_target.load_state_dict(self.critic.state_dict())\n        self.actor_optimizer",
+            "        self.actor_optimizer",
+        ),
+        (
+            "hand-over: alpha is not reset to 1",
+            "        self.log_alpha = torch.zeros((), device=self.device, requires_grad=True)\n",
+            "        self.log_alpha = self.log_alpha.detach().mean().requires_grad_(True)\n",
+        ),
+        (
+            "offline: no BC warm start",
+            "if self.offline_updates < args.bc_steps:  # CQL's warm start",
+            "if False:  # CQL's warm start",
+        ),
+        (
+            "offline: the CQL term carries no gradient",
+            "self.step(alpha_loss, actor_loss, td_loss + cql_loss.sum())",
+            "self.step(alpha_loss, actor_loss, td_loss + cql_loss.sum().detach())",
+        ),
+        (
+            "schedule: the first block gets no extra updates",
+            "multiplier = args.first_block_multiplier if block_start == 0 else 1",
+            "multiplier = 1",
+        ),
+        (
+            "online: a truncation is stored as terminal",
+            "next_obs[None], np.array([terminated]), True)",
+            "next_obs[None], np.array([terminated or truncated]), True)",
+        ),
+    ],
+    "opt": [
+        (
+            "balanced replay: the priorities are computed but never written back",
+            "        replay.set_priorities(index, new_priorities)\n",
+            "",
+        ),
+        (
+            "balanced replay: the running max starts at 1, not from --init-online-fraction",
+            "        self.max_priority = torch.tensor(initial, dtype=torch.float64, device=device)",
+            "        self.max_priority = torch.tensor(1.0, dtype=torch.float64, device=device)",
+        ),
+        (
+            "Eq. 4: kappa is ignored (Q_off only)",
+            "            q = (1.0 - kappa) * q + kappa * self.q_on(obs, policy_action)[0]",
+            "            q = q + 0.0 * self.q_on(obs, policy_action)[0]",
+        ),
+        (
+            "Eq. 3: the online loss does not reach the meta objective",
+            "    return offline_loss + c * online_loss, offline_loss.detach()",
+            "    return offline_loss + c * online_loss.detach(), offline_loss.detach()",
+        ),
+        (
+            "Eq. 3: the inner step is taken at the outer parameters (no adaptation)",
+            "    online_loss = td_loss(adapted, *online)",
+            "    online_loss = td_loss(params, *online)",
+        ),
+        (
+            "Eq. 3: c is not detached",
+            "        c = torch.where(online_loss > offline_loss, offline_loss / online_loss, 1.0).detach()",
+            "        c = torch.where(online_loss > offline_loss, offline_loss / online_loss, 1.0)",
+        ),
+        (
+            "fine-tuning: Q_on is not trained",
+            '        pairs += [("qf_on", self.q_on, self.q_on_target, self.q_on_optimizer)]'
+            " if self.q_on is not None else []",
+            "        pairs += []",
+        ),
+        (
+            "fine-tuning: the two critics draw their own target actions",
+            "                y = self.td_target(critic_target, reward, next_obs, done, next_action)",
+            "                y = self.td_target(critic_target, reward, next_obs, done)",
+        ),
+        (
+            "TD3: no target policy smoothing",
+            "        return (self.actor_target(next_obs) + noise).clamp(-1.0, 1.0)",
+            "        return self.actor_target(next_obs).clamp(-1.0, 1.0)",
+        ),
+        (
+            "TD3: the target is the first twin, not the minimum",
+            "        return reward + self.gamma * (1.0 - done) * critic_target(next_obs, next_action).min(0).values",
+            "        return reward + self.gamma * (1.0 - done) * critic_target(next_obs, next_action)[0]",
+        ),
+        (
+            "TD3+BC: lambda is not held constant",
+            "    lmbda = alpha / q1.abs().mean().detach()",
+            "    lmbda = alpha / q1.abs().mean()",
+        ),
+        (
+            "TD3+BC: the BC term is dropped",
+            "    return -lmbda * q1.mean() + (policy_action - action).pow(2).mean()",
+            "    return -lmbda * q1.mean()",
+        ),
+        (
+            "kappa: held at its start value",
+            "    return end if t >= steps else start + (end - start) * t / steps",
+            "    return start",
+        ),
+        (
+            "fine-tuning: the actor every update instead of every policy_freq",
+            "        if self.finetune_updates % args.policy_freq == 0:",
+            "        if True:",
+        ),
+        (
+            "hand-over: SPOT's Adam states are not reset",
+            '        if args.backbone == "spot":\n            self.actor_optimizer = adam',
+            "        if False:\n            self.actor_optimizer = adam",
+        ),
+        (
+            "online: a truncation is stored as terminal",
+            "            np.array([terminated]),\n            True,",
+            "            np.array([terminated or truncated]),\n            True,",
+        ),
+    ],
+    "baq": [
+        (
+            "Eq. 6: the weight is computed but not passed to the update",
+            "agent.update(batch, w if args.use_weight else 1.0)",
+            "agent.update(batch, 1.0)",
+        ),
+        (
+            "Eq. 7: the weight multiplies nothing in the CQL TD term",
+            "        td_loss = (weight * (q - y).pow(2)).mean(1).sum()",
+            "        td_loss = (q - y).pow(2).mean(1).sum()",
+        ),
+        (
+            "Eq. 8: the weight leaves IQL's V loss",
+            "value_loss = expectile_loss(target_q - value, args.expectile, weight)",
+            "value_loss = expectile_loss(target_q - value, args.expectile, 1.0)",
+        ),
+        (
+            "Eq. 9: the weight leaves IQL's Q loss",
+            "q_loss = 0.5 * (weight * (q - y).pow(2)).mean(1).sum()",
+            "q_loss = 0.5 * (q - y).pow(2).mean(1).sum()",
+        ),
+        (
+            "Eq. 6: k_q is ignored (w = exp(-mse))",
+            "    return torch.exp(-bc_mse.detach() / k_q)",
+            "    return torch.exp(-bc_mse.detach())",
+        ),
+        (
+            "Eq. 10: priorities ignored (uniform draws)",
+            "    index = replay.sample(args.batch_size, args.use_priority)",
+            "    index = replay.sample(args.batch_size, False)",
+        ),
+        (
+            "Eq. 10: new online rows enter with rho = 1, not their own",
+            "        replay.add(row, bc_mse, priority(distance, k_rho, args.priority_alpha))",
+            "        replay.add(row, bc_mse, torch.ones_like(distance))",
+        ),
+        (
+            "Eq. 10: alpha is not applied",
+            "    return (distance / k_rho + 1.0).pow(alpha)",
+            "    return distance / k_rho + 1.0",
+        ),
+        (
+            "calibration: k_q from the offline median only",
+            "    k_q = args.k_q or max(m_off, m_probe, 1e-8) / math.log(2)",
+            "    k_q = args.k_q or max(m_off, 1e-8) / math.log(2)",
+        ),
+        (
+            "calibration: k_rho is not the median distance",
+            "    k_rho = args.k_rho or max(distance.median().item(), 1e-8)",
+            "    k_rho = args.k_rho or max(distance.mean().item(), 1e-8)",
+        ),
+        (
+            "pi_BC: not frozen after its phase",
+            "    agent.bc_model.requires_grad_(False).eval()  # frozen from here on",
+            "    agent.bc_model.eval()  # frozen from here on",
+        ),
+        (
+            "hand-over: the CQL weight stays the offline one",
+            "        self.cql_weight = self.args.cql_weight_online",
+            "        self.cql_weight = self.args.cql_weight",
+        ),
+        (
+            "hand-over: IQL's actor lr is not set to the constant online rate",
+            "            for group in self.actor_optimizer.param_groups:\n"
+            '                group["lr"] = self.args.iql_lr',
+            "            for group in self.actor_optimizer.param_groups:\n                pass",
+        ),
+        (
+            "CQL: the gap carries no gradient",
+            "            (self.critic_optimizer, td_loss + cql_loss),",
+            "            (self.critic_optimizer, td_loss + cql_loss.detach()),",
+        ),
+        (
+            "IQL: the advantage weight is not clamped",
+            "advantage_weight = torch.exp(args.iql_beta * (target_q - value.detach())).clamp(max=100.0)",
+            "advantage_weight = torch.exp(args.iql_beta * (target_q - value.detach()))",
+        ),
+        (
+            "online: a truncation is stored as terminal",
+            "            np.array([terminated]),\n            True,",
+            "            np.array([terminated or truncated]),\n            True,",
+        ),
+    ],
+}
+
+
+def scratch_copy(source: Path, destination: Path) -> Path:
+    ignore = shutil.ignore_patterns(".git", "runs", "__pycache__", ".pytest_cache", ".ruff_cache", "behavior")
+    return Path(shutil.copytree(source, destination / "repo", ignore=ignore))
+
+
+def run_tests(repo: Path, script: str, timeout: float, with_slow: bool) -> tuple[bool, float]:
+    """True when some test failed (the edit was caught), and the seconds it took."""
+    start = time.perf_counter()
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    command += [
+        f"tests/test_{script}.py",
+        "tests/test_edges.py",
+        "-k",
+        script,
+        *([] if with_slow else ["-m", "not slow"]),
+    ]
+    try:
+        result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=timeout)
+        caught = result.returncode != 0
+    except subprocess.TimeoutExpired:
+        caught = True  # a hang is noticed too
+    return caught, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scripts", nargs="+", default=list(MUTATIONS), choices=list(MUTATIONS))
+    parser.add_argument("--out", type=Path, default=None, help="also write the table as markdown here")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per test run")
+    parser.add_argument("--with-slow", action="store_true", help="also run the subprocess smoke tests (slow)")
+    parser.add_argument(
+        "--repo", type=Path, default=REPO, help="the tree to mutate, e.g. a worktree of an older commit"
+    )
+    args = parser.parse_args()
+    rows = ["| script | mechanism switched off | result | seconds |", "| --- | --- | --- | ---: |"]
+    for script in args.scripts:
+        for mechanism, old, new in MUTATIONS[script]:
+            with tempfile.TemporaryDirectory() as scratch:
+                repo = scratch_copy(args.repo, Path(scratch))
+                path = repo / "algorithms" / f"{script}.py"
+                text = path.read_text()
+                if text.count(old) != 1:
+                    result, seconds = f"stale ({text.count(old)} matches)", 0.0
+                else:
+                    path.write_text(text.replace(old, new))
+                    caught, seconds = run_tests(repo, script, args.timeout, args.with_slow)
+                    result = "caught" if caught else "MISSED"
+            rows.append(f"| {script} | {mechanism} | {result} | {seconds:.0f} |")
+            print(rows[-1], flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
