@@ -213,6 +213,11 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "next_obs[None], np.array([terminated or truncated]), True)",
         ),
         (
+            "evaluation: stochastic actions",
+            "lambda obs: agent.policy(obs, deterministic=True),",
+            "lambda obs: agent.policy(obs, deterministic=False),",
+        ),
+        (
             "AntMaze: the training reward is not shifted",
             'return (reward - 0.5) * 4.0 if task == "antmaze" else reward',
             "return reward",
@@ -288,6 +293,11 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "offline: the CQL term carries no gradient",
             "self.step(alpha_loss, actor_loss, td_loss + cql_loss.sum())",
             "self.step(alpha_loss, actor_loss, td_loss + cql_loss.sum().detach())",
+        ),
+        (
+            "evaluation: stochastic actions",
+            "lambda obs: agent.policy(obs, deterministic=True),",
+            "lambda obs: agent.policy(obs, deterministic=False),",
         ),
         (
             "schedule: the first block gets no extra updates",
@@ -373,6 +383,11 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "        if True:",
         ),
         (
+            "evaluation: exploration noise",
+            "        lambda obs: agent.policy(obs, noise=0.0),",
+            "        lambda obs: agent.policy(obs, noise=0.1),",
+        ),
+        (
             "hand-over: SPOT's Adam states are not reset",
             '        if args.backbone == "spot":\n            self.actor_optimizer = adam',
             "        if False:\n            self.actor_optimizer = adam",
@@ -454,6 +469,11 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "CQL: the gap carries no gradient",
             "            (self.critic_optimizer, td_loss + cql_loss),",
             "            (self.critic_optimizer, td_loss + cql_loss.detach()),",
+        ),
+        (
+            "evaluation: stochastic actions",
+            "lambda obs: agent.policy(obs, deterministic=True),",
+            "lambda obs: agent.policy(obs, deterministic=False),",
         ),
         (
             "IQL: the advantage weight is not clamped",

@@ -300,3 +300,31 @@ def test_cuda_updates_and_sampling(backbone):
     replay = filled_replay(torch.rand(100, dtype=torch.float64) + 1, 200)
     assert replay.sample(32, True).max() < 100
     assert agent.policy(np.zeros(OBS, np.float32), deterministic=False).shape == (ACT,)
+
+
+@pytest.mark.parametrize("backbone", ["cql", "iql"])
+def test_online_update_feeds_the_drawn_rows_weights_into_the_backbone(monkeypatch, backbone):
+    """The batch is drawn by rho, and w = exp(-mse / k_q) of exactly those rows reaches the update."""
+    agent = tiny_agent(backbone, batch_size=64)
+    agent.hand_over()
+    rows = torch.cat(
+        [torch.randn(200, OBS), torch.rand(200, ACT) * 2 - 1, torch.randn(200, 1), torch.randn(200, OBS)], 1
+    )
+    rows = torch.cat([rows, torch.zeros(200, 2)], 1)
+    replay = baq.PriorityReplay(200, OBS, ACT, torch.device("cpu"))
+    bc_mse = torch.rand(200) * 0.5
+    rho = torch.ones(200)
+    rho[:10] = 1000.0  # ten rows hold 98% of the mass
+    replay.add(rows, bc_mse, rho)
+    seen = {}
+    sample, update = replay.sample, agent.update
+    monkeypatch.setattr(replay, "sample", lambda *a: seen.setdefault("index", sample(*a)))
+
+    def recording_update(batch, weight=1.0):
+        seen["weight"] = weight
+        return update(batch, weight)
+
+    monkeypatch.setattr(agent, "update", recording_update)
+    baq.online_update(agent, replay, 0.2, agent.args)
+    assert (seen["index"] < 10).float().mean() > 0.9  # drawn by priority
+    torch.testing.assert_close(seen["weight"], torch.exp(-bc_mse[seen["index"]] / 0.2))

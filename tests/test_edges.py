@@ -146,3 +146,30 @@ def test_tanh_gaussian_log_prob_is_exact_where_the_reference_code_is(script, pre
     log_det = 2 * np.log(2) - 2 * u - 2 * np.log1p(np.exp(-2 * u))  # log(1 - tanh(u)^2), exact in float64
     expected = 3 * (-0.5 * np.log(2 * np.pi) - log_det)
     np.testing.assert_allclose(log_prob.detach().numpy(), [expected, expected], rtol=1e-5)
+
+
+def tiny_agent(script: str):
+    module = importlib.import_module(f"algorithms.{script}")
+    args = module.Args(hidden_dim=16, eval_episodes=2, **TINY[script])
+    torch.manual_seed(0)
+    if script == "so2":
+        return module, args, module.SO2(11, 3, 2, args, torch.device("cpu"))
+    if script == "opt":
+        module.resolve_args(args, "hopper-medium", "hopper")
+    agent_class = {"enoto": "ENOTO", "baq": "BAQ", "off2on": "Off2On", "opt": "OPT"}[script]
+    return module, args, getattr(module, agent_class)(11, 3, args, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_evaluation_episodes_act_deterministically(minari_root, tmp_path, script):
+    """Two evaluations with the same episode seeds give the same returns only if no action is sampled."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from utils import make_env
+
+    module, args, agent = tiny_agent(script)
+    data = load_dataset("hopper-medium")
+    env, writer = make_env(data.eval_env_spec, 0), SummaryWriter(str(tmp_path))
+    first, second = (module.log_evaluation(writer, agent, env, args, data, "offline", 0, 5) for _ in range(2))
+    assert first["episodic_return"] == second["episodic_return"]
+    assert first["episode_length"] > 1

@@ -401,3 +401,53 @@ def test_replay_update_writes_the_pre_update_density_priorities_back(monkeypatch
     assert not torch.equal(agent.density.net[-1].weight, density.net[-1].weight)  # the density net did step
     torch.testing.assert_close(replay.priority[seen["index"]], expected)  # a repeated row: the same value
     assert replay.max_priority == torch.maximum(max_before, expected.max())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real updates against hand-computed ones: plain SGD with lr 1, so a step is exactly minus the gradient
+# ---------------------------------------------------------------------------------------------------
+
+
+def assert_sgd_step(module_after, module_before, loss):
+    grads = torch.autograd.grad(loss, list(module_before.parameters()))
+    for after, before, grad in zip(module_after.parameters(), module_before.parameters(), grads, strict=True):
+        torch.testing.assert_close(after, before - grad, rtol=1e-5, atol=1e-6)
+
+
+def test_offline_critic_step_is_td_to_the_twin_min_plus_the_cql_gradient():
+    agent = tiny_agent(num_agents=2, bc_steps=0)
+    with torch.no_grad():
+        for param in agent.critic_target.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    agent.critic_optimizer = torch.optim.SGD(agent.critic.parameters(), lr=1.0)
+    critic, target, actor = (copy.deepcopy(m) for m in (agent.critic, agent.critic_target, agent.actor))
+    obs, next_obs, action = torch.randn(2, 8, OBS), torch.randn(2, 8, OBS), torch.rand(2, 8, ACT) * 2 - 1
+    reward, done = torch.randn(2, 8), (torch.arange(16).view(2, 8) % 3 == 0).float()
+    torch.manual_seed(4)
+    agent.offline_update((obs, action, reward, next_obs, done, torch.zeros(2, 8)))
+    torch.manual_seed(4)  # the same draws: pi(s) for actor and temperature, a' ~ pi(s'), then the CQL samples
+    with torch.no_grad():
+        actor(obs)
+        next_action, _ = actor(next_obs)
+        y = reward + 0.99 * (1 - done) * target.twin_min(off2on.per_critic(next_obs), off2on.per_critic(next_action))
+    q = critic(off2on.per_critic(obs), off2on.per_critic(action))
+    gap = off2on.cql_gap(critic, actor, obs, next_obs, q, agent.args.cql_samples)
+    td = (q - off2on.per_critic(y)).pow(2).mean(1).sum()
+    assert_sgd_step(agent.critic, critic, td + agent.args.cql_weight * gap.sum())
+
+
+def test_online_actor_step_maximises_the_ensemble_mean_of_twin_minima():
+    agent = tiny_agent(num_agents=3)
+    agent.hand_over()
+    agent.actor_optimizer = torch.optim.SGD(agent.actor.parameters(), lr=1.0)
+    with torch.no_grad():  # members that disagree, so that one member's Q is not the ensemble's
+        for param in agent.critic.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    actor, critic = copy.deepcopy(agent.actor), copy.deepcopy(agent.critic)
+    obs = torch.randn(8, OBS)
+    batch = (obs, torch.rand(8, ACT) * 2 - 1, torch.randn(8), torch.randn(8, OBS), torch.zeros(8), torch.ones(8))
+    torch.manual_seed(9)
+    agent.online_update(batch)
+    torch.manual_seed(9)
+    new_action, log_prob = actor.ensemble(obs)  # alpha = 1 after the hand-over
+    assert_sgd_step(agent.actor, actor, (log_prob - critic.twin_min(obs, new_action).mean(0)).mean())

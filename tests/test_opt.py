@@ -570,3 +570,39 @@ def test_replay_update_writes_the_pre_update_density_priorities_back(monkeypatch
     assert not torch.equal(agent.density.net[-1].weight, density.net[-1].weight)  # the density net did step
     torch.testing.assert_close(replay.priority[seen["index"]], expected)  # a repeated row: the same value
     assert replay.max_priority == torch.maximum(max_before, expected.max())
+
+
+def assert_sgd_step(module_after, module_before, loss):
+    grads = torch.autograd.grad(loss, list(module_before.parameters()))
+    for after, before, grad in zip(module_after.parameters(), module_before.parameters(), grads, strict=True):
+        torch.testing.assert_close(after, before - grad, rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_step_trains_both_pairs_on_one_smoothed_target_action_and_twin_minima():
+    """Fine-tuning: Q_off and Q_on each regress to r + gamma (1 - d) min_j Qbar_j(s', a'), with ONE a' for both,
+    a' = clip(pi_target(s') + clip(N(0, sigma), +-0.5))."""
+    agent = tiny_agent(policy_noise=0.4)  # a wider noise than TD3's 0.2, so that the 0.5 clip binds
+    agent.hand_over()
+    agent.start_online_critic()
+    agent.start_finetuning()
+    with torch.no_grad():  # targets that differ between the twins, the pairs and the critics
+        for module in (agent.q_off_target, agent.q_on_target, agent.actor_target):
+            for param in module.parameters():
+                param.add_(torch.randn_like(param) * 0.5)
+    agent.q_off_optimizer = torch.optim.SGD(agent.q_off.parameters(), lr=1.0)
+    agent.q_on_optimizer = torch.optim.SGD(agent.q_on.parameters(), lr=1.0)
+    before = {name: copy.deepcopy(getattr(agent, name)) for name in ("q_off", "q_on", "q_off_target", "q_on_target")}
+    obs, action, reward, next_obs, _, is_online = random_batch(8)
+    done = torch.tensor([0.0, 1, 0, 0, 1, 0, 0, 0])
+    torch.manual_seed(11)
+    agent.finetune_update((obs, action, reward, next_obs, done, is_online), 0.5)  # the 1st update: no actor step
+    torch.manual_seed(11)
+    with torch.no_grad():
+        noise = (torch.randn(8, ACT) * 0.4).clamp(-0.5, 0.5)
+        next_action = (agent.actor_target(next_obs) + noise).clamp(-1, 1)
+    assert (noise.abs() == 0.5).any(), "the clip must bind for some draw"
+    for name in ("q_off", "q_on"):
+        with torch.no_grad():
+            y = reward + 0.99 * (1 - done) * before[f"{name}_target"](next_obs, next_action).min(0).values
+        critic = before[name]
+        assert_sgd_step(getattr(agent, name), critic, (critic(obs, action) - y).pow(2).mean(1).sum())
