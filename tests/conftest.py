@@ -86,3 +86,12 @@ def recording_env(env_spec: str, max_episode_steps: int = 12):
 
     env.step = recording_step
     return env, transitions
+
+
+def assert_sgd_step(module_after, module_before, loss):
+    """module_after is module_before after one plain SGD step with lr 1 on `loss` (computed with module_before)."""
+    import torch
+
+    grads = torch.autograd.grad(loss, list(module_before.parameters()))
+    for after, before, grad in zip(module_after.parameters(), module_before.parameters(), grads, strict=True):
+        torch.testing.assert_close(after, before - grad, rtol=1e-5, atol=1e-6)

@@ -173,3 +173,16 @@ def test_evaluation_episodes_act_deterministically(minari_root, tmp_path, script
     first, second = (module.log_evaluation(writer, agent, env, args, data, "offline", 0, 5) for _ in range(2))
     assert first["episodic_return"] == second["episodic_return"]
     assert first["episode_length"] > 1
+
+
+@pytest.mark.parametrize(
+    "script, overrides, message",
+    [
+        ("opt", {"init_online_fraction": 1.0}, r"--init-online-fraction must lie in \(0, 1\), got 1.0"),
+        ("enoto", {"preset": "cql_sac", "q_target": "mean"}, "--preset cql_sac sets --q-target min; drop --q-target"),
+    ],
+)
+def test_new_flags_refuse_bad_values_in_one_line(minari_root, tmp_path, script, overrides, message):
+    module, args = tiny_args(script, tmp_path, **overrides)
+    with pytest.raises(UserError, match=message):
+        module.main(args)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import enoto
-from tests.conftest import REPO, cli_error, recording_env, run_cli, scalars
+from tests.conftest import REPO, assert_sgd_step, cli_error, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -488,12 +488,6 @@ def test_cuda_offline_and_online_updates(exploration):
 # ---------------------------------------------------------------------------------------------------
 # The real updates against hand-computed ones: plain SGD with lr 1, so a step is exactly minus the gradient
 # ---------------------------------------------------------------------------------------------------
-
-
-def assert_sgd_step(module_after, module_before, loss):
-    grads = torch.autograd.grad(loss, list(module_before.parameters()))
-    for after, before, grad in zip(module_after.parameters(), module_before.parameters(), grads, strict=True):
-        torch.testing.assert_close(after, before - grad, rtol=1e-5, atol=1e-6)
 
 
 def perturbed_targets(agent):

@@ -9,7 +9,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import off2on
-from tests.conftest import REPO, cli_error, recording_env, run_cli, scalars
+from tests.conftest import REPO, assert_sgd_step, cli_error, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -406,12 +406,6 @@ def test_replay_update_writes_the_pre_update_density_priorities_back(monkeypatch
 # ---------------------------------------------------------------------------------------------------
 # The real updates against hand-computed ones: plain SGD with lr 1, so a step is exactly minus the gradient
 # ---------------------------------------------------------------------------------------------------
-
-
-def assert_sgd_step(module_after, module_before, loss):
-    grads = torch.autograd.grad(loss, list(module_before.parameters()))
-    for after, before, grad in zip(module_after.parameters(), module_before.parameters(), grads, strict=True):
-        torch.testing.assert_close(after, before - grad, rtol=1e-5, atol=1e-6)
 
 
 def test_offline_critic_step_is_td_to_the_twin_min_plus_the_cql_gradient():

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import opt
-from tests.conftest import REPO, cli_error, recording_env, run_cli, scalars
+from tests.conftest import REPO, assert_sgd_step, cli_error, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -570,12 +570,6 @@ def test_replay_update_writes_the_pre_update_density_priorities_back(monkeypatch
     assert not torch.equal(agent.density.net[-1].weight, density.net[-1].weight)  # the density net did step
     torch.testing.assert_close(replay.priority[seen["index"]], expected)  # a repeated row: the same value
     assert replay.max_priority == torch.maximum(max_before, expected.max())
-
-
-def assert_sgd_step(module_after, module_before, loss):
-    grads = torch.autograd.grad(loss, list(module_before.parameters()))
-    for after, before, grad in zip(module_after.parameters(), module_before.parameters(), grads, strict=True):
-        torch.testing.assert_close(after, before - grad, rtol=1e-5, atol=1e-6)
 
 
 def test_finetune_step_trains_both_pairs_on_one_smoothed_target_action_and_twin_minima():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from algorithms import so2
-from tests.conftest import REPO, cli_error, recording_env, run_cli, scalars
+from tests.conftest import REPO, assert_sgd_step, cli_error, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -414,12 +414,6 @@ def hand_batch(n=8):
     torch.manual_seed(1)
     done = torch.tensor([0.0, 1, 0, 0, 1, 0, 0, 0])[:n]
     return torch.randn(n, OBS), torch.rand(n, ACT) * 2 - 1, torch.randn(n), torch.randn(n, OBS), done, torch.ones(n)
-
-
-def assert_sgd_step(module_after, module_before, loss):
-    grads = torch.autograd.grad(loss, list(module_before.parameters()))
-    for after, before, grad in zip(module_after.parameters(), module_before.parameters(), grads, strict=True):
-        torch.testing.assert_close(after, before - grad, rtol=1e-5, atol=1e-6)
 
 
 def test_online_critic_update_regresses_to_the_perturbed_per_member_target():
