@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -95,3 +96,18 @@ def assert_sgd_step(module_after, module_before, loss):
     grads = torch.autograd.grad(loss, list(module_before.parameters()))
     for after, before, grad in zip(module_after.parameters(), module_before.parameters(), grads, strict=True):
         torch.testing.assert_close(after, before - grad, rtol=1e-5, atol=1e-6)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Inside: any host-device synchronisation raises (CUDA only). Use it after a warm-up call, so that
+    one-time work such as lazy initialisation does not count."""
+    import torch
+
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

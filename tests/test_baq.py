@@ -8,7 +8,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import baq
-from tests.conftest import REPO, cli_error, recording_env, run_cli, scalars
+from tests.conftest import REPO, cli_error, no_host_sync, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -294,8 +294,13 @@ def test_cuda_updates_and_sampling(backbone):
     agent = tiny_agent(backbone, device="cuda")
     batch = tuple(t.cuda() for t in random_batch(64))
     offline = agent.update(batch)
+    with no_host_sync():  # after the warm-up above
+        agent.update(batch)
     agent.hand_over()
-    online = agent.update(batch, baq.td_weight(torch.rand(64, device="cuda"), 0.5))
+    weight = baq.td_weight(torch.rand(64, device="cuda"), 0.5)
+    online = agent.update(batch, weight)
+    with no_host_sync():
+        agent.update(batch, weight)
     assert all(torch.isfinite(v).all() and v.device.type == "cuda" for v in (*offline.values(), *online.values()))
     replay = filled_replay(torch.rand(100, dtype=torch.float64) + 1, 200)
     assert replay.sample(32, True).max() < 100

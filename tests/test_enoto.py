@@ -10,7 +10,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import enoto
-from tests.conftest import REPO, assert_sgd_step, cli_error, recording_env, run_cli, scalars
+from tests.conftest import REPO, assert_sgd_step, cli_error, no_host_sync, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -479,8 +479,12 @@ def test_cuda_offline_and_online_updates(exploration):
     agent = tiny_agent(device="cuda", exploration=exploration, sunrise_weight="batch")
     batch = tuple(t.cuda() for t in random_batch(64))
     offline = agent.offline_update(batch)
+    with no_host_sync():  # after the warm-up above
+        agent.offline_update(batch)
     agent.hand_over()
     online = agent.online_update(batch)
+    with no_host_sync():
+        agent.online_update(batch)
     assert all(torch.isfinite(v).all() and v.device.type == "cuda" for v in (*offline.values(), *online.values()))
     assert agent.explore(np.zeros(OBS, np.float32), head=1).shape == (ACT,)
 

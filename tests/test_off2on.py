@@ -9,7 +9,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import off2on
-from tests.conftest import REPO, assert_sgd_step, cli_error, recording_env, run_cli, scalars
+from tests.conftest import REPO, assert_sgd_step, cli_error, no_host_sync, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -373,10 +373,14 @@ def test_cuda_offline_and_online_updates():
     rows = random_rows(96).cuda()
     split = off2on.ReplayBuffer(1, OBS, ACT, torch.device("cuda")).split
     offline = agent.offline_update(split(rows.view(3, 32, -1)))
+    with no_host_sync():  # after the warm-up above
+        agent.offline_update(split(rows.view(3, 32, -1)))
     agent.hand_over()
     replay = off2on.BalancedReplay(rows, 10, agent.args, OBS, ACT)
     replay.add(rows[:1])
     online = off2on.replay_update(agent, replay, agent.args)
+    with no_host_sync():
+        off2on.replay_update(agent, replay, agent.args)
     assert all(torch.isfinite(v).all() and v.device.type == "cuda" for v in (*offline.values(), *online.values()))
     assert agent.policy(np.zeros(OBS, np.float32), deterministic=False).shape == (ACT,)
 

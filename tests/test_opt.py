@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import opt
-from tests.conftest import REPO, assert_sgd_step, cli_error, recording_env, run_cli, scalars
+from tests.conftest import REPO, assert_sgd_step, cli_error, no_host_sync, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -533,14 +533,21 @@ def test_cuda_updates_of_every_phase(backbone):
     agent = tiny_agent(backbone, device="cuda")
     batch = tuple(t.cuda() for t in random_batch(64))
     results = [agent.offline_update(batch), agent.offline_update(batch)]
+    with no_host_sync():  # after the warm-up above: a critic and an actor step
+        agent.offline_update(batch), agent.offline_update(batch)
     agent.hand_over()
     agent.start_online_critic()
-    results.append(agent.pretrain_update(batch, tuple(t.cuda() for t in random_batch(64))))
+    online_batch = tuple(t.cuda() for t in random_batch(64))
+    results.append(agent.pretrain_update(batch, online_batch))
+    with no_host_sync():
+        agent.pretrain_update(batch, online_batch)
     agent.start_finetuning()
     rows = torch.cat([batch[0], batch[1], batch[2][:, None], batch[3], batch[4][:, None], batch[5][:, None]], 1)
     replay = opt.BalancedReplay(rows, 10, agent.args, OBS, ACT)
     replay.add(rows[:1])
     results += [opt.replay_update(agent, replay, 0.5, agent.args) for _ in range(2)]
+    with no_host_sync():
+        opt.replay_update(agent, replay, 0.5, agent.args), opt.replay_update(agent, replay, 0.5, agent.args)
     assert all(torch.isfinite(v).all() and v.device.type == "cuda" for r in results for v in r.values())
     assert agent.policy(np.zeros(OBS, np.float32), noise=0.1).shape == (ACT,)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from algorithms import so2
-from tests.conftest import REPO, assert_sgd_step, cli_error, recording_env, run_cli, scalars
+from tests.conftest import REPO, assert_sgd_step, cli_error, no_host_sync, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -383,8 +383,12 @@ def test_cuda_offline_and_online_updates():
         )
     )
     offline = agent.offline_update(batch, eta=1.0)
+    with no_host_sync():  # after the warm-up above
+        agent.offline_update(batch, eta=1.0)
     agent.hand_over()
     online = agent.online_critic_update(batch) | agent.online_actor_update(batch[0])
+    with no_host_sync():
+        agent.online_critic_update(batch) | agent.online_actor_update(batch[0])
     for value in (*offline.values(), *online.values()):
         assert value.device.type == "cuda" and torch.isfinite(value).all()
 
