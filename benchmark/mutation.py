@@ -124,6 +124,31 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "lambda obs: agent.policy(obs, deterministic=True),",
             "lambda obs: agent.policy(obs, deterministic=False),",
         ),
+        (
+            "EDAC diversity: the action gradients are not normalised",
+            "    grads = grads / (grads.norm(dim=-1, keepdim=True) + 1e-10)\n",
+            "",
+        ),
+        (
+            "per-dataset default: hopper gets 10 critics, not 50",
+            'num_critics = args.num_critics or (50 if data.task == "hopper" else 10)',
+            "num_critics = args.num_critics or 10",
+        ),
+        (
+            "per-dataset default: eta 1 on medium-expert",
+            "eta = args.eta if args.eta is not None else (5.0 if medium_expert else 1.0)",
+            "eta = args.eta if args.eta is not None else 1.0",
+        ),
+        (
+            "actor: log sigma clamped to [-20, 2] instead of [-5, 2]",
+            "mu, log_std = self.mu(hidden), self.log_std(hidden).clamp(-5.0, 2.0)",
+            "mu, log_std = self.mu(hidden), self.log_std(hidden).clamp(-20.0, 2.0)",
+        ),
+        (
+            "offline: the temperature loss has the wrong sign",
+            "return -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()",
+            "return (self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()",
+        ),
     ],
     "enoto": [
         (
@@ -198,8 +223,8 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "online: no target soft update",
-            "        results |= self.update_actor(obs)\n"
-            '        soft_update(self.critic_target, self.critic, self.args.tau)\n        return {f"losses/',
+            "        results |= self.update_actor(obs)\n        soft_update(self.critic_targ"
+            'et, self.critic, self.args.tau)\n        return {f"losses/',
             '        results |= self.update_actor(obs)\n        return {f"losses/',
         ),
         (
@@ -221,6 +246,36 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "AntMaze: the training reward is not shifted",
             'return (reward - 0.5) * 4.0 if task == "antmaze" else reward',
             "return reward",
+        ),
+        (
+            "REM: fixed equal weights instead of a random convex combination",
+            "beta = torch.rand(n, 1, device=q.device)",
+            "beta = torch.ones(n, 1, device=q.device)",
+        ),
+        (
+            "RandomMinPair: the same member twice",
+            "return q[torch.randperm(n, device=q.device)[:2]].min(0).values",
+            "return q[torch.zeros(2, dtype=torch.long, device=q.device)].min(0).values",
+        ),
+        (
+            "OAC: the optimistic shift is not applied",
+            "return torch.tanh(mu.detach() + shift + std * torch.randn_like(std))",
+            "return torch.tanh(mu.detach() + std * torch.randn_like(std))",
+        ),
+        (
+            "bootstrap exploration: the head is not redrawn per episode",
+            "            head = random.randrange(agent.critic.num_critics)\n",
+            "            head = head\n",
+        ),
+        (
+            "temperature: log alpha instead of alpha in d3rlpy's loss",
+            "alpha_loss = -(self.log_alpha.exp() * (log_prob - self.act_dim)).mean()",
+            "alpha_loss = -(self.log_alpha * (log_prob - self.act_dim)).mean()",
+        ),
+        (
+            "CQL: the logsumexp without the importance-sampling densities",
+            "values = (q.view(-1, samples, 3, batch) - log_density.view(samples, 3, batch)).permute(0, 3, 1, 2)",
+            "values = q.view(-1, samples, 3, batch).permute(0, 3, 1, 2)",
         ),
     ],
     "off2on": [
@@ -308,6 +363,23 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "online: a truncation is stored as terminal",
             "next_obs[None], np.array([terminated]), True)",
             "next_obs[None], np.array([terminated or truncated]), True)",
+        ),
+        (
+            "density: the online minibatch from all online rows, not the newest (FIFO)",
+            "return self.sample_uniform(self.buffer.size - min(self.num_online, self.fifo_size), self.buffer.size, n)",
+            "return self.sample_uniform(self.num_offline, self.buffer.size, n)",
+        ),
+        (
+            "twin minimum: the first twin only",
+            "        return q.view(-1, 2, q.shape[-1]).min(1).values",
+            "        return q.view(-1, 2, q.shape[-1])[:, 0]",
+        ),
+        (
+            "hand-over: the density network is not created fresh",
+            "        self.density = DensityNet(self.obs_dim, self.act_dim, args.hidden_dim)"
+            ".to(self.device)\n        self.density_optimizer = adam(",
+            "        self.density = self.density or DensityNet(self.obs_dim, self.act_dim, "
+            "args.hidden_dim).to(self.device)\n        self.density_optimizer = adam(",
         ),
     ],
     "opt": [
@@ -397,6 +469,46 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "            np.array([terminated]),\n            True,",
             "            np.array([terminated or truncated]),\n            True,",
         ),
+        (
+            "pre-training: the targets move every update, not every policy_freq",
+            "        if self.pretrain_updates % args.policy_freq == 0:",
+            "        if True:",
+        ),
+        (
+            "pre-training: one update fewer than N_pretrain",
+            "for update in tqdm(range(1, args.n_pretrain + 1),",
+            "for update in tqdm(range(1, args.n_pretrain),",
+        ),
+        (
+            "per-dataset kappa: replay datasets start at 0.3",
+            '(0.1, 0.9, 150_000) if "replay" in name else',
+            '(0.3, 0.9, 150_000) if "replay" in name else',
+        ),
+        (
+            "SPOT: lambda is not cooled online",
+            "return args.spot_lambda * max(args.spot_lambda_end, 1.0 - self.finetune_updates / args.spot_cool_steps)",
+            "return args.spot_lambda",
+        ),
+        (
+            "SPOT: the VAE term leaves the actor loss",
+            "return -q.mean() / q.abs().mean().detach() + lmbda * neg_log_beta.mean()",
+            "return -q.mean() / q.abs().mean().detach()",
+        ),
+        (
+            "hand-over: the online discount is not applied",
+            "        self.gamma = args.online_gamma",
+            "        self.gamma = args.gamma",
+        ),
+        (
+            "AntMaze: the training reward is not shifted",
+            'return reward - 1.0 if task == "antmaze" else reward',
+            "return reward",
+        ),
+        (
+            "online: env observations are not normalised",
+            "            agent.normalize(obs)[None],",
+            "            obs[None],",
+        ),
     ],
     "baq": [
         (
@@ -461,8 +573,8 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "hand-over: IQL's actor lr is not set to the constant online rate",
-            "            for group in self.actor_optimizer.param_groups:\n"
-            '                group["lr"] = self.args.iql_lr',
+            "            for group in self.actor_optimizer.param_groups:\n                gr"
+            'oup["lr"] = self.args.iql_lr',
             "            for group in self.actor_optimizer.param_groups:\n                pass",
         ),
         (
@@ -484,6 +596,21 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "online: a truncation is stored as terminal",
             "            np.array([terminated]),\n            True,",
             "            np.array([terminated or truncated]),\n            True,",
+        ),
+        (
+            "online: env observations are not normalised",
+            "            agent.normalize(obs)[None],",
+            "            obs[None],",
+        ),
+        (
+            "online: the reward scale is not applied",
+            "            np.array([reward * agent.reward_scale]),",
+            "            np.array([reward]),",
+        ),
+        (
+            "IQL: the V target from the critics, not the target critics",
+            "            target_q = self.critic_target(obs, action).min(0).values",
+            "            target_q = self.critic(obs, action).min(0).values.detach()",
         ),
     ],
 }
@@ -522,10 +649,14 @@ def main() -> None:
     parser.add_argument(
         "--repo", type=Path, default=REPO, help="the tree to mutate, e.g. a worktree of an older commit"
     )
+    parser.add_argument("--skip-done", type=Path, default=None, help="a table of an earlier run: skip its edits")
     args = parser.parse_args()
     rows = ["| script | mechanism switched off | result | seconds |", "| --- | --- | --- | ---: |"]
+    done = args.skip_done.read_text() if args.skip_done else ""
     for script in args.scripts:
         for mechanism, old, new in MUTATIONS[script]:
+            if f"| {script} | {mechanism} |" in done:
+                continue
             with tempfile.TemporaryDirectory() as scratch:
                 repo = scratch_copy(args.repo, Path(scratch))
                 path = repo / "algorithms" / f"{script}.py"
