@@ -22,9 +22,11 @@ Decisions where the paper is silent or the sources disagree:
   by 1000 updates (the first block by 5 x 1000); no random warm-up. Episodes run on across blocks.
 - Priorities p = clamp(w^(1/T) / mean_offline-minibatch(w^(1/T)), 1e-3, 1e3), T = 5, written only for the
   RL batch, from the pre-update density network; no importance-sampling correction (official).
-- Sampler: a float64 priority vector on the device, stratified draws by cumsum + searchsorted (the same
-  distribution as the official sum tree). It holds the dataset and every online step, so nothing is
-  evicted; the density network's online minibatch comes from the newest 250k online steps (the FIFO).
+- Sampler: a float64 priority vector on the device with the masses of its blocks of 128 rows; a stratified
+  draw searches the block prefix sums, then the rows of its block (the same distribution as the official
+  sum tree, O(capacity / 128 + 128 B) per batch instead of a cumsum over the capacity). It holds the
+  dataset and every online step, so nothing is evicted; the density network's online minibatch comes from
+  the newest 250k online steps (the FIFO).
 - Dataset transitions that end in a time limit are kept with done = 0 (Minari stores their next state;
   the official D4RL loader skipped them). Bootstrapping uses `terminated` only.
 - Evaluation every 10k offline / 5k online steps with 10 deterministic episodes of tanh(mean) (official:
@@ -292,11 +294,16 @@ def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarra
     return np.concatenate(columns, axis=1).astype(np.float32)
 
 
+# Rows per block of the two-level prefix sums of the priority sampler: a draw of n rows costs about
+# capacity / SAMPLER_BLOCK + n * SAMPLER_BLOCK operations instead of a cumsum over the whole capacity.
+SAMPLER_BLOCK = 128
+
+
 class BalancedReplay:
     """Rows 0..M-1 hold the dataset, then every online step in order; float64 priorities beside them.
 
     The prioritized RL batch is drawn proportionally to priority with one uniform draw in each of B equal
-    slices of the total mass (stratified, as the official sum tree), via cumsum + searchsorted on the device.
+    slices of the total mass (stratified, as the official sum tree), by two-level prefix sums on the device.
     The density network's minibatches are uniform over the dataset and over the newest online steps.
     """
 
@@ -305,8 +312,10 @@ class BalancedReplay:
         self.num_offline, self.fifo_size = len(dataset_rows), args.online_buffer_size
         self.buffer = ReplayBuffer(self.num_offline + online_steps, obs_dim, act_dim, device)
         self.buffer.add(dataset_rows)
-        self.priority = torch.zeros(self.buffer.capacity, dtype=torch.float64, device=device)
+        blocks = -(-self.buffer.capacity // SAMPLER_BLOCK)  # padded to whole blocks; the padding has priority 0
+        self.priority = torch.zeros(blocks * SAMPLER_BLOCK, dtype=torch.float64, device=device)
         self.priority[: self.num_offline] = 1.0
+        self.block_mass = self.priority.view(blocks, SAMPLER_BLOCK).sum(1)
         f = args.init_online_fraction  # the first block of K new rows then holds a share f of the mass
         initial = self.num_offline * f / ((1 - f) * args.block_steps)
         self.max_priority = torch.tensor(initial, dtype=torch.float64, device=device)
@@ -318,13 +327,25 @@ class BalancedReplay:
     def add(self, row: torch.Tensor) -> None:
         """A new online transition, at the running-max priority."""
         self.priority[self.buffer.size] = self.max_priority
+        self.refresh_block_mass(torch.tensor([self.buffer.size], device=self.priority.device))
         self.buffer.add(row)
 
     def sample_prioritized(self, n: int) -> torch.Tensor:
-        cumulative = self.priority[: self.buffer.size].cumsum(0)
-        strata = torch.arange(n, device=cumulative.device, dtype=torch.float64)
-        targets = (strata + torch.rand(n, device=cumulative.device, dtype=torch.float64)) * (cumulative[-1] / n)
-        return torch.searchsorted(cumulative, targets, right=True).clamp_(max=self.buffer.size - 1)
+        """Stratified draws in two searches: the block of each target in the prefix sums of the block masses,
+        then the row in the prefix sums of that block alone. O(blocks + n * SAMPLER_BLOCK), not O(capacity)."""
+        block_cumulative, device = self.block_mass.cumsum(0), self.priority.device
+        strata = torch.arange(n, device=device, dtype=torch.float64)
+        targets = (strata + torch.rand(n, device=device, dtype=torch.float64)) * (block_cumulative[-1] / n)
+        block = torch.searchsorted(block_cumulative, targets, right=True).clamp_(max=len(block_cumulative) - 1)
+        residual = targets - (block_cumulative[block] - self.block_mass[block])
+        within = self.priority.view(-1, SAMPLER_BLOCK)[block].cumsum(1)
+        offset = torch.searchsorted(within, residual.unsqueeze(1), right=True).squeeze(1).clamp_(max=SAMPLER_BLOCK - 1)
+        return (block * SAMPLER_BLOCK + offset).clamp_(max=self.buffer.size - 1)
+
+    def refresh_block_mass(self, index: torch.Tensor) -> None:
+        """Recompute (not increment, so no rounding drifts in) the mass of the blocks that hold `index`."""
+        block = torch.div(index, SAMPLER_BLOCK, rounding_mode="floor")
+        self.block_mass[block] = self.priority.view(-1, SAMPLER_BLOCK)[block].sum(1)
 
     def sample_uniform(self, low: int, high: int, n: int) -> torch.Tensor:
         return torch.randint(low, high, (n,), device=self.priority.device)
@@ -349,6 +370,7 @@ class BalancedReplay:
     def set_priorities(self, index: torch.Tensor, priorities: torch.Tensor) -> None:
         """Duplicated indices carry equal values (same transition, same network), so write order is moot."""
         self.priority[index] = priorities.double()
+        self.refresh_block_mass(index)
         self.max_priority = torch.maximum(self.max_priority, self.priority[index].max())
 
 

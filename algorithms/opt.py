@@ -370,13 +370,18 @@ def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarra
     return np.concatenate(columns, axis=1).astype(np.float32)
 
 
+# Rows per block of the two-level prefix sums of the priority sampler: a draw of n rows costs about
+# capacity / SAMPLER_BLOCK + n * SAMPLER_BLOCK operations instead of a cumsum over the whole capacity.
+SAMPLER_BLOCK = 128
+
+
 class BalancedReplay:
     """B_off then B_on in one buffer (rows 0..M-1 the dataset, then every online step in order) = B_BR.
 
     Sized for the whole online budget, so no offline row is ever overwritten (card D8). Beside the rows a
     float64 priority vector: the prioritized batch is drawn proportionally to priority with one uniform
-    draw in each of B equal slices of the total mass (stratified, as the sum tree of Off2On's code), via
-    cumsum + searchsorted on the device. B_off and B_on minibatches are uniform over their rows.
+    draw in each of B equal slices of the total mass (stratified, as the sum tree of Off2On's code), by
+    two-level prefix sums on the device. B_off and B_on minibatches are uniform over their rows.
     """
 
     def __init__(self, dataset_rows: torch.Tensor, online_steps: int, args: Args, obs_dim: int, act_dim: int):
@@ -384,8 +389,10 @@ class BalancedReplay:
         self.num_offline = len(dataset_rows)
         self.buffer = ReplayBuffer(self.num_offline + online_steps, obs_dim, act_dim, device)
         self.buffer.add(dataset_rows)
-        self.priority = torch.zeros(self.buffer.capacity, dtype=torch.float64, device=device)
+        blocks = -(-self.buffer.capacity // SAMPLER_BLOCK)  # padded to whole blocks; the padding has priority 0
+        self.priority = torch.zeros(blocks * SAMPLER_BLOCK, dtype=torch.float64, device=device)
         self.priority[: self.num_offline] = 1.0
+        self.block_mass = self.priority.view(blocks, SAMPLER_BLOCK).sum(1)
         f = args.init_online_fraction  # the N_tau rows (Off2On: its first block) then hold a share f of the mass
         initial = self.num_offline * f / ((1 - f) * max(args.n_tau, 1))
         self.max_priority = torch.tensor(initial, dtype=torch.float64, device=device)
@@ -397,13 +404,25 @@ class BalancedReplay:
     def add(self, row: torch.Tensor) -> None:
         """A new online transition, at the running-max priority."""
         self.priority[self.buffer.size] = self.max_priority
+        self.refresh_block_mass(torch.tensor([self.buffer.size], device=self.priority.device))
         self.buffer.add(row)
 
     def sample_prioritized(self, n: int) -> torch.Tensor:
-        cumulative = self.priority[: self.buffer.size].cumsum(0)
-        strata = torch.arange(n, device=cumulative.device, dtype=torch.float64)
-        targets = (strata + torch.rand(n, device=cumulative.device, dtype=torch.float64)) * (cumulative[-1] / n)
-        return torch.searchsorted(cumulative, targets, right=True).clamp_(max=self.buffer.size - 1)
+        """Stratified draws in two searches: the block of each target in the prefix sums of the block masses,
+        then the row in the prefix sums of that block alone. O(blocks + n * SAMPLER_BLOCK), not O(capacity)."""
+        block_cumulative, device = self.block_mass.cumsum(0), self.priority.device
+        strata = torch.arange(n, device=device, dtype=torch.float64)
+        targets = (strata + torch.rand(n, device=device, dtype=torch.float64)) * (block_cumulative[-1] / n)
+        block = torch.searchsorted(block_cumulative, targets, right=True).clamp_(max=len(block_cumulative) - 1)
+        residual = targets - (block_cumulative[block] - self.block_mass[block])
+        within = self.priority.view(-1, SAMPLER_BLOCK)[block].cumsum(1)
+        offset = torch.searchsorted(within, residual.unsqueeze(1), right=True).squeeze(1).clamp_(max=SAMPLER_BLOCK - 1)
+        return (block * SAMPLER_BLOCK + offset).clamp_(max=self.buffer.size - 1)
+
+    def refresh_block_mass(self, index: torch.Tensor) -> None:
+        """Recompute (not increment, so no rounding drifts in) the mass of the blocks that hold `index`."""
+        block = torch.div(index, SAMPLER_BLOCK, rounding_mode="floor")
+        self.block_mass[block] = self.priority.view(-1, SAMPLER_BLOCK)[block].sum(1)
 
     def sample_uniform(self, low: int, high: int, n: int) -> torch.Tensor:
         return torch.randint(low, high, (n,), device=self.priority.device)
@@ -427,6 +446,7 @@ class BalancedReplay:
     def set_priorities(self, index: torch.Tensor, priorities: torch.Tensor) -> None:
         """Duplicated indices carry equal values (same transition, same network), so write order is moot."""
         self.priority[index] = priorities.double()
+        self.refresh_block_mass(index)
         self.max_priority = torch.maximum(self.max_priority, self.priority[index].max())
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from algorithms import off2on
+from algorithms import off2on, opt
 from tests.conftest import REPO, assert_sgd_step, cli_error, no_host_sync, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
@@ -90,7 +90,7 @@ def make_replay(num_offline=1000, online_steps=500, **overrides) -> off2on.Balan
 def test_prioritized_draws_follow_the_priorities():
     torch.manual_seed(0)
     replay = make_replay(num_offline=50, online_steps=20)
-    replay.priority[:50] = torch.rand(50, dtype=torch.float64) * 3 + 0.01
+    replay.set_priorities(torch.arange(50), torch.rand(50, dtype=torch.float64) * 3 + 0.01)
     for _ in range(5):
         replay.add(random_rows(1, True))
     index = torch.cat([replay.sample_prioritized(256) for _ in range(1000)])  # 256k draws
@@ -99,8 +99,8 @@ def test_prioritized_draws_follow_the_priorities():
     sigma = np.sqrt(p * (1 - p) / len(index))
     assert (np.abs(frequency - p) < 4 * sigma + 1e-12).all()
     assert replay.sample_prioritized(256).shape == (256,)
-    replay.priority[:55] = 0.0
-    replay.priority[7] = 1.0  # all mass on one slot: every stratum lands on it
+    replay.set_priorities(torch.arange(55), torch.zeros(55, dtype=torch.float64))
+    replay.set_priorities(torch.tensor([7]), torch.ones(1, dtype=torch.float64))  # every stratum lands on it
     assert replay.sample_prioritized(64).eq(7).all()
 
 
@@ -124,7 +124,7 @@ def test_offline_share_is_the_fraction_of_dataset_rows():
     replay = make_replay(num_offline=300, online_steps=100)
     for _ in range(100):
         replay.add(random_rows(1, True))
-    replay.priority[:400] = 1.0  # equal priorities: expected share M / (M + n_online)
+    replay.set_priorities(torch.arange(400), torch.ones(400))  # equal priorities: expected share M / (M + n_online)
     index = torch.cat([replay.sample_prioritized(256) for _ in range(200)])
     assert (index < 300).float().mean().item() == pytest.approx(0.75, abs=0.01)
     fifo = make_replay(num_offline=10, online_steps=50, online_buffer_size=20)
@@ -448,3 +448,31 @@ def test_online_actor_step_maximises_the_ensemble_mean_of_twin_minima():
     torch.manual_seed(9)
     new_action, log_prob = actor.ensemble(obs)  # alpha = 1 after the hand-over
     assert_sgd_step(agent.actor, actor, (log_prob - critic.twin_min(obs, new_action).mean(0)).mean())
+
+
+@pytest.mark.parametrize("module", [off2on, opt])
+def test_two_level_sampler_draws_exactly_what_one_cumsum_draws(module):
+    """Against the O(capacity) reference: one cumsum over the filled rows and one searchsorted, same uniforms.
+
+    Integer priorities keep every prefix sum exact, so the two must agree index for index; the buffer spans
+    several blocks of the sampler and ends inside one, with zero-priority rows written on the way.
+    """
+    torch.manual_seed(0)
+    rows = torch.randn(700, 2 * OBS + ACT + 3)
+    args = module.Args(init_online_fraction=0.5, n_tau=100) if module is opt else module.Args(init_online_fraction=0.5)
+    replay = module.BalancedReplay(rows[:600], 400, args, OBS, ACT)
+    for row in rows[600:]:
+        replay.add(row[None])
+    index = torch.randint(0, 700, (300,))
+    replay.set_priorities(index, torch.randint(0, 9, (300,)).double())
+    replay.set_priorities(torch.tensor([5, 130, 699]), torch.tensor([0.0, 1000.0, 3.0], dtype=torch.float64))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        fast = replay.sample_prioritized(256)
+        torch.manual_seed(seed)
+        cumulative = replay.priority[: replay.buffer.size].cumsum(0)
+        targets = (torch.arange(256, dtype=torch.float64) + torch.rand(256, dtype=torch.float64)) * cumulative[-1] / 256
+        reference = torch.searchsorted(cumulative, targets, right=True).clamp_(max=replay.buffer.size - 1)
+        assert torch.equal(fast, reference)
+    masses = replay.priority.view(-1, module.SAMPLER_BLOCK).sum(1)
+    assert torch.equal(replay.block_mass, masses)  # refreshed, never drifted
