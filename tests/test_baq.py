@@ -211,11 +211,11 @@ def online_run(minari_root, tmp_path):
     )
     env, transitions = recording_env(data.env_spec)
     baq.online_phase(agent, data, replay, k_q, k_rho, env, make_env(data.eval_env_spec, 1), writer, args)
-    return agent, replay, transitions, offline_cumulative, bc_params, len(data)
+    return agent, replay, transitions, offline_cumulative, bc_params, len(data), k_rho
 
 
 def test_online_phase_keeps_priorities_and_pi_bc_and_stores_every_step(online_run):
-    agent, replay, transitions, offline_cumulative, bc_params, num_offline = online_run
+    agent, replay, transitions, offline_cumulative, bc_params, num_offline, k_rho = online_run
     assert torch.equal(replay.cumulative[:num_offline], offline_cumulative)  # static priorities
     assert all(torch.equal(a, b) for a, b in zip(bc_params, agent.bc_model.parameters(), strict=True))
     assert replay.buffer.size == num_offline + len(transitions) == num_offline + 40
@@ -224,7 +224,10 @@ def test_online_phase_keeps_priorities_and_pi_bc_and_stores_every_step(online_ru
     np.testing.assert_array_equal(done.numpy(), [float(t[2]) for t in transitions])  # truncation stores d = 0
     assert is_online.eq(1).all() and any(t[3] and not t[2] for t in transitions)
     new_rho = torch.diff(replay.cumulative[num_offline - 1 : num_offline + 40])
-    assert (new_rho >= 1).all()  # Eq. 10 at insertion, not a max priority
+    obs, action = replay.buffer.split(replay.buffer.storage[num_offline : num_offline + 40])[:2]
+    bc_mse, distance = baq.bc_distances(agent.bc_model, obs, action)
+    torch.testing.assert_close(new_rho, (distance.double() / k_rho + 1.0) ** 1.0)  # Eq. 10 of its own row
+    torch.testing.assert_close(replay.bc_mse[num_offline : num_offline + 40], bc_mse)
     logged = {}
     writer = type("Writer", (), {"add_scalar": lambda self, tag, value, step: logged.__setitem__(tag, float(value))})()
     baq.log_weights(writer, replay, 0.3, 40)
