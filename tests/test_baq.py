@@ -344,3 +344,28 @@ def test_online_update_feeds_the_drawn_rows_weights_into_the_backbone(monkeypatc
     baq.online_update(agent, replay, 0.2, agent.args)
     assert (seen["index"] < 10).float().mean() > 0.9  # drawn by priority
     torch.testing.assert_close(seen["weight"], torch.exp(-bc_mse[seen["index"]] / 0.2))
+
+
+def test_hand_over_sets_the_online_cql_weight_that_the_update_uses():
+    offline, online = (
+        tiny_agent(cql_weight=10.0, cql_weight_online=2.5),
+        tiny_agent(cql_weight=10.0, cql_weight_online=2.5),
+    )
+    online.hand_over()
+    batch = random_batch(16)
+    torch.manual_seed(4)
+    before = offline.update(batch)["cql_loss"]
+    torch.manual_seed(4)
+    after = online.update(batch)["cql_loss"]  # the same networks and draws: only the weight differs
+    assert online.cql_weight == 2.5 and after.item() == pytest.approx(before.item() / 4, rel=1e-5)
+
+
+def test_iql_advantage_weight_is_clamped_at_100():
+    agent = tiny_agent("iql")
+    constant_output(agent.critic_target, [50.0, 60.0])  # Q - V = 50 + 10: exp(3 * 60) far above the clamp
+    constant_output(agent.value, [-10.0])
+    obs, action, reward, next_obs, done, is_online = random_batch(8)
+    with torch.no_grad():
+        log_prob = agent.actor.distribution(obs).log_prob(action).sum(-1)
+    results = agent.update((obs, action, reward, next_obs, done, is_online))
+    assert results["actor_loss"].item() == pytest.approx(-(100.0 * log_prob).mean().item(), rel=1e-5)
