@@ -3,6 +3,7 @@
 import copy
 import itertools
 import json
+import types
 
 import numpy as np
 import pytest
@@ -478,3 +479,20 @@ def test_hand_over_copies_targets_fresh_adam_at_the_online_rate_and_fixes_alpha(
     agent.online_critic_update(hand_batch())
     agent.online_actor_update(hand_batch()[0])
     assert agent.log_alpha.exp().item() == pytest.approx(0.2, rel=1e-6)  # fixed online
+
+
+@pytest.mark.parametrize(
+    "name, task, critics, eta",
+    [
+        ("hopper-medium", "hopper", 50, 1.0),
+        ("hopper-medium-expert", "hopper", 50, 1.0),
+        ("walker2d-medium", "walker2d", 10, 1.0),
+        ("walker2d-medium-expert", "walker2d", 10, 5.0),
+        ("halfcheetah-medium-expert", "halfcheetah", 10, 5.0),
+        ("halfcheetah-random", "halfcheetah", 10, 1.0),
+    ],
+)
+def test_per_dataset_defaults_follow_edac(name, task, critics, eta):
+    data = types.SimpleNamespace(name=name, task=task)
+    assert so2.check_args(so2.Args(), data) == (critics, eta)
+    assert so2.check_args(so2.Args(num_critics=7, eta=0.5), data) == (7, 0.5)  # explicit flags win
