@@ -1,6 +1,7 @@
 """ENOTO: the card's testable properties with exact numbers, a smoke run, and a CUDA variant."""
 
 import copy
+import dataclasses
 import itertools
 import math
 
@@ -323,10 +324,11 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path, minari_root):
     assert "losses/cql_loss" not in online_result and "charts/sunrise_weight" in online_result
 
 
-@pytest.fixture
-def online_run(minari_root, tmp_path):
-    """The real online phase in-process on tiny hopper data, with a short horizon and a recording env."""
-    data = load_dataset("hopper-medium")
+@pytest.fixture(params=["hopper", "antmaze"])
+def online_run(minari_root, tmp_path, request):
+    """The real online phase in-process on tiny hopper data, with a short horizon and a recording env; the
+    "antmaze" run labels the same data AntMaze, whose training reward is (r - 0.5) * 4."""
+    data = dataclasses.replace(load_dataset("hopper-medium"), task=request.param)
     args = enoto.Args(
         num_critics=3,
         hidden_dim=16,
@@ -346,15 +348,17 @@ def online_run(minari_root, tmp_path):
     online_update = agent.online_update
     agent.online_update = lambda batch: (updates.append(len(transitions)), online_update(batch))[1]
     online = enoto.online_phase(agent, data, env, make_env(data.eval_env_spec, 1), SummaryWriter(str(tmp_path)), args)
-    return online, transitions, updates, args
+    return online, transitions, updates, args, data.task
 
 
 def test_online_buffer_holds_exactly_the_online_transitions(online_run):
-    online, transitions, updates, args = online_run
+    online, transitions, updates, args, task = online_run
     assert online.size == len(transitions) == args.online_steps  # one row per env step, no offline rows
     _, action, reward, _, done, is_online = online.split(online.storage[: online.size])
     np.testing.assert_array_equal(action.numpy(), np.array([t[0] for t in transitions], np.float32))
-    np.testing.assert_array_equal(reward.numpy(), np.array([t[1] for t in transitions], np.float32))
+    rewards = np.array([t[1] for t in transitions])
+    expected = (rewards - 0.5) * 4 if task == "antmaze" else rewards
+    np.testing.assert_allclose(reward.numpy(), expected.astype(np.float32), rtol=1e-6)
     np.testing.assert_array_equal(done.numpy(), [float(t[2]) for t in transitions])  # truncation stores d = 0
     assert is_online.eq(1).all()
     assert any(t[3] and not t[2] for t in transitions), "no truncation was exercised"
@@ -523,6 +527,9 @@ def test_online_critic_step_is_the_sunrise_weighted_td_to_the_wmp_soft_target():
         weight = torch.sigmoid(-1.0 * target_q.std(0, correction=0)) + 0.5
     assert weight.max() - weight.min() > 0.01, "the weights must differ between samples to be tested"
     assert_sgd_step(agent.critic, critic, (weight * (critic(obs, action) - y).pow(2)).mean(1).sum())
+    moved = zip(agent.critic_target.parameters(), target.parameters(), agent.critic.parameters(), strict=True)
+    for after, old, new in moved:  # then the targets follow the updated critics by tau
+        torch.testing.assert_close(after, old + 0.005 * (new - old))
 
 
 def test_offline_critic_step_carries_the_cql_gradient():
