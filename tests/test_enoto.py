@@ -344,15 +344,16 @@ def online_run(minari_root, tmp_path, request):
     agent = enoto.ENOTO(11, 3, args, torch.device("cpu"))
     agent.hand_over()
     env, transitions = recording_env(data.env_spec)
-    updates = []
-    online_update = agent.online_update
+    updates, heads = [], []
+    online_update, explore = agent.online_update, agent.explore
     agent.online_update = lambda batch: (updates.append(len(transitions)), online_update(batch))[1]
+    agent.explore = lambda obs, head: (heads.append(head), explore(obs, head))[1]
     online = enoto.online_phase(agent, data, env, make_env(data.eval_env_spec, 1), SummaryWriter(str(tmp_path)), args)
-    return online, transitions, updates, args, data.task
+    return online, transitions, updates, args, data.task, heads
 
 
 def test_online_buffer_holds_exactly_the_online_transitions(online_run):
-    online, transitions, updates, args, task = online_run
+    online, transitions, updates, args, task, heads = online_run
     assert online.size == len(transitions) == args.online_steps  # one row per env step, no offline rows
     _, action, reward, _, done, is_online = online.split(online.storage[: online.size])
     np.testing.assert_array_equal(action.numpy(), np.array([t[0] for t in transitions], np.float32))
@@ -363,6 +364,10 @@ def test_online_buffer_holds_exactly_the_online_transitions(online_run):
     assert is_online.eq(1).all()
     assert any(t[3] and not t[2] for t in transitions), "no truncation was exercised"
     assert updates == list(range(args.warmup_steps + 1, args.online_steps + 1))  # one update per step after warm-up
+    ends = [step for step, t in enumerate(transitions) if t[2] or t[3]]  # an episode ends after these steps
+    for start, end in zip([-1, *ends], [*ends, len(heads) - 1], strict=True):
+        assert len(set(heads[start + 1 : end + 1])) <= 1  # one bootstrap head per episode ...
+    assert len(set(heads)) > 1  # ... drawn again for the next
 
 
 # hopper-expert keeps the env's 1000-step limit, so evaluation episodes have exact Monte-Carlo returns
@@ -565,3 +570,36 @@ def test_hand_over_drops_the_cql_term_and_keeps_everything_else():
     kept = tiny_agent(num_critics=3, keep_cql_online=True)
     kept.hand_over()
     assert kept.cql_weight == 5.0
+
+
+def test_oac_action_moves_the_mean_by_the_optimistic_shift():
+    agent = tiny_agent(num_critics=4, exploration="oac")
+    with torch.no_grad():
+        agent.critic.net[-1].weight.normal_()  # a Q that depends on the action, with members that disagree
+    obs = torch.randn(OBS)
+    torch.manual_seed(8)
+    action = agent.oac_action(obs)
+    mu, std = (t.detach() for t in agent.actor.distribution(obs))
+    mu = mu.requires_grad_(True)
+    q = agent.critic(obs.unsqueeze(0), torch.tanh(mu).unsqueeze(0))
+    grad = torch.autograd.grad((q.mean(0) + 4.66 * q.std(0, correction=0)).sum(), mu)[0]
+    shift = enoto.oac_shift(grad, std.pow(2), 23.53)
+    assert shift.norm() > 0.1, "the shift must be large enough to matter"
+    torch.manual_seed(8)
+    torch.testing.assert_close(action, torch.tanh(mu.detach() + shift + std * torch.randn_like(std)))
+
+
+def test_temperature_step_is_d3rlpys_alpha_times_the_entropy_gap():
+    """d3rlpy: loss = -alpha (log pi - |A|), so d loss / d log alpha = -alpha mean(log pi - |A|)."""
+    agent = tiny_agent()
+    with torch.no_grad():
+        agent.log_alpha.fill_(math.log(0.3))  # alpha != 1, where alpha and log alpha in front would differ
+    agent.alpha_optimizer = torch.optim.SGD([agent.log_alpha], lr=1.0)
+    obs = torch.randn(16, OBS)
+    torch.manual_seed(2)
+    agent.update_alpha(obs)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        _, log_prob = agent.actor(obs)
+    expected = math.log(0.3) + 0.3 * (log_prob - ACT).mean()  # log alpha - gradient
+    assert agent.log_alpha.item() == pytest.approx(expected.item(), rel=1e-5)
