@@ -607,3 +607,17 @@ def test_finetune_step_trains_both_pairs_on_one_smoothed_target_action_and_twin_
             y = reward + 0.99 * (1 - done) * before[f"{name}_target"](next_obs, next_action).min(0).values
         critic = before[name]
         assert_sgd_step(getattr(agent, name), critic, (critic(obs, action) - y).pow(2).mean(1).sum())
+
+
+def test_pretraining_moves_the_meta_critics_targets_every_policy_freq_updates(monkeypatch):
+    agent = tiny_agent()
+    agent.hand_over()
+    agent.start_online_critic()
+    moved = []
+    soft_update = opt.soft_update
+    monkeypatch.setattr(
+        opt, "soft_update", lambda target, source, tau: (moved.append(target), soft_update(target, source, tau))
+    )
+    for _ in range(6):
+        agent.pretrain_update(random_batch(8), random_batch(8))
+    assert moved == [agent.q_on_target] * 3  # updates 2, 4, 6 (policy_freq 2); nothing else moves
