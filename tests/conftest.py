@@ -73,7 +73,7 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 def recording_env(env_spec: str, max_episode_steps: int = 12):
     """The dataset's env with a short time limit (so truncations happen) and a log of every step.
 
-    Returns the env and the list it appends (action, reward, terminated, truncated) to.
+    Returns the env and the list it appends (action, reward, terminated, truncated, next observation) to.
     """
     from utils import make_env
 
@@ -82,7 +82,7 @@ def recording_env(env_spec: str, max_episode_steps: int = 12):
 
     def recording_step(action):
         result = step_fn(action)
-        transitions.append((action, result[1], result[2], result[3]))
+        transitions.append((action, result[1], result[2], result[3], result[0]))
         return result
 
     env.step = recording_step

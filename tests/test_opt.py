@@ -448,6 +448,10 @@ def test_budget_kappa_and_stored_transitions(online_run):
     np.testing.assert_array_equal(reward.numpy(), np.array([t[1] for t in transitions], np.float32))
     np.testing.assert_array_equal(done.numpy(), [float(t[2]) for t in transitions])  # truncation stores d = 0
     assert is_online.eq(1).all() and any(t[3] and not t[2] for t in transitions)
+    next_obs = replay.buffer.split(replay.buffer.storage[len(rows) :])[3]
+    raw = np.array([t[4] for t in transitions])
+    np.testing.assert_allclose(next_obs.numpy(), agent.normalize(raw), rtol=1e-5, atol=1e-5)  # the offline statistics
+    assert np.abs(agent.normalize(raw) - raw).max() > 0.1  # ... which do change the rows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -621,3 +625,9 @@ def test_pretraining_moves_the_meta_critics_targets_every_policy_freq_updates(mo
     for _ in range(6):
         agent.pretrain_update(random_batch(8), random_batch(8))
     assert moved == [agent.q_on_target] * 3  # updates 2, 4, 6 (policy_freq 2); nothing else moves
+
+
+def test_antmaze_trains_on_r_minus_1_and_other_tasks_on_r():
+    reward = np.array([0.0, 1.0, 0.5])
+    np.testing.assert_array_equal(opt.training_reward(reward, "antmaze"), reward - 1.0)
+    np.testing.assert_array_equal(opt.training_reward(reward, "hopper"), reward)
