@@ -210,6 +210,7 @@ def online_run(minari_root, tmp_path):
         [p.clone() for p in agent.bc_model.parameters()],
     )
     env, transitions = recording_env(data.env_spec)
+    agent.reward_scale = 2.5  # as IQL's scale would be, so that the online rows show whether it is applied
     baq.online_phase(agent, data, replay, k_q, k_rho, env, make_env(data.eval_env_spec, 1), writer, args)
     return agent, replay, transitions, offline_cumulative, bc_params, len(data), k_rho
 
@@ -223,6 +224,11 @@ def test_online_phase_keeps_priorities_and_pi_bc_and_stores_every_step(online_ru
     np.testing.assert_array_equal(action.numpy(), np.array([t[0] for t in transitions], np.float32))
     np.testing.assert_array_equal(done.numpy(), [float(t[2]) for t in transitions])  # truncation stores d = 0
     assert is_online.eq(1).all() and any(t[3] and not t[2] for t in transitions)
+    _, _, reward, next_obs, _, _ = replay.buffer.split(replay.buffer.storage[num_offline : num_offline + 40])
+    np.testing.assert_allclose(reward.numpy(), 2.5 * np.array([t[1] for t in transitions]), rtol=1e-6)
+    raw = np.array([t[4] for t in transitions])
+    np.testing.assert_allclose(next_obs.numpy(), agent.normalize(raw), rtol=1e-5, atol=1e-5)
+    assert np.abs(agent.normalize(raw) - raw).max() > 0.1  # the dataset statistics do change the rows
     new_rho = torch.diff(replay.cumulative[num_offline - 1 : num_offline + 40])
     obs, action = replay.buffer.split(replay.buffer.storage[num_offline : num_offline + 40])[:2]
     bc_mse, distance = baq.bc_distances(agent.bc_model, obs, action)
