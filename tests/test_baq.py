@@ -224,11 +224,13 @@ def test_online_phase_keeps_priorities_and_pi_bc_and_stores_every_step(online_ru
     np.testing.assert_array_equal(action.numpy(), np.array([t[0] for t in transitions], np.float32))
     np.testing.assert_array_equal(done.numpy(), [float(t[2]) for t in transitions])  # truncation stores d = 0
     assert is_online.eq(1).all() and any(t[3] and not t[2] for t in transitions)
-    _, _, reward, next_obs, _, _ = replay.buffer.split(replay.buffer.storage[num_offline : num_offline + 40])
+    obs, _, reward, next_obs, _, _ = replay.buffer.split(replay.buffer.storage[num_offline : num_offline + 40])
     np.testing.assert_allclose(reward.numpy(), 2.5 * np.array([t[1] for t in transitions]), rtol=1e-6)
     raw = np.array([t[4] for t in transitions])
     np.testing.assert_allclose(next_obs.numpy(), agent.normalize(raw), rtol=1e-5, atol=1e-5)
     assert np.abs(agent.normalize(raw) - raw).max() > 0.1  # the dataset statistics do change the rows
+    running = np.array([not (t[2] or t[3]) for t in transitions[:-1]])  # no reset between row i and row i + 1
+    np.testing.assert_array_equal(obs[1:][running].numpy(), next_obs[:-1][running].numpy())  # s_{t+1} = s'_t
     new_rho = torch.diff(replay.cumulative[num_offline - 1 : num_offline + 40])
     obs, action = replay.buffer.split(replay.buffer.storage[num_offline : num_offline + 40])[:2]
     bc_mse, distance = baq.bc_distances(agent.bc_model, obs, action)

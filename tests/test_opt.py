@@ -448,10 +448,12 @@ def test_budget_kappa_and_stored_transitions(online_run):
     np.testing.assert_array_equal(reward.numpy(), np.array([t[1] for t in transitions], np.float32))
     np.testing.assert_array_equal(done.numpy(), [float(t[2]) for t in transitions])  # truncation stores d = 0
     assert is_online.eq(1).all() and any(t[3] and not t[2] for t in transitions)
-    next_obs = replay.buffer.split(replay.buffer.storage[len(rows) :])[3]
+    obs, _, _, next_obs, _, _ = replay.buffer.split(replay.buffer.storage[len(rows) :])
     raw = np.array([t[4] for t in transitions])
     np.testing.assert_allclose(next_obs.numpy(), agent.normalize(raw), rtol=1e-5, atol=1e-5)  # the offline statistics
     assert np.abs(agent.normalize(raw) - raw).max() > 0.1  # ... which do change the rows
+    running = np.array([not (t[2] or t[3]) for t in transitions[:-1]])  # no reset between row i and row i + 1
+    np.testing.assert_array_equal(obs[1:][running].numpy(), next_obs[:-1][running].numpy())  # s_{t+1} = s'_t
 
 
 # ---------------------------------------------------------------------------------------------------
