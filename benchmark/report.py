@@ -1,28 +1,39 @@
 """Turn a sweep's TensorBoard logs into a markdown table, learning curves and an aggregate IQM.
 
     python benchmark/report.py --sweep-dir runs/sweep-random --out benchmark/results/sweep-random \\
-        --command "python benchmark/sweep.py ..."
+        --command "python benchmark/sweep.py ..." --baseline opt=td3
 
 Reads eval/normalized_score (x = online environment steps, 0 = hand-over) of every run under
-<sweep-dir>/<algorithm>/<dataset>/seed<seed>/. Per algorithm x dataset: the score at hand-over and after
-the online budget (mean +- std over seeds; std is the population std), and the area under the online
-curve, reported as the step-weighted mean score over the online phase (trapezoids). Across datasets: the
-interquartile mean (IQM) of the final scores with a 95% stratified bootstrap interval (seeds resampled
-within each dataset). Writes report.md and curves.png into --out.
+<sweep-dir>/<algorithm>/<dataset>/seed<seed>/. A run is complete when it has an evaluation AT its online
+budget (`online_steps` of its args.json; without one, the largest last step of its algorithm x dataset)
+and is not listed in <sweep-dir>/failures.json; other runs are listed as incomplete and counted nowhere.
+Per algorithm x dataset, over complete seeds (mean +- population std): the score at hand-over, the drop
+(the first evaluation at or after --drop-step minus the hand-over), the final score (at the budget), the
+mean of the online evaluations after the hand-over (e.g. BAQ's card: the mean of evaluations at 5k ... 30k),
+and the area under the online curve as a step-weighted mean (trapezoids). Across datasets: the IQM of the
+final scores with a 95% stratified bootstrap interval (rliable: 50,000 resamples of the seeds within each
+dataset), on the same number of seeds per dataset (the lowest; the report says which seeds it left out).
+--baseline METHOD=BASE adds, per dataset, the mean final score of METHOD minus that of BASE with a
+bootstrap interval. Writes report.md and curves.png into --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
 
 TAG = "eval/normalized_score"
+SEED_DIR = re.compile(r"seed(\d+)")
 
 
-def read_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(steps, scores) of the newest TensorBoard run below run_dir, or None if it logged no evaluation."""
+def read_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray, int | None] | None:
+    """(steps, scores, online budget from args.json or None) of the newest TensorBoard run below run_dir, or
+    None if it logged no evaluation."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     event_dirs = sorted({path.parent for path in run_dir.rglob("events.out.tfevents.*")})
@@ -32,17 +43,35 @@ def read_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
     if TAG not in events.Tags()["scalars"]:
         return None
     scalars = events.Scalars(TAG)
-    return np.array([s.step for s in scalars], float), np.array([s.value for s in scalars], float)
+    args_file = event_dirs[-1] / "args.json"
+    budget = json.loads(args_file.read_text()).get("online_steps") if args_file.is_file() else None
+    return np.array([s.step for s in scalars], float), np.array([s.value for s in scalars], float), budget
 
 
-def collect(sweep_dir: Path) -> dict[tuple[str, str], dict[int, tuple[np.ndarray, np.ndarray]]]:
-    curves: dict[tuple[str, str], dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+def collect(sweep_dir: Path):
+    """Complete curves by (algorithm, dataset) and seed, and the names of the incomplete runs."""
+    failures = sweep_dir / "failures.json"
+    failed = set(json.loads(failures.read_text())) if failures.is_file() else set()
+    found: dict[tuple[str, str], dict[int, tuple]] = {}
     for seed_dir in sorted(sweep_dir.glob("*/*/seed*")):
+        match = SEED_DIR.fullmatch(seed_dir.name)
+        if match is None or not seed_dir.is_dir():
+            print(f"warning: skipping {seed_dir}: not a <algorithm>/<dataset>/seed<N> run folder", file=sys.stderr)
+            continue
         curve = read_curve(seed_dir)
         if curve is not None:
-            algorithm, dataset = seed_dir.parent.parent.name, seed_dir.parent.name
-            curves.setdefault((algorithm, dataset), {})[int(seed_dir.name[4:])] = curve
-    return curves
+            found.setdefault((seed_dir.parent.parent.name, seed_dir.parent.name), {})[int(match.group(1))] = curve
+    curves: dict[tuple[str, str], dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    incomplete = []
+    for (algorithm, dataset), seeds in found.items():
+        fallback = max(steps[-1] for steps, _, _ in seeds.values())
+        for seed, (steps, scores, budget) in sorted(seeds.items()):
+            name = f"{algorithm}/{dataset}/seed{seed}"
+            if name in failed or steps[-1] != (budget if budget is not None else fallback):
+                incomplete.append(f"{name} (last evaluation at {int(steps[-1])} of {budget or int(fallback)})")
+            else:
+                curves.setdefault((algorithm, dataset), {})[seed] = (steps, scores)
+    return curves, incomplete
 
 
 def area_under_curve(steps: np.ndarray, scores: np.ndarray) -> float:
@@ -59,32 +88,46 @@ def iqm(values: np.ndarray) -> float:
     return float(values[cut : len(values) - cut].mean())
 
 
-def bootstrap_iqm(scores_per_dataset: list[np.ndarray], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the IQM, resampling seeds with replacement within each dataset."""
+def bootstrap(statistic, groups: list[np.ndarray], samples: int = 50_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of statistic(resampled groups), resampling each group's seeds with replacement."""
     rng = np.random.default_rng(seed)
-    stats = [
-        iqm(np.concatenate([rng.choice(scores, size=len(scores)) for scores in scores_per_dataset]))
-        for _ in range(samples)
-    ]
+    resampled = [scores[rng.integers(0, len(scores), (samples, len(scores)))] for scores in groups]  # [samples, n]
+    stats = statistic(resampled)
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
-def summarise(curves) -> list[dict]:
+def bootstrap_iqm(scores_per_dataset: list[np.ndarray], samples: int = 50_000, seed: int = 0) -> tuple[float, float]:
+    """The IQM's interval, stratified: seeds are resampled within each dataset."""
+
+    def rowwise_iqm(resampled):
+        values = np.sort(np.concatenate(resampled, axis=1), axis=1)
+        cut = int(0.25 * values.shape[1])
+        return values[:, cut : values.shape[1] - cut].mean(1)
+
+    return bootstrap(rowwise_iqm, [np.asarray(x, float) for x in scores_per_dataset], samples, seed)
+
+
+def score_at(steps: np.ndarray, scores: np.ndarray, step: float) -> float:
+    """The first evaluation at or after `step` (the last one if the run is shorter)."""
+    index = min(int(np.searchsorted(steps, step)), len(steps) - 1)
+    return float(scores[index])
+
+
+def summarise(curves, drop_step: float) -> list[dict]:
     rows = []
     for (algorithm, dataset), seeds in sorted(curves.items()):
-        start = np.array([scores[0] for _, scores in seeds.values()])
-        final = np.array([scores[-1] for _, scores in seeds.values()])
-        auc = np.array([area_under_curve(steps, scores) for steps, scores in seeds.values()])
-        budget = int(max(steps[-1] for steps, _ in seeds.values()))
+        runs = [seeds[seed] for seed in sorted(seeds)]
         rows.append(
             {
                 "algorithm": algorithm,
                 "dataset": dataset,
-                "seeds": len(seeds),
-                "budget": budget,
-                "start": start,
-                "final": final,
-                "auc": auc,
+                "seeds": sorted(seeds),
+                "budget": int(runs[0][0][-1]),
+                "start": np.array([scores[0] for _, scores in runs]),
+                "drop": np.array([score_at(steps, scores, drop_step) - scores[0] for steps, scores in runs]),
+                "final": np.array([scores[-1] for _, scores in runs]),
+                "online_mean": np.array([scores[1:].mean() if len(scores) > 1 else scores[0] for _, scores in runs]),
+                "auc": np.array([area_under_curve(steps, scores) for steps, scores in runs]),
             }
         )
     return rows
@@ -116,7 +159,7 @@ def plot(curves, path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict], command: str, incomplete: list[str], baselines: list[str], drop_step: float) -> str:
     pm = lambda x: f"{x.mean():.1f} ± {x.std():.1f}"
     lines = [
         "# Learning results",
@@ -125,22 +168,37 @@ def markdown(rows: list[dict], command: str) -> str:
         "",
         "Normalized score with D4RL reference returns on Minari data: NOT comparable with the papers' tables.",
         "",
-        "| algorithm | dataset | seeds | online steps | hand-over | final | mean over online phase (AUC) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| algorithm | dataset | seeds | online steps | hand-over | drop at {int(drop_step)} | final "
+        "| mean of online evaluations | mean over online phase (AUC) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [
-        f"| {r['algorithm']} | {r['dataset']} | {r['seeds']} | {r['budget']} | {pm(r['start'])} "
-        f"| {pm(r['final'])} | {pm(r['auc'])} |"
+        f"| {r['algorithm']} | {r['dataset']} | {len(r['seeds'])} | {r['budget']} | {pm(r['start'])} | {pm(r['drop'])} "
+        f"| {pm(r['final'])} | {pm(r['online_mean'])} | {pm(r['auc'])} |"
         for r in rows
     ]
-    lines += ["", "Aggregate over datasets, final score: IQM [95% stratified bootstrap CI]", ""]
+    if incomplete:
+        lines += ["", f"Incomplete runs, counted nowhere: {', '.join(incomplete)}."]
+    lines += ["", "Aggregate over datasets, final score: IQM [95% stratified bootstrap CI, 50,000 resamples]", ""]
     for algorithm in sorted({r["algorithm"] for r in rows}):
-        per_dataset = [r["final"] for r in rows if r["algorithm"] == algorithm]
+        mine = [r for r in rows if r["algorithm"] == algorithm]
+        k = min(len(r["seeds"]) for r in mine)  # equal seed counts, so that no dataset weighs more
+        left_out = [f"{r['dataset']} seeds {r['seeds'][k:]}" for r in mine if len(r["seeds"]) > k]
+        per_dataset = [r["final"][:k] for r in mine]
         low, high = bootstrap_iqm(per_dataset)
         lines.append(
-            f"- {algorithm}: {iqm(np.concatenate(per_dataset)):.1f} [{low:.1f}, {high:.1f}] "
-            f"over {len(per_dataset)} datasets"
+            f"- {algorithm}: {iqm(np.concatenate(per_dataset)):.1f} [{low:.1f}, {high:.1f}] over {len(mine)} "
+            f"datasets x {k} seeds" + (f" (left out: {'; '.join(left_out)})" if left_out else "")
         )
+    for pair in baselines:
+        method, base = pair.split("=")
+        lines += ["", f"{method} minus {base}, mean final score per dataset [95% bootstrap CI over seeds]:", ""]
+        by_key = {(r["algorithm"], r["dataset"]): r["final"] for r in rows}
+        for dataset in sorted({r["dataset"] for r in rows}):
+            if (method, dataset) in by_key and (base, dataset) in by_key:
+                a, b = by_key[(method, dataset)], by_key[(base, dataset)]
+                low, high = bootstrap(lambda resampled: resampled[0].mean(1) - resampled[1].mean(1), [a, b])
+                lines.append(f"- {dataset}: {a.mean() - b.mean():+.1f} [{low:+.1f}, {high:+.1f}]")
     return "\n".join(lines) + "\n\n![curves](curves.png)\n"
 
 
@@ -149,12 +207,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="folder for report.md and curves.png")
     parser.add_argument("--command", default="", help="the sweep command, recorded in the report")
+    parser.add_argument("--drop-step", type=float, default=10_000, help="online step of the drop figure")
+    parser.add_argument("--baseline", action="append", default=[], metavar="METHOD=BASE", help="method minus baseline")
     args = parser.parse_args(argv)
-    curves = collect(args.sweep_dir)
+    for pair in args.baseline:
+        if pair.count("=") != 1:
+            raise SystemExit(f"error: --baseline {pair}: write METHOD=BASE, e.g. opt=td3")
+    curves, incomplete = collect(args.sweep_dir)
     if not curves:
-        raise SystemExit(f"error: no {TAG} logs under {args.sweep_dir}/<algorithm>/<dataset>/seed<N>/")
+        raise SystemExit(f"error: no complete {TAG} logs under {args.sweep_dir}/<algorithm>/<dataset>/seed<N>/")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.md").write_text(markdown(summarise(curves), args.command))
+    rows = summarise(curves, args.drop_step)
+    (args.out / "report.md").write_text(markdown(rows, args.command, incomplete, args.baseline, args.drop_step))
     plot(curves, args.out / "curves.png")
     print(f"wrote {args.out / 'report.md'} and {args.out / 'curves.png'}")
 

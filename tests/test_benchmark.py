@@ -31,17 +31,19 @@ def sweep_logs(tmp_path):
 
 def test_report_numbers(sweep_logs, tmp_path):
     out = tmp_path / "out"
-    report.main(["--sweep-dir", str(sweep_logs), "--out", str(out), "--command", "python benchmark/sweep.py x"])
+    command = ["--sweep-dir", str(sweep_logs), "--out", str(out), "--command", "python benchmark/sweep.py x"]
+    report.main([*command, "--drop-step", "50"])
     text = (out / "report.md").read_text()
-    # hopper-x, algo_a: start 10, 14 -> 12 +- 2; final 40, 60 -> 50 +- 10;
+    # hopper-x, algo_a: start 10, 14 -> 12 +- 2; drop at 50: 10, 16 -> 13 +- 3; final 40, 60 -> 50 +- 10;
+    # mean of the online evaluations: 30, 45 -> 37.5 +- 7.5;
     # AUC = trapezoids / 100: seed0 (15*50 + 30*50)/100 = 22.5, seed1 (22*50 + 45*50)/100 = 33.5 -> 28 +- 5.5
-    assert "| algo_a | hopper-x | 2 | 100 | 12.0 ± 2.0 | 50.0 ± 10.0 | 28.0 ± 5.5 |" in text
-    assert "| algo_a | walker-y | 1 | 100 | 0.0 ± 0.0 | 100.0 ± 0.0 | 25.0 ± 0.0 |" in text
-    assert "| algo_b | hopper-x | 1 | 100 | 5.0 ± 0.0 | 5.0 ± 0.0 | 5.0 ± 0.0 |" in text
+    assert "| algo_a | hopper-x | 2 | 100 | 12.0 ± 2.0 | 13.0 ± 3.0 | 50.0 ± 10.0 | 37.5 ± 7.5 | 28.0 ± 5.5 |" in text
+    assert "| algo_a | walker-y | 1 | 100 | 0.0 ± 0.0 | 0.0 ± 0.0 | 100.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 |" in text
+    assert "| algo_b | hopper-x | 1 | 100 | 5.0 ± 0.0 | 0.0 ± 0.0 | 5.0 ± 0.0 | 5.0 ± 0.0 | 5.0 ± 0.0 |" in text
     assert "python benchmark/sweep.py x" in text
-    assert "- algo_b: 5.0 [5.0, 5.0] over 1 datasets" in text
-    # algo_a finals 40, 60, 100: n = 3 trims nothing, IQM = mean = 66.7
-    assert "- algo_a: 66.7 [" in text
+    assert "- algo_b: 5.0 [5.0, 5.0] over 1 datasets x 1 seeds" in text
+    # equal seed counts: algo_a uses seed 0 of both datasets, finals 40 and 100 -> IQM 70 (n = 2 trims nothing)
+    assert "- algo_a: 70.0 [" in text and "over 2 datasets x 1 seeds (left out: hopper-x seeds [1])" in text
     assert (out / "curves.png").stat().st_size > 1000
 
 
@@ -58,7 +60,35 @@ def test_iqm_and_bootstrap():
 
 def test_report_without_logs_is_a_clear_error(tmp_path):
     result = run_cli([str(REPO / "benchmark/report.py"), "--sweep-dir", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert result.returncode != 0 and "error: no eval/normalized_score logs" in result.stderr
+    assert result.returncode != 0 and "error: no complete eval/normalized_score logs" in result.stderr
+
+
+def test_report_counts_complete_runs_only_and_compares_with_a_baseline(tmp_path, capsys):
+    """Final = the evaluation AT the budget of args.json; short or failed runs are listed, not counted."""
+    runs = {  # (algorithm, seed) -> scores at steps 0, 50, 100 (fewer: the run stopped early)
+        ("method", 0): [10.0, 20.0, 30.0],
+        ("method", 1): [10.0, 20.0],  # stopped at 50 of 100
+        ("method", 2): [0.0, 0.0, 0.0],  # finished, but listed as failed
+        ("base", 0): [10.0, 10.0, 10.0],
+    }
+    for (algorithm, seed), scores in runs.items():
+        run = tmp_path / algorithm / "hopper-z" / f"seed{seed}" / "run"
+        writer = SummaryWriter(str(run))
+        for step, score in zip((0, 50, 100), scores, strict=False):
+            writer.add_scalar("eval/normalized_score", score, step)
+        writer.close()
+        (run / "args.json").write_text(json.dumps({"online_steps": 100}))
+    (tmp_path / "failures.json").write_text(json.dumps({"method/hopper-z/seed2": 1}))
+    (tmp_path / "method" / "hopper-z" / "seed_old").mkdir()  # a stray folder
+    out = tmp_path / "out"
+    report.main(["--sweep-dir", str(tmp_path), "--out", str(out), "--baseline", "method=base"])
+    text = (out / "report.md").read_text()
+    assert "| method | hopper-z | 1 | 100 | 10.0 ± 0.0 | 20.0 ± 0.0 | 30.0 ± 0.0 |" in text  # seed 0 only
+    assert "method/hopper-z/seed1 (last evaluation at 50 of 100)" in text and "method/hopper-z/seed2" in text
+    assert "- hopper-z: +20.0 [+20.0, +20.0]" in text  # one seed each: a zero-width interval
+    assert "warning: skipping" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="write METHOD=BASE"):
+        report.main(["--sweep-dir", str(tmp_path), "--out", str(out), "--baseline", "method"])
 
 
 FAKE_SCRIPT = """
