@@ -201,7 +201,8 @@ def train(args: Args) -> list[dict]:
             index = np.random.randint(0, min(step, capacity), args.batch_size)
             update({key: value[index] for key, value in buffer.items()})
         if step % args.snapshot_freq == 0 or step == args.learning_starts:
-            snapshots.append(save_snapshot(out, actor, step, args, env, eval_env))
+            with torch.random.fork_rng():  # building and evaluating the snapshot must not move training's stream
+                snapshots.append(save_snapshot(out, actor, step, args, env, eval_env))
             (out / "snapshots.json").write_text(json.dumps(snapshots, indent=1))
             sps, entry = step / (time.perf_counter() - start), snapshots[-1]
             print(

@@ -116,3 +116,11 @@ def test_without_a_medium_snapshot_the_error_says_what_to_do(behavior_dir, tmp_p
         collect_behavior_dataset("Hopper-v5", "test/hopper/none-v0", "medium", 10, low)
     with pytest.raises(UserError, match=r"no behaviour policy in .*nowhere.* train one with"):
         collect_behavior_dataset("Hopper-v5", "test/hopper/none-v0", "medium", 10, tmp_path / "nowhere")
+
+
+def test_deterministic_actions_draw_nothing_from_the_random_stream():
+    actor = BehaviorActor(3, 2, 8, np.array([-1.0, -1.0]), np.array([1.0, 1.0]))
+    obs = torch.randn(4, 3)
+    state = torch.get_rng_state()
+    actor(obs, deterministic=True)
+    assert torch.equal(torch.get_rng_state(), state)

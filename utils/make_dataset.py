@@ -119,8 +119,10 @@ class BehaviorActor(nn.Module):
         """Action and its log-probability; `generator` draws the Gaussian noise (seeded data collection)."""
         mu, log_std = self.net(obs).chunk(2, -1)
         std = log_std.clamp(-5.0, 2.0).exp()
-        noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
-        pre_tanh = mu if deterministic else mu + std * noise
+        if deterministic:  # no draw: a deterministic evaluation leaves the random stream as it was
+            pre_tanh = mu
+        else:
+            pre_tanh = mu + std * torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         # log N(u; mu, std) - log(1 - tanh(u)^2), with the exact, stable form of the tanh correction
         log_prob = (-0.5 * ((pre_tanh - mu) / std) ** 2 - std.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
         log_prob = log_prob - (2 * (np.log(2) - pre_tanh - F.softplus(-2 * pre_tanh))).sum(-1)
