@@ -34,6 +34,9 @@ No public code exists; every constant the paper leaves open is a decision of the
 Not implemented: the `--is-beta` importance-sampling ablation (the card keeps it for ablation only).
 
 Usage: python algorithms/baq.py --env-id hopper-medium --backbone iql
+Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
+evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
+episode in progress continues exactly, another env's restarts from a fresh reset.
 Own tags: offline/bc_loss, offline/bc_val_mse, offline/cql_loss, offline/value_loss, charts/k_q, charts/k_rho,
 charts/m_off, charts/m_probe (at step 0), charts/w_mean, charts/w_min, charts/w_mean_online,
 charts/w_mean_offline, charts/offline_share (dataset rows in a batch), losses/cql_loss, losses/value_loss.
@@ -63,6 +66,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
+from utils.checkpoint import (
+    CHECKPOINT,
+    atomic_save,
+    load_for_resume,
+    resume_state,
+    rewind_events,
+    set_env_state,
+    set_rng_state,
+)
 
 
 @dataclass
@@ -144,6 +156,11 @@ class Args:
     """deterministic episodes per evaluation"""
     log_freq: int = 1_000
     """write training metrics every this many updates"""
+    checkpoint_freq: int | None = None
+    """write checkpoint.pt (all state, for --resume) every this many updates offline / env steps online;
+    None = at every evaluation"""
+    resume: str | None = None
+    """continue the run in this folder from its checkpoint.pt; every other flag comes from its args.json"""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,6 +295,13 @@ class ReplayBuffer:
     def sample_rows(self, n: int) -> torch.Tensor:
         return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
 
+    def state_dict(self) -> dict:
+        return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.position = len(state["rows"]), state["position"]
+        self.storage[: self.size] = state["rows"].to(self.storage.device)
+
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """rows -> obs, action, reward, next_obs, done, is_online."""
         obs, action, reward, next_obs, done, is_online = rows.split(
@@ -319,6 +343,17 @@ class PriorityReplay:
             return torch.randint(0, size, (n,), device=device)
         draws = torch.rand(n, dtype=torch.float64, device=device) * self.cumulative[size - 1]
         return torch.searchsorted(self.cumulative[:size], draws, right=True).clamp_(max=size - 1)
+
+    def state_dict(self) -> dict:
+        size = self.buffer.size
+        copy = {name: getattr(self, name)[:size].to("cpu", copy=True) for name in ("bc_mse", "cumulative")}
+        return copy | {"buffer": self.buffer.state_dict(), "num_offline": self.num_offline}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.load_state_dict(state["buffer"])
+        self.bc_mse[: self.buffer.size] = state["bc_mse"].to(self.bc_mse.device)
+        self.cumulative[: self.buffer.size] = state["cumulative"].to(self.cumulative.device)
+        self.num_offline = state["num_offline"]
 
 
 def bc_distances(bc_model: BehaviourModel, obs: torch.Tensor, action: torch.Tensor, chunk: int = 65536):
@@ -518,6 +553,8 @@ class BAQ:
         state = {name: module.state_dict() for name, module in self.networks().items()}
         if self.args.backbone == "cql":
             state["log_alpha"] = self.log_alpha.detach().cpu()
+        elif self.actor_schedule is not None:  # IQL offline: where the cosine schedule stands
+            state["actor_schedule"] = self.actor_schedule.state_dict()
         return state | {"obs_mean": self.obs_mean, "obs_std": self.obs_std, "reward_scale": self.reward_scale}
 
     def load_state_dict(self, checkpoint: dict) -> None:
@@ -526,6 +563,8 @@ class BAQ:
         if self.args.backbone == "cql":
             with torch.no_grad():
                 self.log_alpha.copy_(checkpoint["log_alpha"])
+        elif self.actor_schedule is not None and "actor_schedule" in checkpoint:
+            self.actor_schedule.load_state_dict(checkpoint["actor_schedule"])
         self.obs_mean, self.obs_std, self.reward_scale = (
             checkpoint[k] for k in ("obs_mean", "obs_std", "reward_scale")
         )
@@ -557,8 +596,8 @@ class Metrics:
         self.sums, self.counts = {}, {}
 
 
-def save_checkpoint(path: Path, agent: BAQ, args: Args, data: OfflineData, phase: str, step: int, **extra) -> None:
-    """One self-contained dict, written to a temporary file and renamed, so a crash never leaves half a file."""
+def save_checkpoint(path: Path, agent: BAQ, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:
+    """One self-contained dict, written atomically; `state` adds what --resume needs (checkpoint.pt)."""
     checkpoint = {
         "algorithm": "baq",
         "args": asdict(args),
@@ -570,11 +609,9 @@ def save_checkpoint(path: Path, agent: BAQ, args: Args, data: OfflineData, phase
         "dataset": data.name,
         "env_spec": data.env_spec,
         "eval_env_spec": data.eval_env_spec,
-        **extra,
+        **state,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    atomic_save(checkpoint, path)
 
 
 def policy_from_checkpoint(checkpoint: dict):
@@ -639,20 +676,27 @@ def bc_phase(agent: BAQ, dataset: ReplayBuffer, writer, args: Args) -> float:
     return val_mse
 
 
-def offline_phase(agent: BAQ, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args) -> None:
-    metrics, bar = Metrics(writer), tqdm(range(1, args.offline_steps + 1), desc="offline", disable=not args.progress)
+def offline_phase(
+    agent: BAQ, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, save=None, resume=None
+):
+    """Backbone updates from step 1, or from the step after `resume`'s; `save` writes checkpoint.pt."""
+    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
+    first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
+    if resume:
+        metrics.sums, metrics.counts = resume["metrics"]
+    bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
     start = time.perf_counter()
     for step in bar:
         results = agent.update(dataset.split(dataset.sample_rows(args.batch_size)))  # BAQ adds nothing offline
         metrics.add({f"offline/{key}": value for key, value in results.items()})
         if step % args.log_freq == 0:
             metrics.flush(step)
-            writer.add_scalar("offline/UPS", step / (time.perf_counter() - start), step)
+            writer.add_scalar("offline/UPS", (step - first + 1) / (time.perf_counter() - start), step)
         if step % args.offline_eval_freq == 0 or step == args.offline_steps:
             result = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
-            bar.set_postfix(
-                score=f"{result['normalized_score']:.1f}", UPS=f"{step / (time.perf_counter() - start):.0f}"
-            )
+            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
+        if step % (args.checkpoint_freq or args.offline_eval_freq) == 0 or step == args.offline_steps:
+            save("offline", step, metrics=metrics)
 
 
 def calibrate(agent: BAQ, dataset: ReplayBuffer, online_steps: int, writer, args: Args):
@@ -693,13 +737,39 @@ def log_weights(writer, replay: PriorityReplay, k_q: float, step: int) -> None:
         writer.add_scalar(f"charts/w_mean_{name}", td_weight(replay.bc_mse[rows], k_q).mean(), step)
 
 
-def online_phase(agent: BAQ, data: OfflineData, replay: PriorityReplay, k_q, k_rho, env, eval_env, writer, args):
-    """One update per env step from the first step; every new transition enters with its own rho."""
+def online_phase(
+    agent: BAQ,
+    data: OfflineData,
+    replay: PriorityReplay,
+    k_q,
+    k_rho,
+    env,
+    eval_env,
+    writer,
+    args,
+    save=None,
+    resume=None,
+):
+    """One update per env step from the first step; every new transition enters with its own rho.
+
+    With `resume` it continues after the checkpoint's step, with its replay and running episode (MuJoCo: exactly;
+    other envs: a fresh episode).
+    """
+    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
     metrics, device = Metrics(writer), agent.device
-    log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-    obs, _ = env.reset(seed=args.seed)
-    episode_return, start, update_time = 0.0, time.perf_counter(), 0.0
-    bar = tqdm(range(1, args.online_steps + 1), desc="online", disable=not args.progress)
+    if resume is None:
+        log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
+        obs, _ = env.reset(seed=args.seed)
+        episode_return, update_time, first = 0.0, 0.0, 1
+    else:
+        metrics.sums, metrics.counts = resume["metrics"]
+        replay.load_state_dict(resume["replay"])
+        obs, episode_return, update_time = resume["obs"], resume["episode_return"], resume["update_time"]
+        first = resume["step"] + 1
+        if not set_env_state(env, resume["env"]):
+            (obs, _), episode_return = env.reset(), 0.0
+    start = time.perf_counter()
+    bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         action = np.clip(agent.policy(obs, deterministic=False), -1.0, 1.0)
         next_obs, reward, terminated, truncated, _ = env.step(action)
@@ -721,7 +791,7 @@ def online_phase(agent: BAQ, data: OfflineData, replay: PriorityReplay, k_q, k_r
             metrics.flush(step)
             log_weights(writer, replay, k_q, step)
             writer.add_scalar("charts/UPS", step / update_time, step)  # updates per second of update time
-            writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)  # env steps per wall second
+            writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)  # per wall s
         episode_return += float(reward)
         obs = next_obs
         if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
@@ -730,13 +800,16 @@ def online_phase(agent: BAQ, data: OfflineData, replay: PriorityReplay, k_q, k_r
             episode_return = 0.0
         if step % args.eval_freq == 0:
             result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
-            bar.set_postfix(
-                score=f"{result['normalized_score']:.1f}", SPS=f"{step / (time.perf_counter() - start):.0f}"
-            )
+            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
+        if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
+            state = {"replay": replay.state_dict(), "k_q": k_q, "k_rho": k_rho, "update_time": update_time}
+            save("online", step, metrics=metrics, obs=obs, episode_return=episode_return, **state)
 
 
 def check_args(args: Args) -> None:
     """Refuse settings the phases cannot run with, naming the flag to change."""
+    if args.checkpoint_freq is not None and args.checkpoint_freq < 1:
+        raise UserError(f"--checkpoint-freq must be >= 1, got {args.checkpoint_freq}")
     for name in ("offline_steps", "online_steps", "bc_steps"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -807,8 +880,11 @@ def main(args: Args) -> Path:
         print("CUDA is not available: running on the CPU", file=sys.stderr)
     args.progress = args.progress and sys.stdout.isatty()
 
+    resume = None
+    if args.resume is not None:
+        resume, run_path = load_for_resume(args.resume, "baq", args, device)
     checkpoint = None
-    if args.pretrained is not None:
+    if args.pretrained is not None and resume is None:
         try:
             checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
             if checkpoint.get("algorithm") != "baq" or checkpoint.get("phase") != "offline":
@@ -826,41 +902,65 @@ def main(args: Args) -> Path:
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     if checkpoint is not None:
         check_pretrained_dataset(checkpoint, data, args.pretrained)
-
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_path = Path(args.run_dir) / run_name
-    run_path.mkdir(parents=True, exist_ok=True)
-    (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    if resume is not None:
+        check_pretrained_dataset(resume, data, args.resume)
+        rewind_events(run_path, resume["events"])  # the steps logged after the checkpoint are logged again
+    else:
+        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_path = Path(args.run_dir) / run_name
+        run_path.mkdir(parents=True, exist_ok=True)
+        (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
     writer = SummaryWriter(str(run_path))
     # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
     # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
     env, eval_env = make_env(data.eval_env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
     agent = BAQ(obs_dim, act_dim, args, device)
 
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint)  # with the state statistics and reward scale its networks learnt with
-    rows = prepare_data(agent, data, args, fit_statistics=checkpoint is None)
+    def save(phase: str, step: int, metrics: Metrics, **state) -> None:
+        """checkpoint.pt: the agent, the phase's loop state, RNG streams, the env, the event file sizes."""
+        state |= resume_state(writer, run_path, env) | {"metrics": (metrics.sums, metrics.counts)}
+        save_checkpoint(run_path / CHECKPOINT, agent, args, data, phase, step, bc_val_mse=bc_val_mse, **state)
+
+    resumed_online = resume is not None and resume["phase"] == "online"
+    if resumed_online:  # the hand-over first, so the saved online optimiser settings replace its changes
+        agent.hand_over()
+    for loaded in (checkpoint, resume):  # with the state statistics and reward scale its networks learnt with
+        if loaded is not None:
+            agent.load_state_dict(loaded)
+    rows = prepare_data(agent, data, args, fit_statistics=checkpoint is None and resume is None)
     dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
     dataset.add(torch.from_numpy(rows).to(device))
     del rows
-    if checkpoint is None:
+    bc_val_mse = (checkpoint or resume or {}).get("bc_val_mse")
+    if resume is not None:
+        set_rng_state(resume["rng"])
+    elif checkpoint is None:
         bc_val_mse = bc_phase(agent, dataset, writer, args)
+        save("offline", 0, Metrics(writer))  # pi_BC done: a kill from here on resumes without repeating it
+    if checkpoint is None and not resumed_online:
         if args.offline_steps > 0:
-            offline_phase(agent, data, dataset, eval_env, writer, args)
+            offline_phase(agent, data, dataset, eval_env, writer, args, save, resume)
         if args.save_model:
             save_checkpoint(
                 run_path / "offline.pt", agent, args, data, "offline", args.offline_steps, bc_val_mse=bc_val_mse
             )
     agent.bc_model.requires_grad_(False).eval()  # frozen from here on, trained here or loaded
     if args.online_steps > 0:
-        agent.hand_over()
-        replay, k_q, k_rho = calibrate(agent, dataset, args.online_steps, writer, args)
+        if resumed_online:
+            k_q, k_rho = resume["k_q"], resume["k_rho"]
+            replay = PriorityReplay(len(data) + args.online_steps, obs_dim, act_dim, device)
+        else:
+            agent.hand_over()
+            replay, k_q, k_rho = calibrate(agent, dataset, args.online_steps, writer, args)
         del dataset  # its rows now live in the priority replay
-        online_phase(agent, data, replay, k_q, k_rho, env, eval_env, writer, args)
+        online_phase(
+            agent, data, replay, k_q, k_rho, env, eval_env, writer, args, save, resume if resumed_online else None
+        )
         if args.save_model:
             save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps, k_q=k_q, k_rho=k_rho)
     elif args.save_model:
         save_checkpoint(run_path / "final.pt", agent, args, data, "online", 0)
+    (run_path / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; final.pt is what remains
     writer.close()
     print(f"run written to {run_path}")
     return run_path

@@ -38,6 +38,9 @@ and will score lower than the paper's LAPO numbers). Minari data and v5 environm
 are not comparable with the paper's curves.
 
 Usage: python algorithms/enoto.py --env-id hopper-medium
+Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
+evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
+episode in progress continues exactly, another env's restarts from a fresh reset.
 Own tags: offline/cql_loss, offline/q_std, offline/alpha, offline/alpha_loss, offline/entropy,
 losses/q_std (ensemble std of Q(s, a)), losses/alpha_loss, losses/entropy, charts/sunrise_weight (mean w).
 """
@@ -66,6 +69,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
+from utils.checkpoint import (
+    CHECKPOINT,
+    atomic_save,
+    load_for_resume,
+    resume_state,
+    rewind_events,
+    set_env_state,
+    set_rng_state,
+)
 
 
 @dataclass
@@ -150,6 +162,11 @@ class Args:
     """deterministic episodes per evaluation"""
     log_freq: int = 1_000
     """write training metrics every this many updates"""
+    checkpoint_freq: int | None = None
+    """write checkpoint.pt (all state, for --resume) every this many updates offline / env steps online;
+    None = at every evaluation"""
+    resume: str | None = None
+    """continue the run in this folder from its checkpoint.pt; every other flag comes from its args.json"""
 
 
 # One flag for what the official pipeline ran and for the paper's baselines (2 critics: standard CQL).
@@ -269,6 +286,13 @@ class ReplayBuffer:
 
     def sample_rows(self, n: int) -> torch.Tensor:
         return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
+
+    def state_dict(self) -> dict:
+        return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.position = len(state["rows"]), state["position"]
+        self.storage[: self.size] = state["rows"].to(self.storage.device)
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """rows -> obs, action, reward, next_obs, done, is_online."""
@@ -553,8 +577,8 @@ class Metrics:
         self.sums, self.counts = {}, {}
 
 
-def save_checkpoint(path: Path, agent: ENOTO, args: Args, data: OfflineData, phase: str, step: int) -> None:
-    """One self-contained dict, written to a temporary file and renamed, so a crash never leaves half a file."""
+def save_checkpoint(path: Path, agent: ENOTO, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:
+    """One self-contained dict, written atomically; `state` adds what --resume needs (checkpoint.pt)."""
     checkpoint = {
         "algorithm": "enoto",
         "args": asdict(args),
@@ -567,10 +591,9 @@ def save_checkpoint(path: Path, agent: ENOTO, args: Args, data: OfflineData, pha
         "dataset": data.name,
         "env_spec": data.env_spec,
         "eval_env_spec": data.eval_env_spec,
+        **state,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    atomic_save(checkpoint, path)
 
 
 def policy_from_checkpoint(checkpoint: dict):
@@ -611,32 +634,55 @@ def log_evaluation(writer, agent: ENOTO, env, args: Args, data: OfflineData, pre
 # ---------------------------------------------------------------------------------------------------
 
 
-def offline_phase(agent: ENOTO, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args) -> None:
-    metrics, bar = Metrics(writer), tqdm(range(1, args.offline_steps + 1), desc="offline", disable=not args.progress)
+def offline_phase(
+    agent: ENOTO, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, save=None, resume=None
+):
+    """CQL-N updates from step 1, or from the step after `resume`'s; `save` writes checkpoint.pt."""
+    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
+    first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
+    if resume:
+        metrics.sums, metrics.counts = resume["metrics"]
+    bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
     start = time.perf_counter()
     for step in bar:
         metrics.add(agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size))))
         if step % args.log_freq == 0:
             metrics.flush(step)
-            writer.add_scalar("offline/UPS", step / (time.perf_counter() - start), step)
+            writer.add_scalar("offline/UPS", (step - first + 1) / (time.perf_counter() - start), step)
         if step % args.offline_eval_freq == 0 or step == args.offline_steps:
             result = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
-            bar.set_postfix(
-                score=f"{result['normalized_score']:.1f}", UPS=f"{step / (time.perf_counter() - start):.0f}"
-            )
+            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
+        if step % (args.checkpoint_freq or args.offline_eval_freq) == 0 or step == args.offline_steps:
+            save("offline", step, metrics=metrics)
 
 
-def online_phase(agent: ENOTO, data: OfflineData, env, eval_env, writer, args: Args) -> ReplayBuffer:
-    """Fresh online buffer, no offline data (card 2.2); one update per step after the warm-up."""
+def online_phase(
+    agent: ENOTO, data: OfflineData, env, eval_env, writer, args: Args, save=None, resume=None
+) -> ReplayBuffer:
+    """Fresh online buffer, no offline data (card 2.2); one update per step after the warm-up.
+
+    With `resume` it continues after the checkpoint's step, with its buffer and running episode (MuJoCo: exactly;
+    other envs: a fresh episode).
+    """
+    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
     device = agent.device
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     online = ReplayBuffer(min(args.online_buffer_size, args.online_steps), obs_dim, act_dim, device)
-    metrics, updates = Metrics(writer), 0
-    log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-    obs, _ = env.reset(seed=args.seed)
-    head = random.randrange(agent.critic.num_critics)  # Bootstrapped DQN: one head per episode
-    episode_return, start, update_start = 0.0, time.perf_counter(), None
-    bar = tqdm(range(1, args.online_steps + 1), desc="online", disable=not args.progress)
+    if resume is None:
+        metrics, updates, first = Metrics(writer), 0, 1
+        log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
+        obs, _ = env.reset(seed=args.seed)
+        head = random.randrange(agent.critic.num_critics)  # Bootstrapped DQN: one head per episode
+        episode_return = 0.0
+    else:
+        metrics, updates, first = Metrics(writer), resume["updates"], resume["step"] + 1
+        metrics.sums, metrics.counts = resume["metrics"]
+        online.load_state_dict(resume["online"])
+        obs, head, episode_return = resume["obs"], resume["head"], resume["episode_return"]
+        if not set_env_state(env, resume["env"]):
+            (obs, _), episode_return = env.reset(), 0.0
+    start, update_start, first_update = time.perf_counter(), None, updates
+    bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         action = agent.explore(obs, head)
         next_obs, reward, terminated, truncated, _ = env.step(action)
@@ -649,8 +695,8 @@ def online_phase(agent: ENOTO, data: OfflineData, env, eval_env, writer, args: A
             updates += 1
             if updates % args.log_freq == 0:
                 metrics.flush(step)
-                writer.add_scalar("charts/UPS", updates / (time.perf_counter() - update_start), step)
-                writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)
+                writer.add_scalar("charts/UPS", (updates - first_update) / (time.perf_counter() - update_start), step)
+                writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
         episode_return += float(reward)
         obs = next_obs
         if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
@@ -660,14 +706,17 @@ def online_phase(agent: ENOTO, data: OfflineData, env, eval_env, writer, args: A
             episode_return = 0.0
         if step % args.eval_freq == 0:
             result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
-            bar.set_postfix(
-                score=f"{result['normalized_score']:.1f}", SPS=f"{step / (time.perf_counter() - start):.0f}"
-            )
+            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
+        if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
+            state = {"online": online.state_dict(), "obs": obs, "head": head, "episode_return": episode_return}
+            save("online", step, metrics=metrics, updates=updates, **state)
     return online
 
 
 def check_args(args: Args) -> None:
     """Refuse settings the phases cannot run with, naming the flag to change."""
+    if args.checkpoint_freq is not None and args.checkpoint_freq < 1:
+        raise UserError(f"--checkpoint-freq must be >= 1, got {args.checkpoint_freq}")
     for name in ("offline_steps", "online_steps", "warmup_steps"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -731,9 +780,12 @@ def main(args: Args) -> Path:
         print("CUDA is not available: running on the CPU", file=sys.stderr)
     args.progress = args.progress and sys.stdout.isatty()
 
+    resume = None
+    if args.resume is not None:
+        resume, run_path = load_for_resume(args.resume, "enoto", args, device)
     apply_preset(args)
     checkpoint = None
-    if args.pretrained is not None:
+    if args.pretrained is not None and resume is None:
         try:
             checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
             if checkpoint.get("algorithm") != "enoto" or checkpoint.get("phase") != "offline":
@@ -753,34 +805,49 @@ def main(args: Args) -> Path:
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     if checkpoint is not None:
         check_pretrained_dataset(checkpoint, data, args.pretrained)
-
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_path = Path(args.run_dir) / run_name
-    run_path.mkdir(parents=True, exist_ok=True)
-    (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    if resume is not None:
+        check_pretrained_dataset(resume, data, args.resume)
+        rewind_events(run_path, resume["events"])  # the steps logged after the checkpoint are logged again
+    else:
+        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_path = Path(args.run_dir) / run_name
+        run_path.mkdir(parents=True, exist_ok=True)
+        (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
     writer = SummaryWriter(str(run_path))
     # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
     # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
     env, eval_env = make_env(data.eval_env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
     agent = ENOTO(obs_dim, act_dim, args, device)
 
+    def save(phase: str, step: int, metrics: Metrics, **state) -> None:
+        """checkpoint.pt: the agent, the phase's loop state, RNG streams, the env, the event file sizes."""
+        state |= resume_state(writer, run_path, env) | {"metrics": (metrics.sums, metrics.counts)}
+        save_checkpoint(run_path / CHECKPOINT, agent, args, data, phase, step, **state)
+
+    if resume is not None:  # the hand-over's changes first, so the online optimiser states land where they belong
+        if resume["phase"] == "online":
+            agent.hand_over()
+        agent.load_state_dict(resume)
+        set_rng_state(resume["rng"])
+    offline_done = checkpoint is not None or (resume and resume["phase"] == "online")
     if checkpoint is not None:
         agent.load_state_dict(checkpoint)
-    elif args.offline_steps > 0:
+    elif args.offline_steps > 0 and not offline_done:
         columns = (data.observations, data.actions, training_reward(data.rewards, data.task))
         rows = transition_rows(*columns, data.next_observations, data.terminals, False)
         dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
         dataset.add(torch.from_numpy(rows).to(device))
         del rows
-        offline_phase(agent, data, dataset, eval_env, writer, args)
+        offline_phase(agent, data, dataset, eval_env, writer, args, save, resume)
         del dataset  # the online phase does not use the offline data
         if args.save_model:
             save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
     if args.online_steps > 0:
         agent.hand_over()
-        online_phase(agent, data, env, eval_env, writer, args)
+        online_phase(agent, data, env, eval_env, writer, args, save, resume if offline_done else None)
     if args.save_model:
         save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps)
+    (run_path / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; final.pt is what remains
     writer.close()
     print(f"run written to {run_path}")
     return run_path

@@ -38,6 +38,9 @@ Decisions where the paper is silent or the sources disagree:
 Not done: the paper's pixel-based manipulation experiments; per-member offline evaluation.
 
 Usage: python algorithms/off2on.py --env-id hopper-medium
+Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
+evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
+episode in progress continues exactly, another env's restarts from a fresh reset.
 Own tags: offline/cql_loss, offline/alpha, charts/offline_share (dataset rows in the RL batch, Fig. 4a),
 charts/density_online, charts/density_offline (mean w on the online / offline minibatch),
 charts/density_dead (fraction of w = 0), charts/p_new (running-max priority), losses/density_loss.
@@ -67,6 +70,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
+from utils.checkpoint import (
+    CHECKPOINT,
+    atomic_save,
+    load_for_resume,
+    resume_state,
+    rewind_events,
+    set_env_state,
+    set_rng_state,
+)
 
 
 @dataclass
@@ -140,6 +152,11 @@ class Args:
     """deterministic episodes per evaluation"""
     log_freq: int = 1_000
     """write training metrics every this many updates"""
+    checkpoint_freq: int | None = None
+    """write checkpoint.pt (all state, for --resume) every this many updates offline / env steps online;
+    None = at every evaluation"""
+    resume: str | None = None
+    """continue the run in this folder from its checkpoint.pt; every other flag comes from its args.json"""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,6 +296,13 @@ class ReplayBuffer:
     def sample_rows(self, n: int) -> torch.Tensor:
         return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
 
+    def state_dict(self) -> dict:
+        return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.position = len(state["rows"]), state["position"]
+        self.storage[: self.size] = state["rows"].to(self.storage.device)
+
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """rows -> obs, action, reward, next_obs, done, is_online."""
         obs, action, reward, next_obs, done, is_online = rows.split(
@@ -372,6 +396,17 @@ class BalancedReplay:
         self.priority[index] = priorities.double()
         self.refresh_block_mass(index)
         self.max_priority = torch.maximum(self.max_priority, self.priority[index].max())
+
+    def state_dict(self) -> dict:
+        state = {name: getattr(self, name).to("cpu", copy=True) for name in ("block_mass", "max_priority")}
+        priority = self.priority[: self.buffer.size].to("cpu", copy=True)
+        return state | {"buffer": self.buffer.state_dict(), "priority": priority}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.load_state_dict(state["buffer"])
+        self.priority[: self.buffer.size] = state["priority"].to(self.priority.device)
+        self.block_mass.copy_(state["block_mass"])
+        self.max_priority.copy_(state["max_priority"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -570,7 +605,16 @@ class Off2On:
         }
         if self.density is not None:
             state |= {"density": self.density.state_dict(), "density_optimizer": self.density_optimizer.state_dict()}
-        return state
+        return state | {"offline_updates": self.offline_updates}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """Everything state_dict holds (for --resume; --pretrained takes the networks only)."""
+        names = ["actor", "critic", "critic_target", "actor_optimizer", "critic_optimizer", "alpha_optimizer"]
+        for name in names + (["density", "density_optimizer"] if self.density is not None else []):
+            getattr(self, name).load_state_dict(checkpoint[name])
+        with torch.no_grad():
+            self.log_alpha.copy_(checkpoint["log_alpha"])
+        self.offline_updates = checkpoint["offline_updates"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -599,8 +643,8 @@ class Metrics:
         self.sums, self.counts = {}, {}
 
 
-def save_checkpoint(path: Path, agent: Off2On, args: Args, data: OfflineData, phase: str, step: int) -> None:
-    """One self-contained dict, written to a temporary file and renamed, so a crash never leaves half a file."""
+def save_checkpoint(path: Path, agent: Off2On, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:
+    """One self-contained dict, written atomically; `state` adds what --resume needs (checkpoint.pt)."""
     checkpoint = {
         "algorithm": "off2on",
         "args": asdict(args),
@@ -613,10 +657,9 @@ def save_checkpoint(path: Path, agent: Off2On, args: Args, data: OfflineData, ph
         "dataset": data.name,
         "env_spec": data.env_spec,
         "eval_env_spec": data.eval_env_spec,
+        **state,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    atomic_save(checkpoint, path)
 
 
 def policy_from_checkpoint(checkpoint: dict):
@@ -659,20 +702,27 @@ def log_evaluation(writer, agent: Off2On, env, args: Args, data: OfflineData, pr
 # ---------------------------------------------------------------------------------------------------
 
 
-def offline_phase(agent: Off2On, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args) -> None:
-    metrics, bar = Metrics(writer), tqdm(range(1, args.offline_steps + 1), desc="offline", disable=not args.progress)
+def offline_phase(
+    agent: Off2On, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, save=None, resume=None
+):
+    """N CQL agents from step 1, or from the step after `resume`'s; `save` writes checkpoint.pt."""
+    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
+    first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
+    if resume:
+        metrics.sums, metrics.counts = resume["metrics"]
+    bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
     start, n = time.perf_counter(), args.num_agents
     for step in bar:
         rows = dataset.sample_rows(n * args.batch_size).view(n, args.batch_size, -1)  # own minibatch per agent
         metrics.add(agent.offline_update(dataset.split(rows)))
         if step % args.log_freq == 0:
             metrics.flush(step)
-            writer.add_scalar("offline/UPS", step / (time.perf_counter() - start), step)
+            writer.add_scalar("offline/UPS", (step - first + 1) / (time.perf_counter() - start), step)
         if step % args.offline_eval_freq == 0 or step == args.offline_steps:
             result = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
-            bar.set_postfix(
-                score=f"{result['normalized_score']:.1f}", UPS=f"{step / (time.perf_counter() - start):.0f}"
-            )
+            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
+        if step % (args.checkpoint_freq or args.offline_eval_freq) == 0 or step == args.offline_steps:
+            save("offline", step, metrics=metrics)
 
 
 def replay_update(agent: Off2On, replay: BalancedReplay, args: Args) -> dict[str, torch.Tensor]:
@@ -690,13 +740,30 @@ def replay_update(agent: Off2On, replay: BalancedReplay, args: Args) -> dict[str
     return results
 
 
-def online_phase(agent: Off2On, data: OfflineData, replay: BalancedReplay, env, eval_env, writer, args: Args) -> None:
-    """Blocks of K env steps with the stochastic ensemble policy, each followed by K updates (the first by more)."""
-    metrics, updates, logged_at = Metrics(writer), 0, 0
-    log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-    obs, _ = env.reset(seed=args.seed)
-    episode_return, start, block_start, update_time = 0.0, time.perf_counter(), 0, 0.0
-    bar = tqdm(range(1, args.online_steps + 1), desc="online", disable=not args.progress)
+def online_phase(
+    agent: Off2On, data: OfflineData, replay: BalancedReplay, env, eval_env, writer, args, save=None, resume=None
+):
+    """Blocks of K env steps with the stochastic ensemble policy, each followed by K updates (the first by more).
+
+    With `resume` it continues after the checkpoint's step, with its replay and running episode (MuJoCo: exactly;
+    other envs: a fresh episode).
+    """
+    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
+    metrics = Metrics(writer)
+    if resume is None:
+        log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
+        obs, _ = env.reset(seed=args.seed)
+        loop = {"updates": 0, "logged_at": 0, "block_start": 0, "update_time": 0.0, "episode_return": 0.0}
+        first = 1
+    else:
+        metrics.sums, metrics.counts = resume["metrics"]
+        replay.load_state_dict(resume["replay"])
+        obs, loop, first = resume["obs"], resume["loop"], resume["step"] + 1
+        if not set_env_state(env, resume["env"]):
+            (obs, _), loop["episode_return"] = env.reset(), 0.0
+    updates, logged_at, block_start = loop["updates"], loop["logged_at"], loop["block_start"]
+    update_time, episode_return, start = loop["update_time"], loop["episode_return"], time.perf_counter()
+    bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         action = agent.policy(obs, deterministic=False)
         next_obs, reward, terminated, truncated, _ = env.step(action)
@@ -718,16 +785,20 @@ def online_phase(agent: Off2On, data: OfflineData, replay: BalancedReplay, env, 
                 logged_at = updates
                 metrics.flush(step)
                 writer.add_scalar("charts/UPS", updates / update_time, step)
-                writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)
+                writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
         if step % args.eval_freq == 0:
             result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
-            bar.set_postfix(
-                score=f"{result['normalized_score']:.1f}", SPS=f"{step / (time.perf_counter() - start):.0f}"
-            )
+            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
+        if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
+            loop = {"updates": updates, "logged_at": logged_at, "block_start": block_start}
+            loop |= {"update_time": update_time, "episode_return": episode_return}
+            save("online", step, metrics=metrics, replay=replay.state_dict(), obs=obs, loop=loop)
 
 
 def check_args(args: Args) -> None:
     """Refuse settings the phases cannot run with, naming the flag to change."""
+    if args.checkpoint_freq is not None and args.checkpoint_freq < 1:
+        raise UserError(f"--checkpoint-freq must be >= 1, got {args.checkpoint_freq}")
     for name in ("offline_steps", "online_steps", "bc_steps"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -795,8 +866,11 @@ def main(args: Args) -> Path:
         print("CUDA is not available: running on the CPU", file=sys.stderr)
     args.progress = args.progress and sys.stdout.isatty()
 
+    resume = None
+    if args.resume is not None:
+        resume, run_path = load_for_resume(args.resume, "off2on", args, device)
     checkpoint = None
-    if args.pretrained is not None:
+    if args.pretrained is not None and resume is None:
         try:
             checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
             if checkpoint.get("algorithm") != "off2on" or checkpoint.get("phase") != "offline":
@@ -814,11 +888,14 @@ def main(args: Args) -> Path:
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     if checkpoint is not None:
         check_pretrained_dataset(checkpoint, data, args.pretrained)
-
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_path = Path(args.run_dir) / run_name
-    run_path.mkdir(parents=True, exist_ok=True)
-    (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    if resume is not None:
+        check_pretrained_dataset(resume, data, args.resume)
+        rewind_events(run_path, resume["events"])  # the steps logged after the checkpoint are logged again
+    else:
+        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_path = Path(args.run_dir) / run_name
+        run_path.mkdir(parents=True, exist_ok=True)
+        (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
     writer = SummaryWriter(str(run_path))
     # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
     # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
@@ -828,20 +905,34 @@ def main(args: Args) -> Path:
     columns = (data.observations, data.actions, data.rewards, data.next_observations, data.terminals)
     dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
     dataset.add(torch.from_numpy(transition_rows(*columns, False)).to(device))
+
+    def save(phase: str, step: int, metrics: Metrics, **state) -> None:
+        """checkpoint.pt: the agent, the phase's loop state, RNG streams, the env, the event file sizes."""
+        state |= resume_state(writer, run_path, env) | {"metrics": (metrics.sums, metrics.counts)}
+        save_checkpoint(run_path / CHECKPOINT, agent, args, data, phase, step, **state)
+
+    resumed_online = resume is not None and resume["phase"] == "online"
+    if resume is not None:  # after the hand-over's fresh optimisers, so the saved online states replace them
+        if resumed_online:
+            agent.hand_over()
+        agent.load_state_dict(resume)
+        set_rng_state(resume["rng"])
     if checkpoint is not None:
         agent.actor.load_state_dict(checkpoint["actor"])
         agent.critic.load_state_dict(checkpoint["critic"])
-    elif args.offline_steps > 0:
-        offline_phase(agent, data, dataset, eval_env, writer, args)
+    elif args.offline_steps > 0 and not resumed_online:
+        offline_phase(agent, data, dataset, eval_env, writer, args, save, resume)
         if args.save_model:
             save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
     if args.online_steps > 0:
-        agent.hand_over()
+        if not resumed_online:
+            agent.hand_over()
         replay = BalancedReplay(dataset.storage, args.online_steps, args, obs_dim, act_dim)
         del dataset  # its rows now live in the balanced replay
-        online_phase(agent, data, replay, env, eval_env, writer, args)
+        online_phase(agent, data, replay, env, eval_env, writer, args, save, resume if resumed_online else None)
     if args.save_model:
         save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps)
+    (run_path / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; final.pt is what remains
     writer.close()
     print(f"run written to {run_path}")
     return run_path

@@ -44,6 +44,9 @@ the card's optional --skip-unused-critic (D6), the final 100-episode AntMaze eva
 100). SPOT has only run on MuJoCo data here: no AntMaze or Adroit dataset can be downloaded on this machine.
 
 Usage: python algorithms/opt.py --env-id hopper-medium
+Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
+evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
+episode in progress continues exactly, another env's restarts from a fresh reset.
 Ablations: --no-new-critic (Eq. 3 on Q_off, no Q_on), --no-online-pretraining (Q_on randomly initialised),
 --kappa-start 0.5 --kappa-end 0.5 (fixed kappa), --replay uniform (or online_only). Plain TD3 fine-tuning
 (the paper's TD3 baseline): --no-new-critic --no-online-pretraining --n-tau 0 --replay uniform.
@@ -77,6 +80,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
+from utils.checkpoint import (
+    CHECKPOINT,
+    atomic_save,
+    load_for_resume,
+    resume_state,
+    rewind_events,
+    set_env_state,
+    set_rng_state,
+)
 
 
 @dataclass
@@ -184,6 +196,11 @@ class Args:
     """deterministic episodes per evaluation"""
     log_freq: int = 1_000
     """write training metrics every this many updates"""
+    checkpoint_freq: int | None = None
+    """write checkpoint.pt (all state, for --resume) every this many updates offline / env steps online;
+    None = at every evaluation"""
+    resume: str | None = None
+    """continue the run in this folder from its checkpoint.pt; every other flag comes from its args.json"""
 
 
 ADROIT = ("pen", "door", "hammer", "relocate")
@@ -355,6 +372,13 @@ class ReplayBuffer:
     def sample_rows(self, n: int) -> torch.Tensor:
         return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
 
+    def state_dict(self) -> dict:
+        return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.position = len(state["rows"]), state["position"]
+        self.storage[: self.size] = state["rows"].to(self.storage.device)
+
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """rows -> obs, action, reward, next_obs, done, is_online."""
         obs, action, reward, next_obs, done, is_online = rows.split(
@@ -448,6 +472,17 @@ class BalancedReplay:
         self.priority[index] = priorities.double()
         self.refresh_block_mass(index)
         self.max_priority = torch.maximum(self.max_priority, self.priority[index].max())
+
+    def state_dict(self) -> dict:
+        state = {name: getattr(self, name).to("cpu", copy=True) for name in ("block_mass", "max_priority")}
+        priority = self.priority[: self.buffer.size].to("cpu", copy=True)
+        return state | {"buffer": self.buffer.state_dict(), "priority": priority}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.load_state_dict(state["buffer"])
+        self.priority[: self.buffer.size] = state["priority"].to(self.priority.device)
+        self.block_mass.copy_(state["block_mass"])
+        self.max_priority.copy_(state["max_priority"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -646,8 +681,11 @@ class OPT:
         if self.args.new_critic and self.q_on is None:
             self.start_online_critic()
         if self.args.replay == "balanced":
-            self.density = DensityNet(self.obs_dim, self.act_dim, self.args.hidden_dim).to(self.device)
-            self.density_optimizer = adam(self.density.parameters(), lr=3e-4)
+            self.start_density()
+
+    def start_density(self) -> None:
+        self.density = DensityNet(self.obs_dim, self.act_dim, self.args.hidden_dim).to(self.device)
+        self.density_optimizer = adam(self.density.parameters(), lr=3e-4)
 
     def actor_loss(self, obs: torch.Tensor, kappa: float) -> torch.Tensor:
         """Eq. 4 on Q1 of each pair: Q_k = (1 - kappa) Q1_off + kappa Q1_on (Q1_off alone without Q_on)."""
@@ -718,15 +756,21 @@ class OPT:
 
     def state_dict(self) -> dict:
         state = {name: module.state_dict() for name, module in self.networks().items()}
-        return state | {"obs_mean": self.obs_mean, "obs_std": self.obs_std}
+        updates = (self.offline_updates, self.pretrain_updates, self.finetune_updates)
+        return state | {"obs_mean": self.obs_mean, "obs_std": self.obs_std, "updates": updates}
 
     def load_state_dict(self, checkpoint: dict) -> None:
-        """Loads what the checkpoint holds (offline.pt: the backbone; final.pt: Q_on and the density too)."""
-        if "q_on" in checkpoint and self.args.new_critic:
+        """Loads what the checkpoint holds (offline.pt: the backbone; final.pt and checkpoint.pt: Q_on and the
+        density too, and the update counters that drive policy_freq and SPOT's lambda)."""
+        if "q_on" in checkpoint and self.q_on is None:
             self.start_online_critic()
+        if "density" in checkpoint and self.density is None:
+            self.start_density()
         for name, module in self.networks().items():
             module.load_state_dict(checkpoint[name])
         self.obs_mean, self.obs_std = checkpoint["obs_mean"], checkpoint["obs_std"]
+        counters = checkpoint.get("updates", (0, 0, 0))  # offline.pt of earlier versions has none
+        self.offline_updates, self.pretrain_updates, self.finetune_updates = counters
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -755,8 +799,8 @@ class Metrics:
         self.sums, self.counts = {}, {}
 
 
-def save_checkpoint(path: Path, agent: OPT, args: Args, data: OfflineData, phase: str, step: int) -> None:
-    """One self-contained dict, written to a temporary file and renamed, so a crash never leaves half a file."""
+def save_checkpoint(path: Path, agent: OPT, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:
+    """One self-contained dict, written atomically; `state` adds what --resume needs (checkpoint.pt)."""
     checkpoint = {
         "algorithm": "opt",
         "args": asdict(args),
@@ -768,10 +812,9 @@ def save_checkpoint(path: Path, agent: OPT, args: Args, data: OfflineData, phase
         "dataset": data.name,
         "env_spec": data.env_spec,
         "eval_env_spec": data.eval_env_spec,
+        **state,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    atomic_save(checkpoint, path)
 
 
 def policy_from_checkpoint(checkpoint: dict):
@@ -837,19 +880,26 @@ def vae_phase(agent: OPT, dataset: ReplayBuffer, writer, args: Args) -> None:
             metrics.flush(step)
 
 
-def offline_phase(agent: OPT, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args) -> None:
-    metrics, bar = Metrics(writer), tqdm(range(1, args.offline_steps + 1), desc="offline", disable=not args.progress)
+def offline_phase(
+    agent: OPT, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, save=None, resume=None
+):
+    """Backbone updates from step 1, or from the step after `resume`'s; `save` writes checkpoint.pt."""
+    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
+    first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
+    if resume:
+        metrics.sums, metrics.counts = resume["metrics"]
+    bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
     start = time.perf_counter()
     for step in bar:
         metrics.add(agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size))))
         if step % args.log_freq == 0:
             metrics.flush(step)
-            writer.add_scalar("offline/UPS", step / (time.perf_counter() - start), step)
+            writer.add_scalar("offline/UPS", (step - first + 1) / (time.perf_counter() - start), step)
         if step % args.offline_eval_freq == 0 or step == args.offline_steps:
             result = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
-            bar.set_postfix(
-                score=f"{result['normalized_score']:.1f}", UPS=f"{step / (time.perf_counter() - start):.0f}"
-            )
+            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
+        if step % (args.checkpoint_freq or args.offline_eval_freq) == 0 or step == args.offline_steps:
+            save("offline", step, metrics=metrics)
 
 
 def online_pretraining(agent: OPT, replay: BalancedReplay, writer, args: Args) -> None:
@@ -879,15 +929,31 @@ def replay_update(agent: OPT, replay: BalancedReplay, kappa: float, args: Args) 
     return results
 
 
-def online_phase(agent: OPT, data: OfflineData, replay: BalancedReplay, env, eval_env, writer, args: Args) -> None:
-    """Env steps 1..N_tau with the frozen actor; then Online Pre-Training; then UTD fine-tuning updates per step."""
-    metrics, updates, logged_at, update_time = Metrics(writer), 0, 0, 0.0
-    log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-    if args.n_tau == 0:
-        agent.start_finetuning()
-    obs, _ = env.reset(seed=args.seed)
-    episode_return, start = 0.0, time.perf_counter()
-    bar = tqdm(range(1, args.online_steps + 1), desc="online", disable=not args.progress)
+def online_phase(
+    agent: OPT, data: OfflineData, replay: BalancedReplay, env, eval_env, writer, args, save=None, resume=None
+):
+    """Env steps 1..N_tau with the frozen actor; then Online Pre-Training; then UTD fine-tuning updates per step.
+
+    With `resume` it continues after the checkpoint's step, with its replay and running episode (MuJoCo: exactly;
+    other envs: a fresh episode). A kill during Online Pre-Training resumes before it and repeats it.
+    """
+    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
+    metrics = Metrics(writer)
+    if resume is None:
+        log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
+        if args.n_tau == 0:
+            agent.start_finetuning()
+        obs, _ = env.reset(seed=args.seed)
+        updates, logged_at, update_time, episode_return, first = 0, 0, 0.0, 0.0, 1
+    else:
+        metrics.sums, metrics.counts = resume["metrics"]
+        replay.load_state_dict(resume["replay"])
+        obs, (updates, logged_at, update_time, episode_return) = resume["obs"], resume["loop"]
+        first = resume["step"] + 1
+        if not set_env_state(env, resume["env"]):
+            (obs, _), episode_return = env.reset(), 0.0
+    start = time.perf_counter()
+    bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         finetuning = step > args.n_tau
         action = agent.policy(obs, args.exploration_noise if finetuning or args.ntau_noise else 0.0)
@@ -918,24 +984,27 @@ def online_phase(agent: OPT, data: OfflineData, replay: BalancedReplay, env, eva
                 metrics.flush(step)
                 writer.add_scalar("charts/kappa", kappa, step)
                 writer.add_scalar("charts/UPS", updates / update_time, step)
-                writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)
+                writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
                 if args.backbone == "spot":
                     writer.add_scalar("losses/spot_lambda", agent.spot_lambda(), step)
         if step % args.eval_freq == 0:
             result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
-            bar.set_postfix(
-                score=f"{result['normalized_score']:.1f}", SPS=f"{step / (time.perf_counter() - start):.0f}"
-            )
+            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
         if step == args.n_tau:  # the N_tau window is over: Online Pre-Training, then fine-tuning
             if args.online_pretraining:
                 if args.new_critic:
                     agent.start_online_critic()
                 online_pretraining(agent, replay, writer, args)
             agent.start_finetuning()
+        if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
+            loop = (updates, logged_at, update_time, episode_return)
+            save("online", step, metrics=metrics, replay=replay.state_dict(), obs=obs, loop=loop)
 
 
 def check_args(args: Args) -> None:
     """Refuse settings the phases cannot run with, naming the flag to change."""
+    if args.checkpoint_freq is not None and args.checkpoint_freq < 1:
+        raise UserError(f"--checkpoint-freq must be >= 1, got {args.checkpoint_freq}")
     positive = ("hidden_dim", "policy_freq", "updates_per_step", "spot_cool_steps", "eval_freq", "offline_eval_freq")
     for name in (*positive, "log_freq", "eval_episodes", "batch_size"):
         if getattr(args, name) < 1:
@@ -1021,8 +1090,11 @@ def main(args: Args) -> Path:
         print("CUDA is not available: running on the CPU", file=sys.stderr)
     args.progress = args.progress and sys.stdout.isatty()
 
+    resume = None
+    if args.resume is not None:
+        resume, run_path = load_for_resume(args.resume, "opt", args, device)
     checkpoint = None
-    if args.pretrained is not None:
+    if args.pretrained is not None and resume is None:
         try:
             checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
             if checkpoint.get("algorithm") != "opt" or checkpoint.get("phase") != "offline":
@@ -1042,39 +1114,55 @@ def main(args: Args) -> Path:
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     if checkpoint is not None:
         check_pretrained_dataset(checkpoint, data, args.pretrained)
-
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_path = Path(args.run_dir) / run_name
-    run_path.mkdir(parents=True, exist_ok=True)
-    (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    if resume is not None:
+        check_pretrained_dataset(resume, data, args.resume)
+        rewind_events(run_path, resume["events"])  # the steps logged after the checkpoint are logged again
+    else:
+        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_path = Path(args.run_dir) / run_name
+        run_path.mkdir(parents=True, exist_ok=True)
+        (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
     writer = SummaryWriter(str(run_path))
     # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
     # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
     env, eval_env = make_env(data.eval_env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
     agent = OPT(obs_dim, act_dim, args, device)
 
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint)
-    rows = prepare_data(agent, data, fit_statistics=checkpoint is None and args.normalize_states)
+    def save(phase: str, step: int, metrics: Metrics, **state) -> None:
+        """checkpoint.pt: the agent, the phase's loop state, RNG streams, the env, the event file sizes."""
+        state |= resume_state(writer, run_path, env) | {"metrics": (metrics.sums, metrics.counts)}
+        save_checkpoint(run_path / CHECKPOINT, agent, args, data, phase, step, **state)
+
+    resumed_online = resume is not None and resume["phase"] == "online"
+    if resumed_online:  # the hand-over first, so the saved online optimiser states replace what it made
+        agent.hand_over()
+    for loaded in (checkpoint, resume):
+        if loaded is not None:
+            agent.load_state_dict(loaded)
+    rows = prepare_data(agent, data, fit_statistics=checkpoint is None and resume is None and args.normalize_states)
     dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
     dataset.add(torch.from_numpy(rows).to(device))
     del rows
-    if checkpoint is None and args.backbone == "spot":
+    if resume is not None:
+        set_rng_state(resume["rng"])
+    elif checkpoint is None and args.backbone == "spot":
         vae_phase(agent, dataset, writer, args)
     if agent.vae is not None:
         agent.vae.requires_grad_(False)  # frozen from here on, trained here or loaded
-    if checkpoint is None:
+    if checkpoint is None and not resumed_online:
         if args.offline_steps > 0:
-            offline_phase(agent, data, dataset, eval_env, writer, args)
+            offline_phase(agent, data, dataset, eval_env, writer, args, save, resume)
         if args.save_model:
             save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
     if args.online_steps > 0:
-        agent.hand_over()
+        if not resumed_online:
+            agent.hand_over()
         replay = BalancedReplay(dataset.storage, args.online_steps, args, obs_dim, act_dim)
         del dataset  # its rows now live in B_BR
-        online_phase(agent, data, replay, env, eval_env, writer, args)
+        online_phase(agent, data, replay, env, eval_env, writer, args, save, resume if resumed_online else None)
     if args.save_model:
         save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps)
+    (run_path / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; final.pt is what remains
     writer.close()
     print(f"run written to {run_path}")
     return run_path

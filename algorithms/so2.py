@@ -37,6 +37,9 @@ with 1 update, 28.4 ms with 10; measured with benchmark/speed.py at commit 773a4
 Not done: capturing the 10-update block in a CUDA graph (no GPU was available to verify it).
 
 Usage: python algorithms/so2.py --env-id hopper-medium
+Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
+evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
+episode in progress continues exactly, another env's restarts from a fresh reset.
 Own tags: offline/diversity_loss, offline/alpha_loss, offline/entropy, losses/entropy,
 charts/offline_share (offline rows in a batch), charts/pvu_noise (mean |epsilon| of the target noise).
 """
@@ -63,6 +66,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
+from utils.checkpoint import (
+    CHECKPOINT,
+    atomic_save,
+    load_for_resume,
+    resume_state,
+    rewind_events,
+    set_env_state,
+    set_rng_state,
+)
 
 
 @dataclass
@@ -140,6 +152,11 @@ class Args:
     """deterministic episodes per evaluation"""
     log_freq: int = 1_000
     """write training metrics every this many updates"""
+    checkpoint_freq: int | None = None
+    """write checkpoint.pt (all state, for --resume) every this many updates offline / env steps online;
+    None = at every evaluation"""
+    resume: str | None = None
+    """continue the run in this folder from its checkpoint.pt; every other flag comes from its args.json"""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,6 +252,13 @@ class ReplayBuffer:
 
     def sample_rows(self, n: int) -> torch.Tensor:
         return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
+
+    def state_dict(self) -> dict:
+        return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.position = len(state["rows"]), state["position"]
+        self.storage[: self.size] = state["rows"].to(self.storage.device)
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """rows -> obs, action, reward, next_obs, done, is_online."""
@@ -440,7 +464,16 @@ class SO2:
             "actor_optimizer": self.actor_optimizer.state_dict(),
             "critic_optimizer": self.critic_optimizer.state_dict(),
             "alpha_optimizer": self.alpha_optimizer.state_dict(),
+            "critic_updates": self.critic_updates,
         }
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """Everything state_dict holds (for --resume; --pretrained takes the networks only)."""
+        for name in ("actor", "critic", "critic_target", "actor_optimizer", "critic_optimizer", "alpha_optimizer"):
+            getattr(self, name).load_state_dict(checkpoint[name])
+        with torch.no_grad():
+            self.log_alpha.copy_(checkpoint["log_alpha"])
+        self.critic_updates = checkpoint["critic_updates"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,8 +502,8 @@ class Metrics:
         self.sums, self.counts = {}, {}
 
 
-def save_checkpoint(path: Path, agent: SO2, args: Args, data: OfflineData, phase: str, step: int) -> None:
-    """One self-contained dict, written to a temporary file and renamed, so a crash never leaves half a file."""
+def save_checkpoint(path: Path, agent: SO2, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:
+    """One self-contained dict, written atomically; `state` adds what --resume needs (checkpoint.pt)."""
     checkpoint = {
         "algorithm": "so2",
         "args": asdict(args),
@@ -483,10 +516,9 @@ def save_checkpoint(path: Path, agent: SO2, args: Args, data: OfflineData, phase
         "dataset": data.name,
         "env_spec": data.env_spec,
         "eval_env_spec": data.eval_env_spec,
+        **state,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    atomic_save(checkpoint, path)
 
 
 def policy_from_checkpoint(checkpoint: dict):
@@ -526,19 +558,26 @@ def log_evaluation(writer, agent: SO2, env, args: Args, data: OfflineData, prefi
 # ---------------------------------------------------------------------------------------------------
 
 
-def offline_phase(agent: SO2, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, eta: float):
-    metrics, bar = Metrics(writer), tqdm(range(1, args.offline_steps + 1), desc="offline", disable=not args.progress)
+def offline_phase(
+    agent: SO2, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, eta, save, resume
+):
+    """EDAC updates from step 1, or from the step after `resume`'s; `save` writes checkpoint.pt."""
+    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
+    first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
+    if resume:
+        metrics.sums, metrics.counts = resume["metrics"]
+    bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
     start = time.perf_counter()
     for step in bar:
         metrics.add(agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size)), eta))
         if step % args.log_freq == 0:
             metrics.flush(step)
-            writer.add_scalar("offline/UPS", step / (time.perf_counter() - start), step)
+            writer.add_scalar("offline/UPS", (step - first + 1) / (time.perf_counter() - start), step)
         if step % args.offline_eval_freq == 0 or step == args.offline_steps:
             result = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
-            bar.set_postfix(
-                score=f"{result['normalized_score']:.1f}", UPS=f"{step / (time.perf_counter() - start):.0f}"
-            )
+            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
+        if step % (args.checkpoint_freq or args.offline_eval_freq) == 0 or step == args.offline_steps:
+            save("offline", step, metrics=metrics)
 
 
 def online_updates(agent: SO2, online: ReplayBuffer, pool: ReplayBuffer, args: Args) -> list[dict]:
@@ -556,15 +595,33 @@ def online_updates(agent: SO2, online: ReplayBuffer, pool: ReplayBuffer, args: A
     return results
 
 
-def online_phase(agent: SO2, data: OfflineData, pool: ReplayBuffer, env, eval_env, writer, args: Args) -> ReplayBuffer:
+def online_phase(
+    agent: SO2, data: OfflineData, pool: ReplayBuffer, env, eval_env, writer, args: Args, save=None, resume=None
+):
+    """N_upc critic updates per env step after the warm-up, on online rows plus the mixed pool.
+
+    With `resume` it continues after the checkpoint's step, with its buffers and running episode (MuJoCo: exactly;
+    other envs: a fresh episode).
+    """
+    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
     device = agent.device
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     online = ReplayBuffer(min(args.online_buffer_size, args.online_steps), obs_dim, act_dim, device)
     metrics = Metrics(writer)
-    log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-    obs, _ = env.reset(seed=args.seed)
-    episode_return, start, update_start, logged_at = 0.0, time.perf_counter(), None, 0
-    bar = tqdm(range(1, args.online_steps + 1), desc="online", disable=not args.progress)
+    if resume is None:
+        log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
+        obs, _ = env.reset(seed=args.seed)
+        episode_return, logged_at, first = 0.0, 0, 1
+    else:
+        metrics.sums, metrics.counts = resume["metrics"]
+        online.load_state_dict(resume["online"])
+        pool.load_state_dict(resume["pool"])
+        obs, episode_return, logged_at = resume["obs"], resume["episode_return"], resume["logged_at"]
+        first = resume["step"] + 1
+        if not set_env_state(env, resume["env"]):
+            (obs, _), episode_return = env.reset(), 0.0
+    start, update_start, first_update = time.perf_counter(), None, agent.critic_updates
+    bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         action = agent.policy(obs, deterministic=False)  # exploration = the stochastic policy, nothing else
         next_obs, reward, terminated, truncated, _ = env.step(action)
@@ -579,8 +636,9 @@ def online_phase(agent: SO2, data: OfflineData, pool: ReplayBuffer, env, eval_en
             if agent.critic_updates - logged_at >= args.log_freq:
                 logged_at = agent.critic_updates
                 metrics.flush(step)
-                writer.add_scalar("charts/UPS", agent.critic_updates / (time.perf_counter() - update_start), step)
-                writer.add_scalar("charts/SPS", step / (time.perf_counter() - start), step)
+                updates = agent.critic_updates - first_update
+                writer.add_scalar("charts/UPS", updates / (time.perf_counter() - update_start), step)
+                writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
         episode_return += float(reward)
         obs = next_obs
         if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
@@ -589,14 +647,17 @@ def online_phase(agent: SO2, data: OfflineData, pool: ReplayBuffer, env, eval_en
             episode_return = 0.0
         if step % args.eval_freq == 0:
             result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
-            bar.set_postfix(
-                score=f"{result['normalized_score']:.1f}", SPS=f"{step / (time.perf_counter() - start):.0f}"
-            )
+            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
+        if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
+            state = {"online": online.state_dict(), "pool": pool.state_dict(), "obs": obs}
+            save("online", step, metrics=metrics, episode_return=episode_return, logged_at=logged_at, **state)
     return online
 
 
 def check_args(args: Args, data: OfflineData) -> tuple[int, float]:
     """Resolve the per-dataset defaults and refuse budgets the phases cannot run with."""
+    if args.checkpoint_freq is not None and args.checkpoint_freq < 1:
+        raise UserError(f"--checkpoint-freq must be >= 1, got {args.checkpoint_freq}")
     for name in ("offline_steps", "online_steps", "warmup_steps"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -672,8 +733,11 @@ def main(args: Args) -> Path:
         print("CUDA is not available: running on the CPU", file=sys.stderr)
     args.progress = args.progress and sys.stdout.isatty()
 
+    resume = None
+    if args.resume is not None:
+        resume, run_path = load_for_resume(args.resume, "so2", args, device)
     checkpoint = None
-    if args.pretrained is not None:
+    if args.pretrained is not None and resume is None:
         try:
             checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
             if checkpoint.get("algorithm") != "so2" or checkpoint.get("phase") != "offline":
@@ -691,11 +755,14 @@ def main(args: Args) -> Path:
     num_critics, eta = check_args(args, data)
     if checkpoint is not None:
         check_pretrained_dataset(checkpoint, data, args.pretrained)
-
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_path = Path(args.run_dir) / run_name
-    run_path.mkdir(parents=True, exist_ok=True)
-    (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    if resume is not None:
+        check_pretrained_dataset(resume, data, args.resume)
+        rewind_events(run_path, resume["events"])  # the steps logged after the checkpoint are logged again
+    else:
+        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_path = Path(args.run_dir) / run_name
+        run_path.mkdir(parents=True, exist_ok=True)
+        (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
     writer = SummaryWriter(str(run_path))
     # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
     # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
@@ -711,18 +778,31 @@ def main(args: Args) -> Path:
     pool.add(torch.from_numpy(rows).to(device))
     del rows
 
+    def save(phase: str, step: int, metrics: Metrics, **state) -> None:
+        """checkpoint.pt: the agent, the phase's loop state, RNG streams, the env, the event file sizes."""
+        state |= resume_state(writer, run_path, env) | {"metrics": (metrics.sums, metrics.counts)}
+        save_checkpoint(run_path / CHECKPOINT, agent, args, data, phase, step, **state)
+
+    resumed_online = resume is not None and resume["phase"] == "online"
+    if resume is not None:  # after the hand-over's fresh optimisers, so the saved online states replace them
+        if resumed_online:
+            agent.hand_over()
+        agent.load_state_dict(resume)
+        set_rng_state(resume["rng"])
     if checkpoint is not None:
         agent.actor.load_state_dict(checkpoint["actor"])
         agent.critic.load_state_dict(checkpoint["critic"])
-    elif args.offline_steps > 0:
-        offline_phase(agent, data, pool, eval_env, writer, args, eta)
+    elif args.offline_steps > 0 and not resumed_online:
+        offline_phase(agent, data, pool, eval_env, writer, args, eta, save, resume)
         if args.save_model:
             save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
     if args.online_steps > 0:
-        agent.hand_over()
-        online_phase(agent, data, pool, env, eval_env, writer, args)
+        if not resumed_online:
+            agent.hand_over()
+        online_phase(agent, data, pool, env, eval_env, writer, args, save, resume if resumed_online else None)
     if args.save_model:
         save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps)
+    (run_path / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; final.pt is what remains
     writer.close()
     print(f"run written to {run_path}")
     return run_path

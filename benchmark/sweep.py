@@ -5,16 +5,26 @@
     python benchmark/sweep.py ... --dry-run                      # print the commands only
     python benchmark/sweep.py ... --ray-address auto --gpus-per-run 0.25
 
-Everything after `--` is passed to every run. Run (algorithm, dataset, seed) writes into
-<sweep-dir>/<algorithm>/<dataset>/seed<seed>/; a run with a final.pt there is finished and skipped, so
-a sweep can be started again after an interruption. A failed run is retried once, then reported in
-<sweep-dir>/failures.json; it never stops the sweep. Each attempt's output is in attempt<k>.log.
+Everything after `--` is passed to every run, with `{dataset}` and `{seed}` replaced by the run's; an
+argument holding `*` is a glob resolved when the run starts (it must match one file), so a method sweep can
+start from the offline sweep's checkpoints:
+
+    python benchmark/sweep.py --algorithms opt --label td3 ... -- \
+        --pretrained "runs/offline/opt/{dataset}/seed{seed}/*/offline.pt" --no-new-critic ...
+
+Run (algorithm, dataset, seed) writes into <sweep-dir>/<label or algorithm>/<dataset>/seed<seed>/; a run
+with a final.pt there is finished and skipped, and one with a checkpoint.pt (killed, preempted, crashed)
+continues with `--resume`, so a sweep can be started again after an interruption and loses at most the
+steps since each run's last checkpoint. A failed run is retried once (resumed where it can be), then
+reported in <sweep-dir>/failures.json; it never stops the sweep. Each attempt's command and output are in
+attempt<k>.log.
 Locally, --workers runs share each GPU (CUDA_VISIBLE_DEVICES is set round-robin) or the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -33,16 +43,28 @@ class Run:
     seed: int
     run_dir: Path
     command: tuple[str, ...]
+    label: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.algorithm}/{self.dataset}/seed{self.seed}"
+        return f"{self.label or self.algorithm}/{self.dataset}/seed{self.seed}"
 
     def finished(self) -> bool:
         return any(self.run_dir.glob("*/final.pt"))
 
+    def resume_command(self) -> tuple[str, ...] | None:
+        """`script --resume <run>` for the newest interrupted run (a checkpoint.pt, no final.pt), else None."""
+        checkpoints = sorted(self.run_dir.glob("*/checkpoint.pt"), key=lambda path: path.stat().st_mtime)
+        if not checkpoints:
+            return None
+        return (*self.command[:2], "--resume", str(checkpoints[-1].parent), "--no-progress")
 
-def plan(algorithms, datasets, seeds, sweep_dir: Path, extra: list[str], script_dir: Path = REPO / "algorithms"):
+
+def plan(
+    algorithms, datasets, seeds, sweep_dir: Path, extra: list[str], script_dir: Path = REPO / "algorithms", label=None
+):
+    if label and len(algorithms) > 1:
+        raise SystemExit("error: --label names the runs of ONE algorithm; run one sweep per labelled algorithm")
     runs = []
     for algorithm in algorithms:
         script = script_dir / f"{algorithm}.py"
@@ -50,7 +72,8 @@ def plan(algorithms, datasets, seeds, sweep_dir: Path, extra: list[str], script_
             raise SystemExit(f"error: no script {script}; available: {sorted(p.stem for p in script_dir.glob('*.py'))}")
         for dataset in datasets:
             for seed in seeds:
-                run_dir = sweep_dir / algorithm / dataset.replace("/", "_") / f"seed{seed}"
+                name = label or algorithm
+                run_dir = sweep_dir / name / dataset.replace("/", "_") / f"seed{seed}"
                 command = (
                     sys.executable,
                     str(script),
@@ -59,14 +82,27 @@ def plan(algorithms, datasets, seeds, sweep_dir: Path, extra: list[str], script_
                     "--seed",
                     str(seed),
                     "--exp-name",
-                    algorithm,
+                    name,
                     "--run-dir",
                     str(run_dir),
                     "--no-progress",
-                    *extra,
+                    *(arg.format(dataset=dataset.replace("/", "_"), seed=seed) for arg in extra),
                 )
-                runs.append(Run(algorithm, dataset, seed, run_dir, command))
+                runs.append(Run(algorithm, dataset, seed, run_dir, command, label or ""))
     return runs
+
+
+def resolve_globs(command: tuple[str, ...]) -> tuple[str, ...]:
+    """Each argument holding `*` replaced by the one path it matches now; SystemExit if it matches none or several."""
+    resolved = []
+    for arg in command:
+        if "*" in arg:
+            matches = sorted(glob.glob(os.path.abspath(arg)))  # relative to where the sweep started
+            if len(matches) != 1:
+                raise SystemExit(f"error: {arg} matches {len(matches)} files, not one: finish or clean that sweep")
+            arg = str(matches[0])
+        resolved.append(arg)
+    return tuple(resolved)
 
 
 def run_with_retry(run: Run, env: dict[str, str] | None = None, attempts: int = 2) -> tuple[Run, int]:
@@ -75,7 +111,15 @@ def run_with_retry(run: Run, env: dict[str, str] | None = None, attempts: int = 
     code = 1
     for attempt in range(1, attempts + 1):
         with open(run.run_dir / f"attempt{attempt}.log", "w") as log:
-            code = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            try:
+                command = run.resume_command() or resolve_globs(run.command)  # an interrupted run continues
+                log.write(f"$ {' '.join(command)}\n")
+                log.flush()
+            except SystemExit as error:
+                log.write(f"{error}\n")
+                code = 2
+                continue
+            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         if code == 0:
             break
     return run, code
@@ -122,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithms", nargs="+", required=True)
     parser.add_argument("--datasets", nargs="+", required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--label", default=None, help="folder and --exp-name of the runs (e.g. td3 for a baseline)")
     parser.add_argument("--sweep-dir", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=1, help="concurrent runs per GPU (or on the CPU)")
     parser.add_argument("--ray-address", default=None, help="run each run as a Ray task on this cluster")
@@ -132,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         parser.error("--workers must be >= 1")
 
-    runs = plan(args.algorithms, args.datasets, args.seeds, args.sweep_dir.resolve(), extra, args.script_dir)
+    sweep_dir = args.sweep_dir.resolve()
+    runs = plan(args.algorithms, args.datasets, args.seeds, sweep_dir, extra, args.script_dir, args.label)
     todo = [run for run in runs if not run.finished()]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished (final.pt), {len(todo)} to run")
     if args.dry_run:

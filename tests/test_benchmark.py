@@ -234,3 +234,47 @@ def test_speed_script_runs_one_configuration(tmp_path):
         assert np.isfinite(row[key]) and row[key] > 0
     assert row["online_updates_per_s"] == pytest.approx(10 * row["online_env_steps_per_s"])
     assert "| so2 | halfcheetah (N=10) |" in (tmp_path / "speed_cpu.md").read_text()
+
+
+RESUMABLE_SCRIPT = """
+import pathlib, sys, json
+args = sys.argv
+if "--resume" in args:
+    run = pathlib.Path(args[args.index("--resume") + 1])
+    (run / "resumed_with").write_text(json.dumps(args[1:]))
+    (run / "final.pt").write_text("done")
+    sys.exit(0)
+run = pathlib.Path(args[args.index("--run-dir") + 1]) / "run"
+run.mkdir(parents=True)
+(run / "started_with").write_text(json.dumps(args[1:]))
+(run / "checkpoint.pt").write_text("state")
+sys.exit(9)  # killed after its first checkpoint
+"""
+
+
+def test_sweep_resumes_an_interrupted_run_and_fills_placeholders(tmp_path):
+    """A run that died after a checkpoint is retried with --resume; {dataset}, {seed} and globs are filled in;
+    --label names the runs' folder and --exp-name."""
+    scripts, sweep_dir = tmp_path / "scripts", tmp_path / "sweep"
+    scripts.mkdir()
+    (scripts / "fake.py").write_text(RESUMABLE_SCRIPT)
+    offline = tmp_path / "offline" / "fake" / "hopper-x" / "seed3" / "run123"
+    offline.mkdir(parents=True)
+    (offline / "offline.pt").write_text("weights")
+    pattern = str(tmp_path / "offline" / "fake" / "{dataset}" / "seed{seed}" / "*" / "offline.pt")
+    argv = ["--algorithms", "fake", "--label", "base", "--datasets", "hopper-x", "--seeds", "3"]
+    argv += ["--sweep-dir", str(sweep_dir), "--script-dir", str(scripts), "--", "--pretrained", pattern]
+    assert sweep.main(argv) == 0
+    run = sweep_dir / "base" / "hopper-x" / "seed3" / "run"
+    started = json.loads((run / "started_with").read_text())
+    assert started[started.index("--pretrained") + 1] == str(offline / "offline.pt")
+    assert started[started.index("--exp-name") + 1] == "base"
+    assert json.loads((run / "resumed_with").read_text()) == ["--resume", str(run), "--no-progress"]
+    assert "--resume" in (run.parent / "attempt2.log").read_text()
+
+    (offline.parent / "run456").mkdir()
+    (offline.parent / "run456" / "offline.pt").write_text("weights")
+    (run / "final.pt").unlink()
+    (run / "checkpoint.pt").unlink()
+    assert sweep.main(argv) == 1  # two offline.pt now match the pattern: the run fails with a clear line
+    assert "matches 2 files, not one" in (run.parent / "attempt1.log").read_text()

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The CPU-sized learning protocol: each algorithm AND its paper's baseline on our SAC behaviour data,
+# hopper-sac-medium and hopper-sac-medium-replay, seeds 0 1 2. One piece per algorithm, resumable:
+#
+#     bash benchmark/protocols/cpu.sh opt        # offline sweep, then method and baseline from its offline.pt
+#     bash benchmark/protocols/cpu.sh report     # benchmark/results/protocol-cpu/report.md from what is committed
+#
+# Every reduction from the paper's protocol is in benchmark/protocols/cpu.md, next to the paper's value.
+# Runs go to runs/protocol-cpu{,-offline}/ (two at a time, one thread each); a finished piece's TensorBoard
+# events and args.json are copied to benchmark/results/protocol-cpu/ to be committed (no checkpoints).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+DATASETS="hopper-sac-medium hopper-sac-medium-replay"
+SEEDS="0 1 2"
+OFFLINE=runs/protocol-cpu-offline
+ONLINE=runs/protocol-cpu
+RESULTS=benchmark/results/protocol-cpu
+PRETRAINED="$OFFLINE/{label}/{dataset}/seed{seed}/*/offline.pt"
+COMMON="--no-cuda --eval-episodes 10"
+
+sweep() {  # sweep <sweep-dir> <algorithm> <label> <flags...>
+    local dir=$1 algorithm=$2 label=$3
+    shift 3
+    python benchmark/sweep.py --algorithms "$algorithm" --label "$label" --datasets $DATASETS --seeds $SEEDS \
+        --sweep-dir "$dir" --workers 2 -- $COMMON "$@" || true  # failures are in failures.json, not fatal
+}
+
+collect() {  # collect <label>: events and args of finished runs into the results tree
+    local label=$1
+    for dir in "$OFFLINE" "$ONLINE"; do
+        [ -d "$dir/$label" ] || continue
+        local kind=online
+        [ "$dir" = "$OFFLINE" ] && kind=offline
+        (cd "$dir" && find "$label" \( -name 'events.out.tfevents.*' -o -name args.json -o -name failures.json \) \
+            -print0 | xargs -0 -r cp --parents -t "$OLDPWD/$RESULTS/$kind")
+    done
+    [ -f "$ONLINE/failures.json" ] && cp "$ONLINE/failures.json" "$RESULTS/online/failures.json"
+    return 0
+}
+
+piece() {  # piece <algorithm> <baseline label> <offline flags> -- <online flags> -- <baseline flags>
+    local algorithm=$1 baseline=$2
+    shift 2
+    local offline=() online=() base=() part=0
+    for arg in "$@"; do
+        if [ "$arg" = "--" ]; then part=$((part + 1)); continue; fi
+        case $part in 0) offline+=("$arg") ;; 1) online+=("$arg") ;; 2) base+=("$arg") ;; esac
+    done
+    local pretrained=${PRETRAINED//\{label\}/$algorithm}
+    sweep "$OFFLINE" "$algorithm" "$algorithm" "${offline[@]}" --online-steps 0
+    sweep "$ONLINE" "$algorithm" "$algorithm" --pretrained "$pretrained" "${online[@]}"
+    sweep "$ONLINE" "$algorithm" "$baseline" --pretrained "$pretrained" "${online[@]}" "${base[@]}"
+    mkdir -p "$RESULTS/online" "$RESULTS/offline"
+    collect "$algorithm"
+    collect "$baseline"
+}
+
+case ${1:-} in
+opt)
+    # paper: 1M TD3+BC updates; 300k online env steps incl. N_tau 25k; N_pretrain 50k; kappa over 150k; width 256
+    piece opt td3 --hidden-dim 128 --offline-steps 50000 --offline-eval-freq 10000 \
+        -- --online-steps 20000 --n-tau 2500 --n-pretrain 5000 --kappa-steps 10000 --eval-freq 1000 \
+        -- --no-new-critic --no-online-pretraining --n-tau 0 --replay uniform
+    ;;
+baq)
+    # paper: pi_BC 100k, backbone 1M updates, 30k online steps; IQL backbone (the card expects its larger gain)
+    piece baq iql --backbone iql --bc-steps 20000 --offline-steps 50000 --offline-eval-freq 10000 \
+        -- --online-steps 30000 --eval-freq 2500 \
+        -- --no-use-weight --no-use-priority
+    ;;
+report)
+    python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS" --baseline opt=td3 --baseline baq=iql \
+        --command "bash benchmark/protocols/cpu.sh <algorithm> (flags: benchmark/protocols/cpu.md)"
+    ;;
+*)
+    echo "usage: bash benchmark/protocols/cpu.sh opt|baq|report" >&2
+    exit 2
+    ;;
+esac

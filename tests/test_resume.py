@@ -1,0 +1,224 @@
+"""--resume and --checkpoint-freq in all five scripts: exact continuation, kill -9 at any moment, bad input."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, cli_error
+from utils import UserError
+from utils.checkpoint import CHECKPOINT
+
+SCRIPTS = ("so2", "enoto", "baq", "off2on", "opt")
+# tiny networks and budgets; checkpoints every 10 steps of either phase, evaluations every 20
+RESUME_ARGS = {
+    "so2": {"num_critics": 2, "warmup_steps": 5, "updates_per_step": 2, "actor_update_freq": 2, "mixed_batch_size": 16},
+    "enoto": {"num_critics": 2, "warmup_steps": 5},
+    "baq": {"bc_steps": 5, "probe_states": 50},
+    "off2on": {"num_agents": 2, "bc_steps": 5, "block_steps": 10, "first_block_multiplier": 1},
+    "opt": {"n_tau": 10, "n_pretrain": 5},
+}
+SIZES = {"hidden_dim": 16, "batch_size": 8, "eval_episodes": 1, "offline_steps": 30, "online_steps": 40}
+CADENCE = {"eval_freq": 20, "offline_eval_freq": 20, "checkpoint_freq": 10, "log_freq": 5}
+TIMING_TAGS = ("UPS", "SPS")  # wall-clock rates differ between any two runs
+
+
+class Interrupted(Exception):
+    """Raised right after a chosen checkpoint was written: the run stops there as if killed."""
+
+
+def make_args(script: str, run_dir: Path, **overrides):
+    module = importlib.import_module(f"algorithms.{script}")
+    fields = {"env_id": "hopper-medium", "run_dir": str(run_dir), "cuda": False, "progress": False}
+    return module, module.Args(**SIZES | CADENCE | RESUME_ARGS[script] | fields | overrides)
+
+
+def all_scalars(run_path: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of every scalar in every event file of the run, in file order, timing tags left out."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(run_path.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if not value.tag.endswith(TIMING_TAGS):
+                    found.setdefault(value.tag, []).append((event.step, value.tensor.float_val[0]))
+    return found
+
+
+def networks(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's networks and optimisers, flattened to name -> tensor."""
+    checkpoint = torch.load(path, weights_only=False)
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            flat[prefix] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+
+    for key, value in checkpoint.items():
+        if key != "args":
+            walk(key, value)
+    return flat
+
+
+def interrupt_after(module, monkeypatch, phase: str, step: int):
+    """Stop the run at its first checkpoint after (phase, step), with the checkpoint.pt of (phase, step) put back:
+    as if killed just before that later write, so the events logged in between are on disk and must go."""
+    save_checkpoint, kept = module.save_checkpoint, {}
+
+    def save_then_stop(path, agent, args, data, saved_phase, saved_step, **state):
+        save_checkpoint(path, agent, args, data, saved_phase, saved_step, **state)
+        if path.name != CHECKPOINT:
+            return
+        if kept:
+            path.write_bytes(kept["bytes"])
+            raise Interrupted
+        if (saved_phase, saved_step) == (phase, step):
+            kept["bytes"] = path.read_bytes()
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_stop)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("phase, step", [("offline", 10), ("online", 20)])
+def test_a_resumed_run_is_the_uninterrupted_run(minari_root, tmp_path, monkeypatch, script, phase, step):
+    """Stopped after a checkpoint (mid-episode online) and resumed from it: the same final networks and optimiser
+    states bit for bit, and the same TensorBoard scalars, each step once."""
+    torch.set_num_threads(1)
+    module, args = make_args(script, tmp_path / "straight")
+    reference = module.main(args)
+
+    with monkeypatch.context() as patch:
+        interrupt_after(module, patch, phase, step)
+        module, args = make_args(script, tmp_path / "resumed")
+        with pytest.raises(Interrupted):
+            module.main(args)
+    (run_path,) = (tmp_path / "resumed").iterdir()
+    assert torch.load(run_path / CHECKPOINT, weights_only=False)["step"] == step
+    module, args = make_args(script, tmp_path / "elsewhere", resume=str(run_path))
+    assert module.main(args) == run_path
+    assert not (run_path / CHECKPOINT).exists(), "a finished run keeps final.pt only"
+
+    expected, resumed = networks(reference / "final.pt"), networks(run_path / "final.pt")
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, resumed[name]), name
+    assert all_scalars(run_path) == all_scalars(reference)
+
+
+def wait_for_checkpoint(run_dir: Path, phase: str, process, timeout: float = 120) -> Path:
+    """Poll until the run under run_dir has a checkpoint.pt of `phase`; returns the run path."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        for path in run_dir.glob(f"*/{CHECKPOINT}"):
+            try:
+                if torch.load(path, weights_only=False)["phase"] == phase:
+                    return path.parent
+            except Exception:  # only a complete file counts
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no {phase} checkpoint within {timeout} s")
+
+
+def cli_flags(script: str, **overrides) -> list[str]:
+    _, args = make_args(script, Path("unused"), **overrides)
+    flags = []
+    for name in (*SIZES, *CADENCE, *RESUME_ARGS[script]):
+        flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return flags
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_kill_9_anywhere_then_resume_finishes(minari_root, tmp_path, script):
+    """SIGKILL in the offline phase, then in the online phase with a checkpoint written every step (so the kill
+    often lands inside a write): each time the checkpoint on disk loads, and --resume reaches the planned end."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    budget = {"offline_steps": 200, "online_steps": 150}
+    command = [sys.executable, str(REPO / f"algorithms/{script}.py"), "--env-id", "hopper-medium", "--no-cuda"]
+    command += ["--run-dir", str(tmp_path), *cli_flags(script, **budget), "--checkpoint-freq", "1"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        run_path = wait_for_checkpoint(tmp_path, "offline", process)
+        time.sleep(random.uniform(0, 0.2))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        torch.load(run_path / CHECKPOINT, weights_only=False)  # never half-written
+        resume = [sys.executable, str(REPO / f"algorithms/{script}.py"), "--resume", str(run_path), "--no-cuda"]
+        process = subprocess.Popen(resume, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_checkpoint(tmp_path, "online", process)
+        time.sleep(random.uniform(0, 0.2))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert torch.load(run_path / CHECKPOINT, weights_only=False)["phase"] == "online"
+        finished = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        process.kill()
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    final = torch.load(run_path / "final.pt", weights_only=False)
+    assert (final["phase"], final["step"]) == ("online", budget["online_steps"])
+    for tag, points in all_scalars(run_path).items():
+        steps = [step for step, _ in points]
+        assert len(steps) == len(set(steps)), f"{tag} has steps written twice"
+    evaluations = [step for step, _ in all_scalars(run_path)["eval/normalized_score"]]
+    assert evaluations == list(range(0, budget["online_steps"] + 1, CADENCE["eval_freq"]))
+
+
+@pytest.fixture
+def stopped_run(minari_root, tmp_path, monkeypatch):
+    """A tiny run of the script, stopped after its online checkpoint at step 20."""
+
+    def make(script: str) -> Path:
+        module, args = make_args(script, tmp_path)
+        with monkeypatch.context() as patch:
+            interrupt_after(module, patch, "online", 20)
+            with pytest.raises(Interrupted):
+                module.main(args)
+        (run_path,) = tmp_path.iterdir()
+        return run_path
+
+    return make
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_resume_is_one_line_and_writes_nothing(minari_root, tmp_path, stopped_run, script):
+    run_path = stopped_run(script)
+    before = {path.name: path.read_bytes() for path in run_path.iterdir()}
+    other = "enoto" if script != "enoto" else "so2"
+    cases = [
+        ([], f"--resume {tmp_path}: no {CHECKPOINT} there"),
+        (["--seed", "7"], "--seed 7 differs from the run's 1"),
+        (["--online-steps", "99"], "--online-steps 99 differs from the run's 40"),
+    ]
+    for extra, message in cases:
+        folder = tmp_path if not extra else run_path
+        assert message in cli_error(script, ["--resume", str(folder), *extra], minari_root)
+    assert f"is a run of {script}, not {other}" in cli_error(other, ["--resume", str(run_path)], minari_root)
+    assert {path.name: path.read_bytes() for path in run_path.iterdir()} == before
+
+    (run_path / CHECKPOINT).write_bytes(b"not a checkpoint")
+    assert f"{CHECKPOINT} cannot be read" in cli_error(script, ["--resume", str(run_path)], minari_root)
+
+
+def test_resume_keeps_every_flag_of_the_run(minari_root, tmp_path, stopped_run):
+    run_path = stopped_run("enoto")
+    module = importlib.import_module("algorithms.enoto")
+    with pytest.raises(UserError, match="--num-critics 5 differs from the run's 2"):
+        module.main(module.Args(resume=str(run_path), num_critics=5))
+    args = module.Args(resume=str(run_path), progress=False)
+    module.main(args)
+    saved = json.loads((run_path / "args.json").read_text())
+    assert (args.online_steps, args.hidden_dim, args.seed) == (saved["online_steps"], 16, saved["seed"])
