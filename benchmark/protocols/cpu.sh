@@ -26,16 +26,18 @@ sweep() {  # sweep <sweep-dir> <algorithm> <label> <flags...>
         --sweep-dir "$dir" --workers 2 -- $COMMON "$@" || true  # failures are in failures.json, not fatal
 }
 
-collect() {  # collect <label>: events and args of finished runs into the results tree
-    local label=$1
+collect() {  # collect <label>: events and args.json of the finished runs (final.pt) into the results tree
+    local label=$1 dir kind run
     for dir in "$OFFLINE" "$ONLINE"; do
-        [ -d "$dir/$label" ] || continue
-        local kind=online
+        kind=online
         [ "$dir" = "$OFFLINE" ] && kind=offline
-        (cd "$dir" && find "$label" \( -name 'events.out.tfevents.*' -o -name args.json -o -name failures.json \) \
-            -print0 | xargs -0 -r cp --parents -t "$OLDPWD/$RESULTS/$kind")
+        for run in "$dir/$label"/*/seed*/*/final.pt; do
+            [ -f "$run" ] || continue
+            run=$(dirname "$run")
+            mkdir -p "$RESULTS/$kind/${run#"$dir"/}"
+            cp "$run"/events.out.tfevents.* "$run/args.json" "$RESULTS/$kind/${run#"$dir"/}/"
+        done
     done
-    [ -f "$ONLINE/failures.json" ] && cp "$ONLINE/failures.json" "$RESULTS/online/failures.json"
     return 0
 }
 
