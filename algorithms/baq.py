@@ -913,7 +913,9 @@ def main(args: Args) -> Path:
     writer = SummaryWriter(str(run_path))
     # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
     # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
-    env, eval_env = make_env(data.eval_env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
+    # The evaluation episodes run in lockstep in eval_episodes envs, one batched policy call per step.
+    env = make_env(data.eval_env_spec, args.seed)
+    eval_env = [make_env(data.eval_env_spec, args.seed + 100 + i) for i in range(args.eval_episodes)]
     agent = BAQ(obs_dim, act_dim, args, device)
 
     def save(phase: str, step: int, metrics: Metrics, **state) -> None:

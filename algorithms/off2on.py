@@ -584,8 +584,8 @@ class Off2On:
     def policy(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
         with torch.no_grad():
             obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-            action, _ = self.actor.ensemble(obs_t.unsqueeze(0), deterministic)
-        return action[0].cpu().numpy()
+            action, _ = self.actor.ensemble(obs_t.view(-1, obs_t.shape[-1]), deterministic)  # one obs or a batch
+        return action.view(*obs.shape[:-1], -1).cpu().numpy()
 
     def q_ensemble(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
         """The actor's objective: mean over agents of the twin minimum."""
@@ -899,7 +899,9 @@ def main(args: Args) -> Path:
     writer = SummaryWriter(str(run_path))
     # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
     # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
-    env, eval_env = make_env(data.eval_env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
+    # The evaluation episodes run in lockstep in eval_episodes envs, one batched policy call per step.
+    env = make_env(data.eval_env_spec, args.seed)
+    eval_env = [make_env(data.eval_env_spec, args.seed + 100 + i) for i in range(args.eval_episodes)]
     agent = Off2On(obs_dim, act_dim, args, device)
 
     columns = (data.observations, data.actions, data.rewards, data.next_observations, data.terminals)

@@ -739,7 +739,8 @@ class OPT:
     def policy(self, obs: np.ndarray, noise: float) -> np.ndarray:
         """Action for a raw (unnormalised) observation: pi(s) + N(0, noise^2), clipped to [-1, 1]."""
         with torch.no_grad():
-            action = self.actor(torch.as_tensor(self.normalize(obs), device=self.device).view(1, -1))[0]
+            obs_t = torch.as_tensor(self.normalize(obs), device=self.device)
+            action = self.actor(obs_t.view(-1, obs_t.shape[-1])).view(*obs.shape[:-1], -1)  # one obs or a batch
             action = (action + noise * torch.randn_like(action)).clamp(-1.0, 1.0) if noise > 0 else action
         return action.cpu().numpy()
 
@@ -1125,7 +1126,9 @@ def main(args: Args) -> Path:
     writer = SummaryWriter(str(run_path))
     # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
     # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
-    env, eval_env = make_env(data.eval_env_spec, args.seed), make_env(data.eval_env_spec, args.seed + 100)
+    # The evaluation episodes run in lockstep in eval_episodes envs, one batched policy call per step.
+    env = make_env(data.eval_env_spec, args.seed)
+    eval_env = [make_env(data.eval_env_spec, args.seed + 100 + i) for i in range(args.eval_episodes)]
     agent = OPT(obs_dim, act_dim, args, device)
 
     def save(phase: str, step: int, metrics: Metrics, **state) -> None:

@@ -3,7 +3,7 @@
     python benchmark/sweep.py --algorithms so2 --datasets hopper-random walker2d-random --seeds 0 1 2 \\
         --sweep-dir runs/sweep-random --workers 2 -- --offline-steps 100000 --online-steps 20000
     python benchmark/sweep.py ... --dry-run                      # print the commands only
-    python benchmark/sweep.py ... --ray-address auto --gpus-per-run 0.25
+    python benchmark/sweep.py ... --ray-address auto            # on a Ray cluster (ray start --head ...)
 
 Everything after `--` is passed to every run, with `{dataset}` and `{seed}` replaced by the run's; an
 argument holding `*` is a glob resolved when the run starts (it must match one file), so a method sweep can
@@ -105,7 +105,7 @@ def resolve_globs(command: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(resolved)
 
 
-def run_with_retry(run: Run, env: dict[str, str] | None = None, attempts: int = 2) -> tuple[Run, int]:
+def run_with_retry(run: Run, env: dict[str, str] | None = None, attempts: int = 2, cwd: Path = REPO) -> tuple[Run, int]:
     """Run the command, once more if it fails; returns the last exit code. Output goes to attempt<k>.log."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     code = 1
@@ -119,7 +119,7 @@ def run_with_retry(run: Run, env: dict[str, str] | None = None, attempts: int = 
                 log.write(f"{error}\n")
                 code = 2
                 continue
-            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         if code == 0:
             break
     return run, code
@@ -147,14 +147,44 @@ def run_local(runs: list[Run], workers: int) -> dict[str, int]:
         return {run.name: code for run, code in (future.result() for future in futures)}
 
 
-def run_ray(runs: list[Run], address: str, gpus_per_run: float) -> dict[str, int]:
+def on_worker(run: Run) -> tuple[Run, int]:
+    """A Ray task: the run with this worker's Python, from its copy of the repository (the runtime_env's
+    working_dir, the task's current folder), so no node needs the driver's checkout or interpreter path."""
+    script = Path(run.command[1])
+    if script.is_relative_to(REPO):  # a script of this repository: the worker's copy of it
+        script = Path.cwd() / script.relative_to(REPO)
+    command = (sys.executable, str(script), *run.command[2:])
+    return run_with_retry(Run(run.algorithm, run.dataset, run.seed, run.run_dir, command, run.label), cwd=Path.cwd())
+
+
+def ray_gpus_per_run(cluster_gpus: float, requested: float | None, address: str) -> float:
+    """--gpus-per-run, or 0.25 where the cluster has GPUs and 0 where it has none; a request no node can meet is
+    refused here, since Ray would keep such tasks pending forever."""
+    gpus = requested if requested is not None else (0.25 if cluster_gpus else 0.0)
+    if gpus > 0 and cluster_gpus == 0:
+        raise SystemExit(
+            f"error: the Ray cluster at {address} has no GPU, so tasks asking for --gpus-per-run {gpus} would wait "
+            "forever; pass --gpus-per-run 0 to run on its CPUs, or start the GPU nodes first"
+        )
+    return gpus
+
+
+def run_ray(runs: list[Run], address: str, gpus_per_run: float | None) -> dict[str, int]:
+    """Each run a Ray task of one CPU (and a GPU share); the code travels to the workers as the runtime_env's
+    working_dir. The runs write into their --sweep-dir paths: on several nodes that folder must be on a file
+    system they all mount (NFS ...), or each run's files stay on the node that ran it."""
     try:
         import ray
     except ImportError:
         raise SystemExit("error: --ray-address needs Ray: pip install 'ray[default]'") from None
-    ray.init(address=address)
-    remote = ray.remote(num_gpus=gpus_per_run, num_cpus=1)(run_with_retry)
-    results = ray.get([remote.remote(run) for run in runs])
+    excludes = ["runs/", ".git/", "*.pt", "benchmark/results/", "__pycache__/"]
+    ray.init(address=address, runtime_env={"working_dir": str(REPO), "excludes": excludes})
+    try:
+        gpus = ray_gpus_per_run(ray.cluster_resources().get("GPU", 0.0), gpus_per_run, address)
+        remote = ray.remote(num_gpus=gpus, num_cpus=1)(on_worker)
+        results = ray.get([remote.remote(run) for run in runs])
+    finally:
+        ray.shutdown()
     return {run.name: code for run, code in results}
 
 
@@ -170,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-dir", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=1, help="concurrent runs per GPU (or on the CPU)")
     parser.add_argument("--ray-address", default=None, help="run each run as a Ray task on this cluster")
-    parser.add_argument("--gpus-per-run", type=float, default=0.25, help="fractional GPU share of a Ray task")
+    parser.add_argument(
+        "--gpus-per-run", type=float, default=None, help="GPU share of a Ray task (default 0.25 with GPUs, else 0)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--script-dir", type=Path, default=REPO / "algorithms", help=argparse.SUPPRESS)
     args = parser.parse_args(own)

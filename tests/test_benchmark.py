@@ -1,6 +1,8 @@
 """benchmark/: the report on synthetic logs, the sweep's resume and retry, the speed script."""
 
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -278,3 +280,33 @@ def test_sweep_resumes_an_interrupted_run_and_fills_placeholders(tmp_path):
     (run / "checkpoint.pt").unlink()
     assert sweep.main(argv) == 1  # two offline.pt now match the pattern: the run fails with a clear line
     assert "matches 2 files, not one" in (run.parent / "attempt1.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real local Ray cluster (head node on 127.0.0.1, 2 CPUs, no GPU), stopped afterwards."""
+    pytest.importorskip("ray")
+    port = 46379 + os.getpid() % 1000
+    start = ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2"]
+    start += ["--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats"]
+    started = subprocess.run(start, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+    yield f"127.0.0.1:{port}"
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_ray_sweep_runs_on_a_local_cluster_and_refuses_gpus_it_lacks(tmp_path, ray_cluster, capsys):
+    """Two runs as Ray tasks on a real cluster; the default GPU share on a GPU-less cluster is 0, and an explicit
+    share fails at once with one line instead of waiting forever."""
+    scripts, sweep_dir = tmp_path / "scripts", tmp_path / "sweep"
+    scripts.mkdir()
+    (scripts / "fake.py").write_text(FAKE_SCRIPT)
+    argv = ["--algorithms", "fake", "--datasets", "ok", "--seeds", "0", "1", "--sweep-dir", str(sweep_dir)]
+    argv += ["--script-dir", str(scripts), "--ray-address", ray_cluster]
+    assert sweep.main(argv) == 0
+    for seed in (0, 1):
+        assert (sweep_dir / "fake" / "ok" / f"seed{seed}" / "run" / "final.pt").read_text() == "done"
+    assert "2 runs succeeded, 0 failed" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit, match=r"has no GPU, so tasks asking for --gpus-per-run 0\.25 would wait forever"):
+        sweep.main([*argv[:-2], "--seeds", "2", "--ray-address", ray_cluster, "--gpus-per-run", "0.25"])

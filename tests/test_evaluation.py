@@ -227,3 +227,26 @@ def test_env_spec_that_raises_inside_the_env_is_a_clear_error(error):
     spec = EnvSpec("Broken-v0", entry_point=f"{__name__}:BrokenEnv", kwargs={"error": error}).to_json()
     with pytest.raises(UserError, match=f"cannot build the environment Broken-v0: {error}"):
         make_env(spec, seed=0)
+
+
+def test_lockstep_envs_give_the_same_episodes_with_one_policy_call_per_step():
+    """Episodes in lockstep over a list of envs: the same per-episode results as one env (for a policy whose
+    batched and one-row outputs agree exactly), with one batched call per step instead of one per env."""
+    spec = gym.spec("Hopper-v5").to_json()
+
+    def counting(calls):
+        def policy(obs):
+            calls.append(np.shape(obs))
+            return np.tanh(3 * np.asarray(obs)[..., 2:5] - np.asarray(obs)[..., 5:8])  # row by row: exact
+
+        return policy
+
+    one_calls, many_calls = [], []
+    one = evaluate(make_env(spec, 0), counting(one_calls), 7, seed=5, q_function=lambda o, a: o[:, 0])
+    envs = [make_env(spec, 10 + i) for i in range(3)]
+    many = evaluate(envs, counting(many_calls), 7, seed=5, q_function=lambda o, a: o[:, 0])
+    assert one.keys() == many.keys() and one.pop("success_rate") is not many.pop("success_rate")  # both NaN
+    assert one == many and one["q_pairs"] > 100
+    assert all(shape == (11,) for shape in one_calls)
+    assert len(one_calls) == one["episode_length"] * 7
+    assert len(many_calls) < len(one_calls) / 2 and max(shape[0] for shape in many_calls) == 3

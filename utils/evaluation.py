@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -73,8 +73,36 @@ def q_diagnostics(
     return {"q_bias": float(bias), "q_rank_tau": rank_tau, "q_pairs": float(len(q_true))}
 
 
+def run_episodes(envs: Sequence[gym.Env], policy: Policy, seeds, task: str | None, batched: bool) -> list[tuple]:
+    """One episode per env, reset with its seed, stepped in lockstep with one policy call per step: on a batch
+    [k, obs] if `batched`, else (one env) on the observation itself, as a single-env caller expects.
+
+    Returns per episode (observations, actions, rewards, terminated, success).
+    """
+    observations = [env.reset(seed=seed)[0] for env, seed in zip(envs, seeds, strict=True)]
+    traces = [([], [], [], False, False) for _ in envs]
+    active = list(range(len(envs)))
+    while active:
+        batch = np.stack([observations[index] for index in active]) if batched else observations[0]
+        actions = np.asarray(policy(batch)).reshape(len(active), -1)
+        still = []
+        for row, index in enumerate(active):
+            obs_list, action_list, reward_list, _, success = traces[index]
+            next_observation, reward, terminated, truncated, info = envs[index].step(actions[row])
+            obs_list.append(observations[index])
+            action_list.append(actions[row])
+            reward_list.append(float(reward))
+            success = success or bool(info.get("success", False)) or (task == "antmaze" and reward > 0)
+            traces[index] = (obs_list, action_list, reward_list, terminated, success)
+            observations[index] = next_observation
+            if not (terminated or truncated):
+                still.append(index)
+        active = still
+    return traces
+
+
 def evaluate(
-    env: gym.Env,
+    env: gym.Env | Sequence[gym.Env],
     policy: Policy,
     episodes: int,
     seed: int,
@@ -88,6 +116,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Run `episodes` episodes of a deterministic policy; episode i is reset with seed + i.
 
+    Given a list of k envs (a synchronous vector env without auto-reset), k episodes run in lockstep and the
+    policy gets one batch [k, obs] per step: one forward (one device round trip) instead of k. Episode i is
+    the same episode as with one env (its reset seed fixes it); only a policy whose batched forward rounds
+    differently from its one-row forward can tell the two apart.
+
     Returns episodic_return (mean), return_std, episode_length, normalized_score (D4RL refs), success_rate
     (NaN where the task has no notion of success), minari_normalized_score where the dataset has Minari refs,
     and, given a Q function, q_bias / q_rank_tau / q_pairs against discounted Monte-Carlo returns.
@@ -99,32 +132,26 @@ def evaluate(
     q_bias compares Q with the plain discounted return of the deterministic evaluation policy: for a soft
     (SAC-style) critic that Q also holds the discounted entropy bonus of later steps, which shows as bias.
     """
-    task = task_of_env_id(env.spec.id) if env.spec is not None else None
+    envs = list(env) if isinstance(env, Sequence) else [env]
+    task = task_of_env_id(envs[0].spec.id) if envs[0].spec is not None else None
     returns, lengths, successes = [], [], []
     q_obs, q_actions, q_true, q_window = [], [], [], []
-    for episode in range(episodes):
-        observation, _ = env.reset(seed=seed + episode)
-        observations, actions, rewards = [], [], []
-        success, done, terminated = False, False, False
-        while not done:
-            action = np.asarray(policy(observation))
-            next_observation, reward, terminated, truncated, info = env.step(action)
-            observations.append(observation)
-            actions.append(action)
-            rewards.append(float(reward))
-            success = success or bool(info.get("success", False)) or (task == "antmaze" and reward > 0)
-            observation, done = next_observation, terminated or truncated
-        returns.append(sum(rewards))
-        lengths.append(len(rewards))
-        successes.append(success)
-        if q_function is not None:
-            rewards_array = np.asarray(rewards)
-            trained_rewards = q_reward_fn(rewards_array) if q_reward_fn is not None else rewards_array
-            mask = exact_return_mask(len(rewards), terminated, gamma, tail_tol)
-            q_true.append(discounted_returns(trained_rewards, gamma)[mask])
-            q_window.append(window_labels(int(mask.sum()), q_windows, first=episode * q_windows))
-            q_obs.append(np.asarray(observations)[mask])
-            q_actions.append(np.asarray(actions)[mask])
+    for first in range(0, episodes, len(envs)):
+        group = range(first, min(first + len(envs), episodes))
+        seeds = [seed + episode for episode in group]
+        trace = run_episodes(envs[: len(group)], policy, seeds, task, batched=len(envs) > 1)
+        for episode, (observations, actions, rewards, terminated, success) in zip(group, trace, strict=True):
+            returns.append(sum(rewards))
+            lengths.append(len(rewards))
+            successes.append(success)
+            if q_function is not None:
+                rewards_array = np.asarray(rewards)
+                trained_rewards = q_reward_fn(rewards_array) if q_reward_fn is not None else rewards_array
+                mask = exact_return_mask(len(rewards), terminated, gamma, tail_tol)
+                q_true.append(discounted_returns(trained_rewards, gamma)[mask])
+                q_window.append(window_labels(int(mask.sum()), q_windows, first=episode * q_windows))
+                q_obs.append(np.asarray(observations)[mask])
+                q_actions.append(np.asarray(actions)[mask])
     mean_return = float(np.mean(returns))
     has_success = task in ("antmaze", "pen", "door", "hammer", "relocate")
     success_rate = float(np.mean(successes)) if has_success else float("nan")
