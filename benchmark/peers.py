@@ -35,7 +35,7 @@ def corl_cql(corl: Path, hidden_layers: int):
     for name in ("d4rl", "gym", "pyrallis", "wandb"):
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules["gym"].Env = object  # only annotations use it
-    sys.modules["pyrallis"].wrap = lambda *a, **k: (lambda fn: fn)
+    sys.modules["pyrallis"].wrap = lambda *a, **k: lambda fn: fn
     spec = importlib.util.spec_from_file_location("corl_cql", corl / "algorithms" / "offline" / "cql.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
