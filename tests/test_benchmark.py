@@ -310,3 +310,23 @@ def test_ray_sweep_runs_on_a_local_cluster_and_refuses_gpus_it_lacks(tmp_path, r
 
     with pytest.raises(SystemExit, match=r"has no GPU, so tasks asking for --gpus-per-run 0\.25 would wait forever"):
         sweep.main([*argv[:-2], "--seeds", "2", "--ray-address", ray_cluster, "--gpus-per-run", "0.25"])
+
+
+def test_gpu_check_refuses_bad_arguments_and_rehearses_on_the_cpu(tmp_path):
+    """benchmark/gpu_check.sh: a usage line and exit 2 for bad arguments; --quick runs every step here (no CUDA:
+    it says so, the CUDA tests skip) and leaves each result file in OUTDIR."""
+    script = str(REPO / "benchmark" / "gpu_check.sh")
+    for bad in ([], ["--quick"], [str(tmp_path / "out"), "--fast"]):
+        result = subprocess.run(["bash", script, *bad], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2 and result.stderr.startswith("usage: bash benchmark/gpu_check.sh OUTDIR")
+    assert not (tmp_path / "out").exists()
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rehearsal is for machines without CUDA")
+    quick = ["bash", script, str(tmp_path / "out"), "--quick"]
+    result = subprocess.run(quick, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "no CUDA device: the same steps on the CPU" in result.stdout
+    names = {path.name for path in (tmp_path / "out").iterdir()}
+    assert {"env.txt", "log.txt", "cuda_tests.txt", "speed_cpu.md", "smoke.txt", "smoke_runs.tar.gz"} <= names
+    smoke = (tmp_path / "out" / "smoke.txt").read_text()
+    assert "so2__1" in smoke and "opt__1" in smoke and "eval/normalized_score [(0," in smoke

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Everything a GPU check needs, in one command of at most 8 minutes, every result under OUTDIR:
+#
+#     bash benchmark/gpu_check.sh OUTDIR            # on the GPU machine (CUDA tests, speed, smoke runs)
+#     bash benchmark/gpu_check.sh OUTDIR --quick    # a 1-minute rehearsal of the same steps (CI runs it on the CPU)
+#
+# 1. the CUDA tests (each update under torch.cuda.set_sync_debug_mode("error")) -> cuda_tests.txt
+# 2. benchmark/speed.py for all five scripts on the device, hopper sizes -> speed_<device>.{md,json}
+# 3. SO2 and OPT learning smoke runs (about 2 minutes, side by side) on a tiny local dataset -> smoke.txt and
+#    smoke_runs.tar.gz (their TensorBoard events and args.json)
+# plus env.txt (versions, device) and log.txt (all output). Without CUDA it says so and runs the same steps
+# on the CPU (the CUDA tests then skip). gymnasium, mujoco, minari and tyro are installed from .whl/ where the
+# machine lacks them (the device machine has Python 3.12 and torch but none of these): fetch them here with
+# `bash benchmark/gpu_wheels.sh` and carry .whl with the call. A step that fails is recorded, and the next
+# steps still run; the exit status is that of the first failed step.
+set -uo pipefail
+if [ $# -lt 1 ] || [ "${1:0:1}" = "-" ] || { [ $# -eq 2 ] && [ "$2" != "--quick" ]; } || [ $# -gt 2 ]; then
+    echo "usage: bash benchmark/gpu_check.sh OUTDIR [--quick]" >&2
+    exit 2
+fi
+OUTDIR=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "error: cannot create $1" >&2; exit 2; }
+QUICK=${2:-}
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+exec > >(tee "$OUTDIR/log.txt") 2>&1
+status=0
+step() {  # step <name> <timeout seconds> <copy of its output> <command...>: run, record its exit code, go on
+    local name=$1 limit=$2 copy=$3
+    shift 3
+    echo "== $name (at most ${limit}s)"
+    timeout "$limit" "$@" 2>&1 | tee "$copy"
+    local code=$?
+    echo "== $name: exit $code"
+    [ $code -ne 0 ] && [ $status -eq 0 ] && status=$code
+    return 0
+}
+
+if ! $PYTHON -c "import gymnasium, mujoco, minari, tyro" 2>/dev/null; then
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        echo "error: gymnasium/mujoco/minari/tyro are missing and there is no .whl/: run bash benchmark/gpu_wheels.sh" >&2
+        exit 2
+    fi
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 2
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+DEVICE=$($PYTHON -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+$PYTHON - >"$OUTDIR/env.txt" <<'EOF'
+import platform, sys
+import gymnasium, minari, mujoco, numpy, torch
+print("python", sys.version.split()[0], platform.machine())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+print("numpy", numpy.__version__, "gymnasium", gymnasium.__version__, "mujoco", mujoco.__version__, "minari", minari.__version__)
+EOF
+cat "$OUTDIR/env.txt"
+[ "$DEVICE" = cpu ] && echo "no CUDA device: the same steps on the CPU (the CUDA tests skip)"
+
+if [ -n "$QUICK" ]; then
+    SPEED=(--offline-iterations 2 --online-iterations 1 --algorithms opt) TESTS=(tests/test_enoto.py -k cuda)
+    TINY=(--hidden-dim 32 --batch-size 32 --offline-steps 50 --online-steps 60 --eval-freq 30)
+    SMOKE_SO2=("${TINY[@]}" --warmup-steps 20 --num-critics 2 --mixed-batch-size 64 --updates-per-step 2)
+    SMOKE_OPT=("${TINY[@]}" --n-tau 20 --n-pretrain 10)
+    DATA_STEPS=2000 LIMIT=120
+else
+    SPEED=() TESTS=(tests -m cuda)
+    SMOKE_SO2=(--offline-steps 20000 --online-steps 4000 --warmup-steps 1000 --num-critics 10 --eval-freq 1000)
+    SMOKE_OPT=(--offline-steps 30000 --online-steps 6000 --n-tau 1000 --n-pretrain 2000 --eval-freq 1000)
+    DATA_STEPS=50000 LIMIT=150
+fi
+
+step "CUDA tests" 150 "$OUTDIR/cuda_tests.txt" $PYTHON -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+step "speed" 180 /dev/null $PYTHON benchmark/speed.py --device "$DEVICE" --configs hopper --out "$OUTDIR" "${SPEED[@]}"
+
+export MINARI_DATASETS_PATH=$(mktemp -d) O2O_OFFLINE=1
+RUNS=$(mktemp -d)
+trap 'rm -rf "$MINARI_DATASETS_PATH" "$RUNS"' EXIT
+step "smoke dataset" 120 /dev/null $PYTHON -m utils.make_dataset --env-id Hopper-v5 --dataset-id mujoco/hopper/medium-v0 \
+    --steps "$DATA_STEPS" --no-progress
+COMMON=(--env-id hopper-medium --run-dir "$RUNS" --no-progress --eval-episodes 5)
+timeout "$LIMIT" $PYTHON algorithms/so2.py "${COMMON[@]}" "${SMOKE_SO2[@]}" >"$RUNS/so2.log" 2>&1 &
+so2=$!
+timeout "$LIMIT" $PYTHON algorithms/opt.py "${COMMON[@]}" "${SMOKE_OPT[@]}" >"$RUNS/opt.log" 2>&1 &
+opt=$!
+wait $so2; so2_code=$?
+wait $opt; opt_code=$?
+echo "== smoke runs: so2 exit $so2_code, opt exit $opt_code"
+[ $status -eq 0 ] && status=$((so2_code ? so2_code : opt_code))
+$PYTHON - "$RUNS" >"$OUTDIR/smoke.txt" <<'EOF'
+import sys
+from pathlib import Path
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+for run in sorted(p for p in Path(sys.argv[1]).iterdir() if p.is_dir()):
+    events = EventAccumulator(str(run)).Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("offline/normalized_score", "eval/normalized_score", "offline/UPS", "charts/UPS", "charts/SPS"):
+        if tag in tags:
+            print(run.name, tag, [(e.step, round(e.value, 2)) for e in events.Scalars(tag)])
+for log in sorted(Path(sys.argv[1]).glob("*.log")):
+    print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-5:]))
+EOF
+cat "$OUTDIR/smoke.txt"
+(cd "$RUNS" && tar -czf "$OUTDIR/smoke_runs.tar.gz" --exclude='*.pt' .)
+echo "gpu_check: exit $status; results in $OUTDIR"
+exit $status
