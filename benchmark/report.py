@@ -8,13 +8,14 @@ Reads eval/normalized_score (x = online environment steps, 0 = hand-over) of eve
 budget (`online_steps` of its args.json; without one, the largest last step of its algorithm x dataset)
 and is not listed in <sweep-dir>/failures.json; other runs are listed as incomplete and counted nowhere.
 Per algorithm x dataset, over complete seeds (mean +- population std): the score at hand-over, the drop
-(the first evaluation at or after --drop-step minus the hand-over), the final score (at the budget), the
+(the first evaluation at or after --drop-step minus the hand-over), the deepest dip (the lowest online
+evaluation minus the hand-over), the final score (at the budget), the
 mean of the online evaluations after the hand-over (e.g. BAQ's card: the mean of evaluations at 5k ... 30k),
 and the area under the online curve as a step-weighted mean (trapezoids). Across datasets: the IQM of the
 final scores with a 95% stratified bootstrap interval (rliable: 50,000 resamples of the seeds within each
 dataset), on the same number of seeds per dataset (the lowest; the report says which seeds it left out).
---baseline METHOD=BASE adds, per dataset, the mean final score of METHOD minus that of BASE with a
-bootstrap interval. Writes report.md and curves.png into --out.
+--baseline METHOD=BASE adds, per dataset, METHOD minus BASE in mean final score and in mean dip, each with a
+bootstrap interval (pairs without data are left out). Writes report.md and curves.png into --out.
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def summarise(curves, drop_step: float) -> list[dict]:
                 "budget": int(runs[0][0][-1]),
                 "start": np.array([scores[0] for _, scores in runs]),
                 "drop": np.array([score_at(steps, scores, drop_step) - scores[0] for steps, scores in runs]),
+                "dip": np.array([scores[1:].min() - scores[0] if len(scores) > 1 else 0.0 for _, scores in runs]),
                 "final": np.array([scores[-1] for _, scores in runs]),
                 "online_mean": np.array([scores[1:].mean() if len(scores) > 1 else scores[0] for _, scores in runs]),
                 "auc": np.array([area_under_curve(steps, scores) for steps, scores in runs]),
@@ -168,13 +170,13 @@ def markdown(rows: list[dict], command: str, incomplete: list[str], baselines: l
         "",
         "Normalized score with D4RL reference returns on Minari data: NOT comparable with the papers' tables.",
         "",
-        f"| algorithm | dataset | seeds | online steps | hand-over | drop at {int(drop_step)} | final "
+        f"| algorithm | dataset | seeds | online steps | hand-over | drop at {int(drop_step)} | deepest dip | final "
         "| mean of online evaluations | mean over online phase (AUC) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [
         f"| {r['algorithm']} | {r['dataset']} | {len(r['seeds'])} | {r['budget']} | {pm(r['start'])} | {pm(r['drop'])} "
-        f"| {pm(r['final'])} | {pm(r['online_mean'])} | {pm(r['auc'])} |"
+        f"| {pm(r['dip'])} | {pm(r['final'])} | {pm(r['online_mean'])} | {pm(r['auc'])} |"
         for r in rows
     ]
     if incomplete:
@@ -190,15 +192,20 @@ def markdown(rows: list[dict], command: str, incomplete: list[str], baselines: l
             f"- {algorithm}: {iqm(np.concatenate(per_dataset)):.1f} [{low:.1f}, {high:.1f}] over {len(mine)} "
             f"datasets x {k} seeds" + (f" (left out: {'; '.join(left_out)})" if left_out else "")
         )
+    by_key = {(r["algorithm"], r["dataset"]): r for r in rows}
     for pair in baselines:
         method, base = pair.split("=")
-        lines += ["", f"{method} minus {base}, mean final score per dataset [95% bootstrap CI over seeds]:", ""]
-        by_key = {(r["algorithm"], r["dataset"]): r["final"] for r in rows}
-        for dataset in sorted({r["dataset"] for r in rows}):
-            if (method, dataset) in by_key and (base, dataset) in by_key:
-                a, b = by_key[(method, dataset)], by_key[(base, dataset)]
+        shared = [d for d in sorted({r["dataset"] for r in rows}) if (method, d) in by_key and (base, d) in by_key]
+        if not shared:
+            continue  # a pair of a protocol piece not run yet
+        lines += ["", f"{method} minus {base} per dataset, mean [95% bootstrap CI over seeds]:", ""]
+        for dataset in shared:
+            parts = []
+            for metric in ("final", "dip"):
+                a, b = by_key[(method, dataset)][metric], by_key[(base, dataset)][metric]
                 low, high = bootstrap(lambda resampled: resampled[0].mean(1) - resampled[1].mean(1), [a, b])
-                lines.append(f"- {dataset}: {a.mean() - b.mean():+.1f} [{low:+.1f}, {high:+.1f}]")
+                parts.append(f"{metric} {a.mean() - b.mean():+.1f} [{low:+.1f}, {high:+.1f}]")
+            lines.append(f"- {dataset}: {'; '.join(parts)}")
     return "\n".join(lines) + "\n\n![curves](curves.png)\n"
 
 

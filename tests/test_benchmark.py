@@ -37,11 +37,19 @@ def test_report_numbers(sweep_logs, tmp_path):
     report.main([*command, "--drop-step", "50"])
     text = (out / "report.md").read_text()
     # hopper-x, algo_a: start 10, 14 -> 12 +- 2; drop at 50: 10, 16 -> 13 +- 3; final 40, 60 -> 50 +- 10;
+    # deepest dip (lowest online evaluation - hand-over): 10, 16 -> 13 +- 3 (here the evaluations at 50);
     # mean of the online evaluations: 30, 45 -> 37.5 +- 7.5;
     # AUC = trapezoids / 100: seed0 (15*50 + 30*50)/100 = 22.5, seed1 (22*50 + 45*50)/100 = 33.5 -> 28 +- 5.5
-    assert "| algo_a | hopper-x | 2 | 100 | 12.0 ± 2.0 | 13.0 ± 3.0 | 50.0 ± 10.0 | 37.5 ± 7.5 | 28.0 ± 5.5 |" in text
-    assert "| algo_a | walker-y | 1 | 100 | 0.0 ± 0.0 | 0.0 ± 0.0 | 100.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 |" in text
-    assert "| algo_b | hopper-x | 1 | 100 | 5.0 ± 0.0 | 0.0 ± 0.0 | 5.0 ± 0.0 | 5.0 ± 0.0 | 5.0 ± 0.0 |" in text
+    assert (
+        "| algo_a | hopper-x | 2 | 100 | 12.0 ± 2.0 "
+        " | 13.0 ± 3.0 | 13.0 ± 3.0 | 50.0 ± 10.0 | 37.5 ± 7.5 | 28.0 ± 5.5 |"
+    ) in text
+    assert (
+        "| algo_a | walker-y | 1 | 100 | 0.0 ± 0.0  | 0.0 ± 0.0 | 0.0 ± 0.0 | 100.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 |"
+    ) in text
+    assert (
+        "| algo_b | hopper-x | 1 | 100 | 5.0 ± 0.0  | 0.0 ± 0.0 | 0.0 ± 0.0 | 5.0 ± 0.0 | 5.0 ± 0.0 | 5.0 ± 0.0 |"
+    ) in text
     assert "python benchmark/sweep.py x" in text
     assert "- algo_b: 5.0 [5.0, 5.0] over 1 datasets x 1 seeds" in text
     # equal seed counts: algo_a uses seed 0 of both datasets, finals 40 and 100 -> IQM 70 (n = 2 trims nothing)
@@ -85,9 +93,9 @@ def test_report_counts_complete_runs_only_and_compares_with_a_baseline(tmp_path,
     out = tmp_path / "out"
     report.main(["--sweep-dir", str(tmp_path), "--out", str(out), "--baseline", "method=base"])
     text = (out / "report.md").read_text()
-    assert "| method | hopper-z | 1 | 100 | 10.0 ± 0.0 | 20.0 ± 0.0 | 30.0 ± 0.0 |" in text  # seed 0 only
+    assert "| method | hopper-z | 1 | 100 | 10.0 ± 0.0 | 20.0 ± 0.0 | 10.0 ± 0.0 | 30.0 ± 0.0 |" in text  # seed 0
     assert "method/hopper-z/seed1 (last evaluation at 50 of 100)" in text and "method/hopper-z/seed2" in text
-    assert "- hopper-z: +20.0 [+20.0, +20.0]" in text  # one seed each: a zero-width interval
+    assert "- hopper-z: final +20.0 [+20.0, +20.0]; dip +10.0 [+10.0, +10.0]" in text  # one seed: zero width
     assert "warning: skipping" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="write METHOD=BASE"):
         report.main(["--sweep-dir", str(tmp_path), "--out", str(out), "--baseline", "method"])

@@ -42,6 +42,8 @@ collect() {  # collect <label>: events and args.json of the finished runs (final
 }
 
 piece() {  # piece <algorithm> <baseline label> <offline flags> -- <online flags> -- <baseline flags>
+    # With SEPARATE=1 the baseline flags change the networks (ensemble size, preset): the baseline then gets
+    # its own offline sweep with them, else it starts from the method's offline.pt.
     local algorithm=$1 baseline=$2
     shift 2
     local offline=() online=() base=() part=0
@@ -49,10 +51,14 @@ piece() {  # piece <algorithm> <baseline label> <offline flags> -- <online flags
         if [ "$arg" = "--" ]; then part=$((part + 1)); continue; fi
         case $part in 0) offline+=("$arg") ;; 1) online+=("$arg") ;; 2) base+=("$arg") ;; esac
     done
-    local pretrained=${PRETRAINED//\{label\}/$algorithm}
+    local pretrained=${PRETRAINED//\{label\}/$algorithm} base_pretrained=${PRETRAINED//\{label\}/$algorithm}
     sweep "$OFFLINE" "$algorithm" "$algorithm" "${offline[@]}" --online-steps 0
+    if [ "${SEPARATE:-0}" = 1 ]; then
+        base_pretrained=${PRETRAINED//\{label\}/$baseline}
+        sweep "$OFFLINE" "$algorithm" "$baseline" "${offline[@]}" "${base[@]}" --online-steps 0
+    fi
     sweep "$ONLINE" "$algorithm" "$algorithm" --pretrained "$pretrained" "${online[@]}"
-    sweep "$ONLINE" "$algorithm" "$baseline" --pretrained "$pretrained" "${online[@]}" "${base[@]}"
+    sweep "$ONLINE" "$algorithm" "$baseline" --pretrained "$base_pretrained" "${online[@]}" "${base[@]}"
     mkdir -p "$RESULTS/online" "$RESULTS/offline"
     collect "$algorithm"
     collect "$baseline"
@@ -71,12 +77,31 @@ baq)
         -- --online-steps 30000 --eval-freq 2500 \
         -- --no-use-weight --no-use-priority
     ;;
+so2)
+    # paper: EDAC N=50 (hopper), width 256, 3M offline updates, 100k online env steps x N_upc 10, warm-up 5k
+    piece so2 edac --num-critics 10 --hidden-dim 64 --offline-steps 20000 --offline-eval-freq 5000 \
+        -- --online-steps 5000 --warmup-steps 250 --eval-freq 500 \
+        -- --target-noise 0 --updates-per-step 1 --actor-update-freq 1
+    ;;
+enoto)
+    # paper: CQL-N N=10, width 256, 1M offline updates, 250k online steps; baseline CQL -> SAC (2 critics)
+    SEPARATE=1 piece enoto cql-sac --num-critics 5 --hidden-dim 64 --offline-steps 10000 --offline-eval-freq 5000 \
+        -- --online-steps 30000 --eval-freq 2500 \
+        -- --preset cql_sac
+    ;;
+off2on)
+    # paper: 5 CQL agents, width 256, 1M offline updates (BC for the first 40k), 250k online steps
+    SEPARATE=1 piece off2on uniform-n1 --hidden-dim 64 --offline-steps 10000 --bc-steps 400 --offline-eval-freq 5000 \
+        -- --online-steps 30000 --eval-freq 2500 \
+        -- --replay uniform --num-agents 1
+    ;;
 report)
     python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS" --baseline opt=td3 --baseline baq=iql \
+        --baseline so2=edac --baseline enoto=cql-sac --baseline off2on=uniform-n1 \
         --command "bash benchmark/protocols/cpu.sh <algorithm> (flags: benchmark/protocols/cpu.md)"
     ;;
 *)
-    echo "usage: bash benchmark/protocols/cpu.sh opt|baq|report" >&2
+    echo "usage: bash benchmark/protocols/cpu.sh opt|baq|so2|enoto|off2on|report" >&2
     exit 2
     ;;
 esac
