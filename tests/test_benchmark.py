@@ -41,14 +41,13 @@ def test_report_numbers(sweep_logs, tmp_path):
     # mean of the online evaluations: 30, 45 -> 37.5 +- 7.5;
     # AUC = trapezoids / 100: seed0 (15*50 + 30*50)/100 = 22.5, seed1 (22*50 + 45*50)/100 = 33.5 -> 28 +- 5.5
     assert (
-        "| algo_a | hopper-x | 2 | 100 | 12.0 ± 2.0 "
-        " | 13.0 ± 3.0 | 13.0 ± 3.0 | 50.0 ± 10.0 | 37.5 ± 7.5 | 28.0 ± 5.5 |"
+        "| algo_a | hopper-x | 2 | 100 | 12.0 ± 2.0 | 13.0 ± 3.0 | 13.0 ± 3.0 | 50.0 ± 10.0 | 37.5 ± 7.5 | 28.0 ± 5.5 |"
     ) in text
     assert (
-        "| algo_a | walker-y | 1 | 100 | 0.0 ± 0.0  | 0.0 ± 0.0 | 0.0 ± 0.0 | 100.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 |"
+        "| algo_a | walker-y | 1 | 100 | 0.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 | 100.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 |"
     ) in text
     assert (
-        "| algo_b | hopper-x | 1 | 100 | 5.0 ± 0.0  | 0.0 ± 0.0 | 0.0 ± 0.0 | 5.0 ± 0.0 | 5.0 ± 0.0 | 5.0 ± 0.0 |"
+        "| algo_b | hopper-x | 1 | 100 | 5.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 | 5.0 ± 0.0 | 5.0 ± 0.0 | 5.0 ± 0.0 |"
     ) in text
     assert "python benchmark/sweep.py x" in text
     assert "- algo_b: 5.0 [5.0, 5.0] over 1 datasets x 1 seeds" in text
