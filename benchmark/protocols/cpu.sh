@@ -43,7 +43,8 @@ collect() {  # collect <label>: events and args.json of the finished runs (final
 
 piece() {  # piece <algorithm> <baseline label> <offline flags> -- <online flags> -- <baseline flags>
     # With SEPARATE=1 the baseline flags change the networks (ensemble size, preset): the baseline then gets
-    # its own offline sweep with them, else it starts from the method's offline.pt.
+    # its own offline sweep with them, else it starts from the method's offline.pt. METHOD_OFFLINE holds flags
+    # of the method's offline sweep alone (e.g. its ensemble size, which the baseline's preset sets otherwise).
     local algorithm=$1 baseline=$2
     shift 2
     local offline=() online=() base=() part=0
@@ -52,7 +53,8 @@ piece() {  # piece <algorithm> <baseline label> <offline flags> -- <online flags
         case $part in 0) offline+=("$arg") ;; 1) online+=("$arg") ;; 2) base+=("$arg") ;; esac
     done
     local pretrained=${PRETRAINED//\{label\}/$algorithm} base_pretrained=${PRETRAINED//\{label\}/$algorithm}
-    sweep "$OFFLINE" "$algorithm" "$algorithm" "${offline[@]}" --online-steps 0
+    # shellcheck disable=SC2086
+    sweep "$OFFLINE" "$algorithm" "$algorithm" "${offline[@]}" ${METHOD_OFFLINE:-} --online-steps 0
     if [ "${SEPARATE:-0}" = 1 ]; then
         base_pretrained=${PRETRAINED//\{label\}/$baseline}
         sweep "$OFFLINE" "$algorithm" "$baseline" "${offline[@]}" "${base[@]}" --online-steps 0
@@ -85,7 +87,8 @@ so2)
     ;;
 enoto)
     # paper: CQL-N N=10, width 256, 1M offline updates, 250k online steps; baseline CQL -> SAC (2 critics)
-    SEPARATE=1 piece enoto cql-sac --num-critics 5 --hidden-dim 64 --offline-steps 10000 --offline-eval-freq 5000 \
+    SEPARATE=1 METHOD_OFFLINE="--num-critics 5" piece enoto cql-sac --hidden-dim 64 --offline-steps 10000 \
+        --offline-eval-freq 5000 \
         -- --online-steps 30000 --eval-freq 2500 \
         -- --preset cql_sac
     ;;
