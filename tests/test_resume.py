@@ -222,3 +222,5 @@ def test_resume_keeps_every_flag_of_the_run(minari_root, tmp_path, stopped_run):
     module.main(args)
     saved = json.loads((run_path / "args.json").read_text())
     assert (args.online_steps, args.hidden_dim, args.seed) == (saved["online_steps"], 16, saved["seed"])
+    with pytest.raises(UserError, match="that run is finished"):
+        module.main(module.Args(resume=str(run_path)))

@@ -123,6 +123,8 @@ def load_for_resume(run_dir: str, algorithm: str, args, device: torch.device) ->
     """
     run_path = Path(run_dir)
     path = run_path / CHECKPOINT
+    if not path.is_file() and (run_path / "final.pt").is_file():
+        raise UserError(f"--resume {run_dir}: that run is finished (final.pt); there is nothing to resume")
     if not path.is_file():
         raise UserError(f"--resume {run_dir}: no {CHECKPOINT} there (pass the run folder that holds it)")
     try:

@@ -3,6 +3,7 @@
 # hopper-sac-medium and hopper-sac-medium-replay, seeds 0 1 2. One piece per algorithm, resumable:
 #
 #     bash benchmark/protocols/cpu.sh opt        # offline sweep, then method and baseline from its offline.pt
+#     bash benchmark/protocols/cpu.sh collect opt td3   # copy the finished runs' events into the results tree now
 #     bash benchmark/protocols/cpu.sh report     # benchmark/results/protocol-cpu/report.md from what is committed
 #
 # Every reduction from the paper's protocol is in benchmark/protocols/cpu.md, next to the paper's value.
@@ -98,13 +99,18 @@ off2on)
         -- --online-steps 30000 --eval-freq 2500 \
         -- --replay uniform --num-agents 1
     ;;
+collect)  # collect <label...>: copy what has finished so far (e.g. before a session ends)
+    shift
+    mkdir -p "$RESULTS/online" "$RESULTS/offline"
+    for label in "$@"; do collect "$label"; done
+    ;;
 report)
     python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS" --baseline opt=td3 --baseline baq=iql \
         --baseline so2=edac --baseline enoto=cql-sac --baseline off2on=uniform-n1 \
         --command "bash benchmark/protocols/cpu.sh <algorithm> (flags: benchmark/protocols/cpu.md)"
     ;;
 *)
-    echo "usage: bash benchmark/protocols/cpu.sh opt|baq|so2|enoto|off2on|report" >&2
+    echo "usage: bash benchmark/protocols/cpu.sh opt|baq|so2|enoto|off2on|collect LABEL...|report" >&2
     exit 2
     ;;
 esac
