@@ -3,8 +3,8 @@
     python benchmark/mutation.py --scripts so2 enoto --out benchmark/results/mutation.md
 
 Every edit is applied alone to a scratch copy of the repository (never to this tree), then the script's
-test file and its cases of tests/test_edges.py run there with `pytest -x` (in-process tests; the
-subprocess smoke tests too with --with-slow). An edit the tests pass is MISSED: a mechanism
+test file and its cases of tests/test_edges.py and tests/test_resume.py run there with `pytest -x`
+(in-process tests; the subprocess smoke tests too with --with-slow). An edit the tests pass is MISSED: a mechanism
 that can be deleted without any test noticing. An edit whose text no longer occurs exactly once is reported
 as stale, so the list cannot silently stop testing anything. An edit that changes no behaviour (an
 equivalent mutant, such as freezing a network no optimiser holds) does not belong in the list.
@@ -25,6 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 # script -> [(mechanism, text in algorithms/<script>.py, its replacement)]
 MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
     "so2": [
+        (
+            "resume: the mixed pool is not restored",
+            '        pool.load_state_dict(resume["pool"])\n',
+            "",
+        ),
+        (
+            "resume: the critic update counter is not restored",
+            '        self.critic_updates = checkpoint["critic_updates"]\n',
+            "",
+        ),
         (
             "PVU: the target critic gets the un-noised next action",
             "target_q = self.critic_target(next_obs, noisy_action)",
@@ -152,6 +162,26 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
     ],
     "enoto": [
+        (
+            "resume: the online buffer is not restored",
+            '        online.load_state_dict(resume["online"])\n',
+            "",
+        ),
+        (
+            "resume: the RNG streams are not restored",
+            '        set_rng_state(resume["rng"])\n',
+            "        pass\n",
+        ),
+        (
+            "resume: the events after the checkpoint are not cut off",
+            '        rewind_events(run_path, resume["events"])',
+            "        pass",
+        ),
+        (
+            "resume: unflushed metrics are lost",
+            '        metrics.sums, metrics.counts = resume["metrics"]\n        online.load_state_dict',
+            "        online.load_state_dict",
+        ),
         (
             "SUNRISE: the weight is computed but not passed to the critic loss",
             "results |= self.update_critic(batch, y, weight)",
@@ -281,6 +311,16 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
     ],
     "off2on": [
         (
+            "resume: the balanced replay is not restored",
+            '        replay.load_state_dict(resume["replay"])\n',
+            "",
+        ),
+        (
+            "resume: the offline update counter is not restored",
+            '        self.offline_updates = checkpoint["offline_updates"]\n',
+            "",
+        ),
+        (
             "balanced replay: the priorities are computed but never written back",
             "        replay.set_priorities(index, new_priorities)\n    else:",
             "        pass\n    else:",
@@ -377,6 +417,16 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
     ],
     "opt": [
+        (
+            "resume: the balanced replay is not restored",
+            '        replay.load_state_dict(resume["replay"])\n',
+            "",
+        ),
+        (
+            "resume: the update counters are not restored",
+            "        self.offline_updates, self.pretrain_updates, self.finetune_updates = counters\n",
+            "",
+        ),
         (
             "balanced replay: the priorities are computed but never written back",
             "        replay.set_priorities(index, new_priorities)\n",
@@ -506,6 +556,16 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
     ],
     "baq": [
         (
+            "resume: the priority replay is not restored",
+            '        replay.load_state_dict(resume["replay"])\n',
+            "",
+        ),
+        (
+            "resume: IQL's cosine schedule restarts",
+            '            self.actor_schedule.load_state_dict(checkpoint["actor_schedule"])',
+            "            pass",
+        ),
+        (
             "Eq. 6: the weight is computed but not passed to the update",
             "agent.update(batch, w if args.use_weight else 1.0)",
             "agent.update(batch, 1.0)",
@@ -617,6 +677,7 @@ def run_tests(repo: Path, script: str, timeout: float, with_slow: bool) -> tuple
     command += [
         f"tests/test_{script}.py",
         "tests/test_edges.py",
+        "tests/test_resume.py",
         "-k",
         script,
         *([] if with_slow else ["-m", "not slow"]),

@@ -20,7 +20,7 @@ from utils import UserError
 from utils.checkpoint import CHECKPOINT
 
 SCRIPTS = ("so2", "enoto", "baq", "off2on", "opt")
-# tiny networks and budgets; checkpoints every 10 steps of either phase, evaluations every 20
+# tiny networks and budgets; checkpoints every 5 steps of either phase, evaluations every 20
 RESUME_ARGS = {
     "so2": {"num_critics": 2, "warmup_steps": 5, "updates_per_step": 2, "actor_update_freq": 2, "mixed_batch_size": 16},
     "enoto": {"num_critics": 2, "warmup_steps": 5},
@@ -29,7 +29,7 @@ RESUME_ARGS = {
     "opt": {"n_tau": 10, "n_pretrain": 5},
 }
 SIZES = {"hidden_dim": 16, "batch_size": 8, "eval_episodes": 1, "offline_steps": 30, "online_steps": 40}
-CADENCE = {"eval_freq": 20, "offline_eval_freq": 20, "checkpoint_freq": 10, "log_freq": 5}
+CADENCE = {"eval_freq": 20, "offline_eval_freq": 20, "checkpoint_freq": 5, "log_freq": 5}
 TIMING_TAGS = ("UPS", "SPS")  # wall-clock rates differ between any two runs
 
 
@@ -92,18 +92,23 @@ def interrupt_after(module, monkeypatch, phase: str, step: int):
     monkeypatch.setattr(module, "save_checkpoint", save_then_stop)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("phase, step", [("offline", 10), ("online", 20)])
-def test_a_resumed_run_is_the_uninterrupted_run(minari_root, tmp_path, monkeypatch, script, phase, step):
+# Odd steps, so that update counters driving every-2nd-step rules (TD3's policy delay) are odd there; online 25
+# is mid-episode and, for OPT, in fine-tuning (N_tau 10).
+CASES = [(script, {}, phase, step) for script in SCRIPTS for phase, step in (("offline", 15), ("online", 25))]
+CASES.append(("baq", {"backbone": "iql"}, "offline", 15))  # IQL's cosine actor-lr schedule is state too
+
+
+@pytest.mark.parametrize("script, flags, phase, step", CASES)
+def test_a_resumed_run_is_the_uninterrupted_run(minari_root, tmp_path, monkeypatch, script, flags, phase, step):
     """Stopped after a checkpoint (mid-episode online) and resumed from it: the same final networks and optimiser
     states bit for bit, and the same TensorBoard scalars, each step once."""
     torch.set_num_threads(1)
-    module, args = make_args(script, tmp_path / "straight")
+    module, args = make_args(script, tmp_path / "straight", **flags)
     reference = module.main(args)
 
     with monkeypatch.context() as patch:
         interrupt_after(module, patch, phase, step)
-        module, args = make_args(script, tmp_path / "resumed")
+        module, args = make_args(script, tmp_path / "resumed", **flags)
         with pytest.raises(Interrupted):
             module.main(args)
     (run_path,) = (tmp_path / "resumed").iterdir()
@@ -142,6 +147,7 @@ def cli_flags(script: str, **overrides) -> list[str]:
     return flags
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_kill_9_anywhere_then_resume_finishes(minari_root, tmp_path, script):
     """SIGKILL in the offline phase, then in the online phase with a checkpoint written every step (so the kill
