@@ -826,15 +826,15 @@ def main(args: Args) -> Path:
         state |= resume_state(writer, run_path, env) | {"metrics": (metrics.sums, metrics.counts)}
         save_checkpoint(run_path / CHECKPOINT, agent, args, data, phase, step, **state)
 
-    if resume is not None:  # the hand-over's changes first, so the online optimiser states land where they belong
-        if resume["phase"] == "online":
+    resumed_online = resume is not None and resume["phase"] == "online"
+    if resume is not None:  # after the hand-over's changes, so the saved online optimiser states replace them
+        if resumed_online:
             agent.hand_over()
         agent.load_state_dict(resume)
         set_rng_state(resume["rng"])
-    offline_done = checkpoint is not None or (resume and resume["phase"] == "online")
     if checkpoint is not None:
         agent.load_state_dict(checkpoint)
-    elif args.offline_steps > 0 and not offline_done:
+    elif args.offline_steps > 0 and not resumed_online:
         columns = (data.observations, data.actions, training_reward(data.rewards, data.task))
         rows = transition_rows(*columns, data.next_observations, data.terminals, False)
         dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
@@ -845,8 +845,8 @@ def main(args: Args) -> Path:
         if args.save_model:
             save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
     if args.online_steps > 0:
-        agent.hand_over()
-        online_phase(agent, data, env, eval_env, writer, args, save, resume if offline_done else None)
+        agent.hand_over()  # only drops the CQL term: the same after a resumed hand-over
+        online_phase(agent, data, env, eval_env, writer, args, save, resume if resumed_online else None)
     if args.save_model:
         save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps)
     (run_path / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; final.pt is what remains
