@@ -559,7 +559,7 @@ def log_evaluation(writer, agent: SO2, env, args: Args, data: OfflineData, prefi
 
 
 def offline_phase(
-    agent: SO2, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, eta, save, resume
+    agent: SO2, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, eta, save=None, resume=None
 ):
     """EDAC updates from step 1, or from the step after `resume`'s; `save` writes checkpoint.pt."""
     save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt

@@ -79,26 +79,23 @@ def run_episodes(envs: Sequence[gym.Env], policy: Policy, seeds, task: str | Non
 
     Returns per episode (observations, actions, rewards, terminated, success).
     """
-    observations = [env.reset(seed=seed)[0] for env, seed in zip(envs, seeds, strict=True)]
-    traces = [([], [], [], False, False) for _ in envs]
+    current = [env.reset(seed=seed)[0] for env, seed in zip(envs, seeds, strict=True)]
+    observations, actions, rewards = ([[] for _ in envs] for _ in range(3))
+    terminated, success = [False] * len(envs), [False] * len(envs)
     active = list(range(len(envs)))
     while active:
-        batch = np.stack([observations[index] for index in active]) if batched else observations[0]
-        actions = np.asarray(policy(batch)).reshape(len(active), -1)
-        still = []
-        for row, index in enumerate(active):
-            obs_list, action_list, reward_list, _, success = traces[index]
-            next_observation, reward, terminated, truncated, info = envs[index].step(actions[row])
-            obs_list.append(observations[index])
-            action_list.append(actions[row])
-            reward_list.append(float(reward))
-            success = success or bool(info.get("success", False)) or (task == "antmaze" and reward > 0)
-            traces[index] = (obs_list, action_list, reward_list, terminated, success)
-            observations[index] = next_observation
-            if not (terminated or truncated):
-                still.append(index)
-        active = still
-    return traces
+        batch = np.stack([current[index] for index in active]) if batched else current[0]
+        chosen = np.asarray(policy(batch)).reshape(len(active), -1)
+        for index, action in zip(active, chosen, strict=True):
+            next_observation, reward, terminated[index], truncated, info = envs[index].step(action)
+            observations[index].append(current[index])
+            actions[index].append(action)
+            rewards[index].append(float(reward))
+            success[index] |= bool(info.get("success", False)) or (task == "antmaze" and reward > 0)
+            current[index] = next_observation
+            if terminated[index] or truncated:
+                active = [other for other in active if other != index]
+    return list(zip(observations, actions, rewards, terminated, success, strict=True))
 
 
 def evaluate(
