@@ -33,6 +33,10 @@ No public code exists; every constant the paper leaves open is a decision of the
 - Minari data and v5 environments are not D4RL: scores are not comparable with the paper's tables.
 Not implemented: the `--is-beta` importance-sampling ablation (the card keeps it for ablation only).
 
+Fast path: `--compile` compiles the update steps and the acting policy (torch.compile); `--cudagraphs` (CUDA)
+captures each update step, minibatch draw included, in a CUDA graph and replays it (utils.fast.FastUpdate).
+Both off by default: neither has been measured on a GPU yet. IQL's cosine actor lr is a device tensor that the schedule
+rewrites between updates.
 Usage: python algorithms/baq.py --env-id hopper-medium --backbone iql
 Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
 evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
@@ -53,6 +57,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -75,6 +80,7 @@ from utils.checkpoint import (
     set_env_state,
     set_rng_state,
 )
+from utils.fast import FastUpdate, check_fast_flags
 
 
 @dataclass
@@ -94,6 +100,10 @@ class Args:
     """write offline.pt after pretraining and final.pt at the end"""
     progress: bool = True
     """tqdm bars (off automatically when stdout is not a terminal)"""
+    compile: bool = False
+    """torch.compile the update steps and the acting policy (minutes of compilation first)"""
+    cudagraphs: bool = False
+    """capture each update step in a CUDA graph and replay it (CUDA only)"""
     # data
     env_id: str = "hopper-medium"
     """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
@@ -284,6 +294,7 @@ class ReplayBuffer:
         self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
         self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
         self.position = self.size = 0
+        self.filled = torch.zeros((), dtype=torch.long, device=device)  # size on the device, for the samplers
 
     def add(self, rows: torch.Tensor) -> None:
         """Append rows [n, width], overwriting the oldest once full (FIFO)."""
@@ -291,9 +302,11 @@ class ReplayBuffer:
         self.storage[slots] = rows
         self.position = (self.position + len(rows)) % self.capacity
         self.size = min(self.size + len(rows), self.capacity)
+        self.filled.fill_(self.size)
 
     def sample_rows(self, n: int) -> torch.Tensor:
-        return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
+        """n rows uniformly with replacement; the bound is a device tensor, so a growing buffer is one graph."""
+        return self.storage[torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]
 
     def state_dict(self) -> dict:
         return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
@@ -301,6 +314,7 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         self.size, self.position = len(state["rows"]), state["position"]
         self.storage[: self.size] = state["rows"].to(self.storage.device)
+        self.filled.fill_(self.size)
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """rows -> obs, action, reward, next_obs, done, is_online."""
@@ -327,7 +341,9 @@ class PriorityReplay:
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
         self.buffer = ReplayBuffer(capacity, obs_dim, act_dim, device)
         self.bc_mse = torch.zeros(capacity, device=device)
-        self.cumulative = torch.zeros(capacity, dtype=torch.float64, device=device)
+        # +inf past the last row: a search over the whole vector lands in the filled part, so the sampler
+        # reads no Python-int size (one graph while the buffer grows)
+        self.cumulative = torch.full((capacity,), torch.inf, dtype=torch.float64, device=device)
         self.num_offline = 0
 
     def add(self, rows: torch.Tensor, bc_mse: torch.Tensor, priority: torch.Tensor) -> None:
@@ -338,11 +354,11 @@ class PriorityReplay:
         self.buffer.add(rows)
 
     def sample(self, n: int, prioritized: bool) -> torch.Tensor:
-        size, device = self.buffer.size, self.cumulative.device
+        last, device = self.buffer.filled - 1, self.cumulative.device
         if not prioritized:
-            return torch.randint(0, size, (n,), device=device)
-        draws = torch.rand(n, dtype=torch.float64, device=device) * self.cumulative[size - 1]
-        return torch.searchsorted(self.cumulative[:size], draws, right=True).clamp_(max=size - 1)
+            return torch.randint(0, 2**62, (n,), device=device) % self.buffer.filled
+        draws = torch.rand(n, dtype=torch.float64, device=device) * self.cumulative[last]
+        return torch.minimum(torch.searchsorted(self.cumulative, draws, right=True), last)
 
     def state_dict(self) -> dict:
         size = self.buffer.size
@@ -408,9 +424,16 @@ def expectile_loss(u: torch.Tensor, expectile: float, weight: torch.Tensor) -> t
     return (weight * (expectile - (u < 0).float()).abs() * u.pow(2)).mean()
 
 
-def adam(params, lr: float) -> torch.optim.Adam:
-    """Fused Adam: one kernel for all parameters instead of one per tensor (less per-update overhead)."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
+def zero_grad(optimizer: torch.optim.Optimizer) -> None:
+    """optimizer.zero_grad(set_to_none=True), spelled out: torch.compile skips Optimizer.zero_grad (a graph break)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None
+
+
+def adam(params, lr: float, capturable: bool) -> torch.optim.Adam:
+    """Fused Adam: one kernel for all parameters instead of one per tensor; capturable for --cudagraphs."""
+    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
 
 
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
@@ -424,24 +447,28 @@ class BAQ:
     def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
         self.args, self.device, self.act_dim = args, device, act_dim
         self.bc_model = BehaviourModel(obs_dim, act_dim, args.hidden_dim).to(device)
-        self.bc_optimizer = adam(self.bc_model.parameters(), lr=args.bc_lr)
+        self.bc_optimizer = adam(self.bc_model.parameters(), args.bc_lr, args.cudagraphs)
         if args.backbone == "cql":
             self.actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim).to(device)
             self.critic = Critic(obs_dim, act_dim, args.hidden_dim, 3, orthogonal=True).to(device)
             self.log_alpha = torch.zeros((), device=device, requires_grad=True)
-            self.actor_optimizer = adam(self.actor.parameters(), lr=args.cql_actor_lr)
-            self.critic_optimizer = adam(self.critic.parameters(), lr=args.cql_critic_lr)
-            self.alpha_optimizer = adam([self.log_alpha], lr=args.cql_actor_lr)
+            self.actor_optimizer = adam(self.actor.parameters(), args.cql_actor_lr, args.cudagraphs)
+            self.critic_optimizer = adam(self.critic.parameters(), args.cql_critic_lr, args.cudagraphs)
+            self.alpha_optimizer = adam([self.log_alpha], args.cql_actor_lr, args.cudagraphs)
+            self.actor_schedule = None
         else:
             self.actor = GaussianActor(obs_dim, act_dim, args.hidden_dim).to(device)
             self.critic = Critic(obs_dim, act_dim, args.hidden_dim, 2, orthogonal=False).to(device)
             self.value = ValueNet(obs_dim, args.hidden_dim).to(device)
-            self.actor_optimizer = adam(self.actor.parameters(), lr=args.iql_lr)
-            self.critic_optimizer = adam(self.critic.parameters(), lr=args.iql_lr)
-            self.value_optimizer = adam(self.value.parameters(), lr=args.iql_lr)
+            # The lr is a device tensor that the cosine schedule rewrites in place between (captured) updates.
+            iql_lr = torch.tensor(args.iql_lr, device=device)
+            self.actor_optimizer = adam(self.actor.parameters(), iql_lr, args.cudagraphs)
+            self.critic_optimizer = adam(self.critic.parameters(), args.iql_lr, args.cudagraphs)
+            self.value_optimizer = adam(self.value.parameters(), args.iql_lr, args.cudagraphs)
             steps = max(args.offline_steps, 1)
             self.actor_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_optimizer, steps)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.act = torch.compile(self.actor) if args.compile else self.actor  # the acting policy
         self.cql_weight = args.cql_weight
         self.obs_mean, self.obs_std, self.reward_scale = np.zeros(obs_dim), np.ones(obs_dim), 1.0
 
@@ -450,7 +477,7 @@ class BAQ:
 
     def bc_update(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         loss = (self.bc_model(obs) - action).pow(2).mean()
-        self.bc_optimizer.zero_grad(set_to_none=True)
+        zero_grad(self.bc_optimizer)
         loss.backward()
         self.bc_optimizer.step()
         return loss.detach()
@@ -467,19 +494,19 @@ class BAQ:
         new_action, log_prob = self.actor(obs)
         alpha_loss = -(self.log_alpha * (log_prob.detach() - self.act_dim)).mean()
         actor_loss = (alpha * log_prob - self.critic(obs, new_action).min(0).values).mean()
+        zero_grad(self.alpha_optimizer)
+        zero_grad(self.actor_optimizer)
+        # One backward per forward graph (what torch.compile needs): the critic losses come after this one.
+        # Each term reaches its own parameters; what the actor loss leaves on Q is dropped below.
+        (alpha_loss + actor_loss).backward()
         with torch.no_grad():
             next_action, _ = self.actor(next_obs)  # no entropy term in the backup
             y = reward + args.gamma * (1.0 - done) * self.critic_target(next_obs, next_action).min(0).values
         q = self.critic(obs, action)
         td_loss = (weight * (q - y).pow(2)).mean(1).sum()
         cql_loss = self.cql_weight * cql_gap(self.critic, self.actor, obs, next_obs, q, args.cql_samples).sum()
-        for optimizer, loss in (
-            (self.alpha_optimizer, alpha_loss),
-            (self.actor_optimizer, actor_loss),
-            (self.critic_optimizer, td_loss + cql_loss),  # zero_grad drops what the actor loss left on Q
-        ):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        zero_grad(self.critic_optimizer)
+        (td_loss + cql_loss).backward()
         for optimizer in (self.alpha_optimizer, self.actor_optimizer, self.critic_optimizer):
             optimizer.step()
         soft_update(self.critic_target, self.critic, args.tau)
@@ -500,23 +527,21 @@ class BAQ:
             target_q = self.critic_target(obs, action).min(0).values
         value = self.value(obs)
         value_loss = expectile_loss(target_q - value, args.expectile, weight)
-        self.value_optimizer.zero_grad(set_to_none=True)
+        zero_grad(self.value_optimizer)
         value_loss.backward()
         self.value_optimizer.step()
         y = reward + args.gamma * (1.0 - done) * next_value
         q = self.critic(obs, action)
         q_loss = 0.5 * (weight * (q - y).pow(2)).mean(1).sum()
-        self.critic_optimizer.zero_grad(set_to_none=True)
+        zero_grad(self.critic_optimizer)
         q_loss.backward()
         self.critic_optimizer.step()
         soft_update(self.critic_target, self.critic, args.tau)
         advantage_weight = torch.exp(args.iql_beta * (target_q - value.detach())).clamp(max=100.0)
         actor_loss = -(advantage_weight * self.actor.distribution(obs).log_prob(action).sum(-1)).mean()
-        self.actor_optimizer.zero_grad(set_to_none=True)
+        zero_grad(self.actor_optimizer)
         actor_loss.backward()
         self.actor_optimizer.step()
-        if self.actor_schedule is not None:
-            self.actor_schedule.step()
         return {
             "qf_loss": q_loss.detach(),
             "value_loss": value_loss.detach(),
@@ -530,13 +555,13 @@ class BAQ:
         if self.args.backbone == "iql":
             self.actor_schedule = None
             for group in self.actor_optimizer.param_groups:
-                group["lr"] = self.args.iql_lr
+                group["lr"].fill_(self.args.iql_lr)
 
     def policy(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
         """Action for a raw (unnormalised) observation."""
         with torch.no_grad():
             obs_t = torch.as_tensor(self.normalize(obs), device=self.device)
-            return self.actor(obs_t.view(-1, obs_t.shape[-1]), deterministic)[0].view(*obs.shape[:-1], -1).cpu().numpy()
+            return self.act(obs_t.view(-1, obs_t.shape[-1]), deterministic)[0].view(*obs.shape[:-1], -1).cpu().numpy()
 
     def q_min(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -684,11 +709,15 @@ def offline_phase(
     first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
     if resume:
         metrics.sums, metrics.counts = resume["metrics"]
+    update = FastUpdate(
+        lambda: agent.update(dataset.split(dataset.sample_rows(args.batch_size))), args.compile, args.cudagraphs
+    )  # BAQ adds nothing offline
     bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
     start = time.perf_counter()
     for step in bar:
-        results = agent.update(dataset.split(dataset.sample_rows(args.batch_size)))  # BAQ adds nothing offline
-        metrics.add({f"offline/{key}": value for key, value in results.items()})
+        metrics.add({f"offline/{key}": value for key, value in update().items()})
+        if agent.actor_schedule is not None:
+            agent.actor_schedule.step()  # IQL's cosine lr: outside the update step, in place in the lr tensor
         if step % args.log_freq == 0:
             metrics.flush(step)
             writer.add_scalar("offline/UPS", (step - first + 1) / (time.perf_counter() - start), step)
@@ -768,7 +797,10 @@ def online_phase(
         first = resume["step"] + 1
         if not set_env_state(env, resume["env"]):
             (obs, _), episode_return = env.reset(), 0.0
-    start = time.perf_counter()
+    start, update = (
+        time.perf_counter(),
+        FastUpdate(partial(online_update, agent, replay, k_q, args), args.compile, args.cudagraphs),
+    )
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         action = np.clip(agent.policy(obs, deterministic=False), -1.0, 1.0)
@@ -785,7 +817,7 @@ def online_phase(
         bc_mse, distance = bc_distances(agent.bc_model, *replay.buffer.split(row)[:2])
         replay.add(row, bc_mse, priority(distance, k_rho, args.priority_alpha))
         tic = time.perf_counter()
-        metrics.add(online_update(agent, replay, k_q, args))
+        metrics.add(update())
         update_time += time.perf_counter() - tic
         if step % args.log_freq == 0:
             metrics.flush(step)
@@ -831,36 +863,48 @@ def check_args(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False) -> dict:
+def speed_setup(
+    task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager", backbone="cql"
+) -> dict:
     """Paper-default agent (CQL backbone) on random device-resident data; `tiny` shrinks networks and batches.
 
-    Returns the callables benchmark/speed.py times: one offline backbone update, the hand-over, one online
-    update with its prioritized draw, weights and the new row's priority, and a bare forward + backward of
-    the twin critic on the batch.
+    Returns the callables benchmark/speed.py times, wrapped as the phases wrap them (`mode`: eager, compile,
+    cudagraphs or compile+cudagraphs): one offline backbone update, the hand-over, one online update with
+    its prioritized draw, weights and the new row's priority (the replay grows as in a run), and a bare
+    forward + backward of the twin critic on the batch.
     """
-    args = Args(hidden_dim=8, batch_size=8) if tiny else Args()
+    fast = {"compile": "compile" in mode, "cudagraphs": "cudagraphs" in mode}
+    sizes = {"hidden_dim": 8, "batch_size": 8} if tiny else {}
+    args = Args(backbone=backbone, **sizes, **fast)
     agent = BAQ(obs_dim, act_dim, args, device)
-    dataset = ReplayBuffer(100_000, obs_dim, act_dim, device)
+    dataset = ReplayBuffer(1000 if tiny else 10**6, obs_dim, act_dim, device)
     dataset.add(torch.rand(dataset.capacity, dataset.storage.shape[1], device=device) * 2 - 1)
     dataset.storage[:, -3:] = 0.0  # not done, offline
-    replay = PriorityReplay(200_000, obs_dim, act_dim, device)
+    replay = PriorityReplay(dataset.capacity + args.online_steps, obs_dim, act_dim, device)
     replay.add(dataset.storage, torch.rand(dataset.size, device=device), torch.rand(dataset.size, device=device) + 1)
     batch = dataset.split(dataset.sample_rows(args.batch_size))
+    offline = FastUpdate(lambda: agent.update(dataset.split(dataset.sample_rows(args.batch_size))), **fast)
+    online = None
 
-    def critic_forward_backward():
-        agent.critic.zero_grad(set_to_none=True)
-        agent.critic(batch[0], batch[1]).sum().backward()
+    def hand_over():
+        nonlocal online
+        agent.hand_over()
+        online = FastUpdate(partial(online_update, agent, replay, 1.0, args), **fast)
 
     def online_step():
         row = dataset.storage[:1]
         bc_mse, distance = bc_distances(agent.bc_model, *dataset.split(row)[:2])
         replay.add(row, bc_mse, priority(distance, 1.0, 1.0))
-        return online_update(agent, replay, 1.0, args)
+        return online()
+
+    def critic_forward_backward():
+        agent.critic.zero_grad(set_to_none=True)
+        agent.critic(batch[0], batch[1]).sum().backward()
 
     return {
-        "label": "cql",
-        "offline": lambda: agent.update(dataset.split(dataset.sample_rows(args.batch_size))),
-        "hand_over": agent.hand_over,
+        "label": backbone,
+        "offline": offline,
+        "hand_over": hand_over,
         "online": online_step,
         "online_updates": 1,
         "reference": critic_forward_backward,
@@ -878,6 +922,7 @@ def main(args: Args) -> Path:
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if args.cuda and device.type == "cpu":
         print("CUDA is not available: running on the CPU", file=sys.stderr)
+    check_fast_flags(args.compile, args.cudagraphs, device)
     args.progress = args.progress and sys.stdout.isatty()
 
     resume = None

@@ -37,6 +37,9 @@ Not implemented: ENOTO-LAPO, the paper's AntMaze variant (no public code; AntMaz
 and will score lower than the paper's LAPO numbers). Minari data and v5 environments are not D4RL: scores
 are not comparable with the paper's curves.
 
+Fast path: `--compile` compiles the update steps and the acting policy (torch.compile); `--cudagraphs` (CUDA)
+captures each update step, minibatch draw included, in a CUDA graph and replays it (utils.fast.FastUpdate).
+Both off by default: neither has been measured on a GPU yet.
 Usage: python algorithms/enoto.py --env-id hopper-medium
 Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
 evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
@@ -78,6 +81,7 @@ from utils.checkpoint import (
     set_env_state,
     set_rng_state,
 )
+from utils.fast import FastUpdate, check_fast_flags
 
 
 @dataclass
@@ -97,6 +101,10 @@ class Args:
     """write offline.pt after pretraining and final.pt at the end"""
     progress: bool = True
     """tqdm bars (off automatically when stdout is not a terminal)"""
+    compile: bool = False
+    """torch.compile the update steps and the acting policy (minutes of compilation first)"""
+    cudagraphs: bool = False
+    """capture each update step in a CUDA graph and replay it (CUDA only)"""
     # data
     env_id: str = "hopper-medium"
     """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
@@ -276,6 +284,7 @@ class ReplayBuffer:
         self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
         self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
         self.position = self.size = 0
+        self.filled = torch.zeros((), dtype=torch.long, device=device)  # size on the device, for the samplers
 
     def add(self, rows: torch.Tensor) -> None:
         """Append rows [n, width], overwriting the oldest once full (FIFO)."""
@@ -283,9 +292,11 @@ class ReplayBuffer:
         self.storage[slots] = rows
         self.position = (self.position + len(rows)) % self.capacity
         self.size = min(self.size + len(rows), self.capacity)
+        self.filled.fill_(self.size)
 
     def sample_rows(self, n: int) -> torch.Tensor:
-        return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
+        """n rows uniformly with replacement; the bound is a device tensor, so a growing buffer is one graph."""
+        return self.storage[torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]
 
     def state_dict(self) -> dict:
         return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
@@ -293,6 +304,7 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         self.size, self.position = len(state["rows"]), state["position"]
         self.storage[: self.size] = state["rows"].to(self.storage.device)
+        self.filled.fill_(self.size)
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """rows -> obs, action, reward, next_obs, done, is_online."""
@@ -375,9 +387,16 @@ def oac_shift(grad: torch.Tensor, variance: torch.Tensor, delta: float) -> torch
     )
 
 
-def adam(params, lr: float) -> torch.optim.Adam:
-    """Fused Adam: one kernel for all parameters instead of one per tensor (less per-update overhead)."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
+def zero_grad(optimizer: torch.optim.Optimizer) -> None:
+    """optimizer.zero_grad(set_to_none=True), spelled out: torch.compile skips Optimizer.zero_grad (a graph break)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None
+
+
+def adam(params, lr: float, capturable: bool) -> torch.optim.Adam:
+    """Fused Adam: one kernel for all parameters instead of one per tensor; capturable for --cudagraphs."""
+    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
 
 
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
@@ -395,9 +414,10 @@ class ENOTO:
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.zeros((), device=device, requires_grad=True)
         self.act_dim = act_dim
-        self.actor_optimizer = adam(self.actor.parameters(), lr=args.actor_lr)
-        self.critic_optimizer = adam(self.critic.parameters(), lr=args.critic_lr)
-        self.alpha_optimizer = adam([self.log_alpha], lr=args.alpha_lr)
+        self.actor_optimizer = adam(self.actor.parameters(), args.actor_lr, args.cudagraphs)
+        self.critic_optimizer = adam(self.critic.parameters(), args.critic_lr, args.cudagraphs)
+        self.alpha_optimizer = adam([self.log_alpha], args.alpha_lr, args.cudagraphs)
+        self.act = torch.compile(self.actor) if args.compile else self.actor  # the acting policy
         self.cql_weight = args.cql_weight
 
     def update_alpha(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -405,7 +425,7 @@ class ENOTO:
         with torch.no_grad():
             _, log_prob = self.actor(obs)
         alpha_loss = -(self.log_alpha.exp() * (log_prob - self.act_dim)).mean()
-        self.alpha_optimizer.zero_grad(set_to_none=True)
+        zero_grad(self.alpha_optimizer)
         alpha_loss.backward()
         self.alpha_optimizer.step()
         return {"alpha_loss": alpha_loss.detach(), "entropy": -log_prob.mean()}
@@ -425,7 +445,7 @@ class ENOTO:
         if self.cql_weight > 0:
             cql_loss = self.cql_weight * cql_gap(self.critic, self.actor, obs, next_obs, q, self.args.cql_samples)
             critic_loss, results["cql_loss"] = td_loss + cql_loss, cql_loss.detach()
-        self.critic_optimizer.zero_grad(set_to_none=True)
+        zero_grad(self.critic_optimizer)
         critic_loss.backward()
         self.critic_optimizer.step()
         return results
@@ -435,7 +455,7 @@ class ENOTO:
         alpha = self.log_alpha.exp().detach()
         action, log_prob = self.actor(obs)
         actor_loss = (alpha * log_prob - self.critic(obs, action).min(0).values).mean()
-        self.actor_optimizer.zero_grad(set_to_none=True)
+        zero_grad(self.actor_optimizer)
         actor_loss.backward()
         self.actor_optimizer.step()
         return {"actor_loss": actor_loss.detach(), "alpha": alpha}
@@ -497,8 +517,8 @@ class ENOTO:
             return self.oac_action(obs_t).cpu().numpy()
         with torch.no_grad():
             if mode == "none":
-                return self.actor(obs_t)[0].cpu().numpy()
-            candidates = self.actor(obs_t.expand(self.critic.num_critics, -1))[0]
+                return self.act(obs_t)[0].cpu().numpy()
+            candidates = self.act(obs_t.expand(self.critic.num_critics, -1))[0]
             q = self.critic(obs_t.expand(len(candidates), -1), candidates)
             choice = ucb_choice(q, self.args.ucb_lambda) if mode == "sunrise" else q[head].argmax()
             return candidates[choice].cpu().numpy()
@@ -516,7 +536,7 @@ class ENOTO:
 
     def policy(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
         with torch.no_grad():
-            action, _ = self.actor(torch.as_tensor(obs, dtype=torch.float32, device=self.device), deterministic)
+            action, _ = self.act(torch.as_tensor(obs, dtype=torch.float32, device=self.device), deterministic)
         return action.cpu().numpy()
 
     def q_min(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
@@ -642,10 +662,13 @@ def offline_phase(
     first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
     if resume:
         metrics.sums, metrics.counts = resume["metrics"]
+    update = FastUpdate(
+        lambda: agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size))), args.compile, args.cudagraphs
+    )
     bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
     start = time.perf_counter()
     for step in bar:
-        metrics.add(agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size))))
+        metrics.add(update())
         if step % args.log_freq == 0:
             metrics.flush(step)
             writer.add_scalar("offline/UPS", (step - first + 1) / (time.perf_counter() - start), step)
@@ -682,6 +705,9 @@ def online_phase(
         if not set_env_state(env, resume["env"]):
             (obs, _), episode_return = env.reset(), 0.0
     start, update_start, first_update = time.perf_counter(), None, updates
+    update = FastUpdate(
+        lambda: agent.online_update(online.split(online.sample_rows(args.batch_size))), args.compile, args.cudagraphs
+    )
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         action = agent.explore(obs, head)
@@ -691,7 +717,7 @@ def online_phase(
         online.add(torch.from_numpy(row).to(device))
         if step > args.warmup_steps and online.size >= args.batch_size:
             update_start = update_start or time.perf_counter()
-            metrics.add(agent.online_update(online.split(online.sample_rows(args.batch_size))))
+            metrics.add(update())
             updates += 1
             if updates % args.log_freq == 0:
                 metrics.flush(step)
@@ -735,32 +761,45 @@ def check_args(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False) -> dict:
+def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager"):
     """Paper-default agent on random device-resident data; `tiny` shrinks networks and batches to show overhead.
 
-    Returns the callables benchmark/speed.py times: one offline update, the hand-over, the updates of one
-    online environment step (action selection included), and a bare forward + backward of the critic
-    ensemble on the online batch.
+    Returns the callables benchmark/speed.py times, wrapped as the phases wrap them (`mode`: eager, compile,
+    cudagraphs or compile+cudagraphs): one offline update, the hand-over, the updates of one online
+    environment step (action selection included, and a row added, so the online buffer grows as in a run),
+    and a bare forward + backward of the critic ensemble on the online batch.
     """
-    args = Args(num_critics=2, hidden_dim=8, batch_size=8) if tiny else Args()
+    fast = {"compile": "compile" in mode, "cudagraphs": "cudagraphs" in mode}
+    args = Args(num_critics=2, hidden_dim=8, batch_size=8, **fast) if tiny else Args(**fast)
     agent = ENOTO(obs_dim, act_dim, args, device)
-    buffer = ReplayBuffer(100_000, obs_dim, act_dim, device)
-    buffer.add(torch.rand(buffer.capacity, buffer.storage.shape[1], device=device) * 2 - 1)
-    buffer.storage[:, -2] = 0.0  # not done
-    batch, obs = buffer.split(buffer.sample_rows(args.batch_size)), np.zeros(obs_dim, np.float32)
+    dataset, online = (ReplayBuffer(n, obs_dim, act_dim, device) for n in ((1000, 1000) if tiny else (10**6, 250_000)))
+    for buffer, rows in ((dataset, dataset.capacity), (online, online.capacity // 2)):
+        buffer.add(torch.rand(rows, buffer.storage.shape[1], device=device) * 2 - 1)
+        buffer.storage[:, -2] = 0.0  # not done
+    batch, obs = online.split(online.sample_rows(args.batch_size)), np.zeros(obs_dim, np.float32)
+    offline = FastUpdate(lambda: agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size))), **fast)
+    online_update = None
+
+    def hand_over():
+        nonlocal online_update
+        agent.hand_over()
+        online_update = FastUpdate(
+            lambda: agent.online_update(online.split(online.sample_rows(args.batch_size))), **fast
+        )
+
+    def online_step():
+        agent.explore(obs, head=0)
+        online.add(online.storage[online.position - 1 : online.position].clone())
+        return online_update()
 
     def critic_forward_backward():
         agent.critic.zero_grad(set_to_none=True)
         agent.critic(batch[0], batch[1]).sum().backward()
 
-    def online_step():
-        agent.explore(obs, head=0)
-        return agent.online_update(buffer.split(buffer.sample_rows(args.batch_size)))
-
     return {
         "label": f"N={args.num_critics}",
-        "offline": lambda: agent.offline_update(buffer.split(buffer.sample_rows(args.batch_size))),
-        "hand_over": agent.hand_over,
+        "offline": offline,
+        "hand_over": hand_over,
         "online": online_step,
         "online_updates": 1,
         "reference": critic_forward_backward,
@@ -778,6 +817,7 @@ def main(args: Args) -> Path:
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if args.cuda and device.type == "cpu":
         print("CUDA is not available: running on the CPU", file=sys.stderr)
+    check_fast_flags(args.compile, args.cudagraphs, device)
     args.progress = args.progress and sys.stdout.isatty()
 
     resume = None

@@ -37,6 +37,9 @@ Decisions where the paper is silent or the sources disagree:
 - Minari data and v5 environments are not D4RL: scores are not comparable with the paper's curves.
 Not done: the paper's pixel-based manipulation experiments; per-member offline evaluation.
 
+Fast path: `--compile` compiles the update steps and the acting policy (torch.compile); `--cudagraphs` (CUDA)
+captures each update step, minibatch draw included, in a CUDA graph and replays it (utils.fast.FastUpdate).
+Both off by default: neither has been measured on a GPU yet.
 Usage: python algorithms/off2on.py --env-id hopper-medium
 Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
 evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
@@ -57,6 +60,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -79,6 +83,7 @@ from utils.checkpoint import (
     set_env_state,
     set_rng_state,
 )
+from utils.fast import FastUpdate, check_fast_flags
 
 
 @dataclass
@@ -98,6 +103,10 @@ class Args:
     """write offline.pt after pretraining and final.pt at the end"""
     progress: bool = True
     """tqdm bars (off automatically when stdout is not a terminal)"""
+    compile: bool = False
+    """torch.compile the update steps and the acting policy (minutes of compilation first)"""
+    cudagraphs: bool = False
+    """capture each update step in a CUDA graph and replay it (CUDA only)"""
     # data
     env_id: str = "hopper-medium"
     """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
@@ -285,6 +294,7 @@ class ReplayBuffer:
         self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
         self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
         self.position = self.size = 0
+        self.filled = torch.zeros((), dtype=torch.long, device=device)  # size on the device, for the samplers
 
     def add(self, rows: torch.Tensor) -> None:
         """Append rows [n, width], overwriting the oldest once full (FIFO)."""
@@ -292,9 +302,11 @@ class ReplayBuffer:
         self.storage[slots] = rows
         self.position = (self.position + len(rows)) % self.capacity
         self.size = min(self.size + len(rows), self.capacity)
+        self.filled.fill_(self.size)
 
     def sample_rows(self, n: int) -> torch.Tensor:
-        return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
+        """n rows uniformly with replacement; the bound is a device tensor, so a growing buffer is one graph."""
+        return self.storage[torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]
 
     def state_dict(self) -> dict:
         return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
@@ -302,6 +314,7 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         self.size, self.position = len(state["rows"]), state["position"]
         self.storage[: self.size] = state["rows"].to(self.storage.device)
+        self.filled.fill_(self.size)
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """rows -> obs, action, reward, next_obs, done, is_online."""
@@ -364,28 +377,30 @@ class BalancedReplay:
         residual = targets - (block_cumulative[block] - self.block_mass[block])
         within = self.priority.view(-1, SAMPLER_BLOCK)[block].cumsum(1)
         offset = torch.searchsorted(within, residual.unsqueeze(1), right=True).squeeze(1).clamp_(max=SAMPLER_BLOCK - 1)
-        return (block * SAMPLER_BLOCK + offset).clamp_(max=self.buffer.size - 1)
+        return torch.minimum(block * SAMPLER_BLOCK + offset, self.buffer.filled - 1)
 
     def refresh_block_mass(self, index: torch.Tensor) -> None:
         """Recompute (not increment, so no rounding drifts in) the mass of the blocks that hold `index`."""
         block = torch.div(index, SAMPLER_BLOCK, rounding_mode="floor")
         self.block_mass[block] = self.priority.view(-1, SAMPLER_BLOCK)[block].sum(1)
 
-    def sample_uniform(self, low: int, high: int, n: int) -> torch.Tensor:
-        return torch.randint(low, high, (n,), device=self.priority.device)
+    def sample_uniform(self, low, high, n: int) -> torch.Tensor:
+        """Uniform in [low, high); the bounds may be device tensors (no Python int that changes per step)."""
+        return low + torch.randint(0, 2**62, (n,), device=self.priority.device) % (high - low)
 
     def sample_offline(self, n: int) -> torch.Tensor:
         return self.sample_uniform(0, self.num_offline, n)
 
     def sample_fifo(self, n: int) -> torch.Tensor:
         """Uniform over the newest `online_buffer_size` online steps (the official online FIFO)."""
-        return self.sample_uniform(self.buffer.size - min(self.num_online, self.fifo_size), self.buffer.size, n)
+        newest = torch.clamp(self.buffer.filled - self.num_offline, max=self.fifo_size)
+        return self.sample_uniform(self.buffer.filled - newest, self.buffer.filled, n)
 
     def sample_rl(self, mode: str, n: int) -> torch.Tensor:
         if mode == "balanced":
             return self.sample_prioritized(n)
         if mode == "uniform":
-            return self.sample_uniform(0, self.buffer.size, n)
+            return self.sample_uniform(0, self.buffer.filled, n)
         return self.sample_fifo(n)
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -395,7 +410,9 @@ class BalancedReplay:
         """Duplicated indices carry equal values (same transition, same network), so write order is moot."""
         self.priority[index] = priorities.double()
         self.refresh_block_mass(index)
-        self.max_priority = torch.maximum(self.max_priority, self.priority[index].max())
+        # In place, so a captured graph keeps writing the tensor add() reads; spelled as an indexed write because
+        # torch.compile (2.13, CPU) drops a copy_ into a 0-dim tensor here
+        self.max_priority[...] = torch.maximum(self.max_priority, self.priority[index].max())
 
     def state_dict(self) -> dict:
         state = {name: getattr(self, name).to("cpu", copy=True) for name in ("block_mass", "max_priority")}
@@ -449,9 +466,16 @@ def priorities(w: torch.Tensor, w_offline: torch.Tensor, temperature: float) -> 
     return (scaled / (w_offline.pow(1 / temperature).mean() + 1e-10)).clamp(1e-3, 1e3)
 
 
-def adam(params, lr: float) -> torch.optim.Adam:
-    """Fused Adam: one kernel for all parameters instead of one per tensor (less per-update overhead)."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
+def zero_grad(optimizer: torch.optim.Optimizer) -> None:
+    """optimizer.zero_grad(set_to_none=True), spelled out: torch.compile skips Optimizer.zero_grad (a graph break)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None
+
+
+def adam(params, lr: float, capturable: bool) -> torch.optim.Adam:
+    """Fused Adam: one kernel for all parameters instead of one per tensor; capturable for --cudagraphs."""
+    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
 
 
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
@@ -475,42 +499,48 @@ class Off2On:
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.zeros(n, device=device, requires_grad=True)  # one temperature per CQL agent
         self.target_entropy = -float(act_dim)
-        self.actor_optimizer = adam(self.actor.parameters(), lr=args.offline_actor_lr)
-        self.critic_optimizer = adam(self.critic.parameters(), lr=args.offline_critic_lr)
-        self.alpha_optimizer = adam([self.log_alpha], lr=args.offline_actor_lr)
+        self.actor_optimizer = adam(self.actor.parameters(), args.offline_actor_lr, args.cudagraphs)
+        self.critic_optimizer = adam(self.critic.parameters(), args.offline_critic_lr, args.cudagraphs)
+        self.alpha_optimizer = adam([self.log_alpha], args.offline_actor_lr, args.cudagraphs)
+        self.act = torch.compile(self.actor.ensemble) if args.compile else self.actor.ensemble  # the acting policy
         self.density: DensityNet | None = None
         self.density_optimizer: torch.optim.Adam | None = None
         self.offline_updates = 0
 
-    def step(self, alpha_loss, actor_loss, critic_loss, density_loss=None) -> None:
-        """All losses come from the pre-step parameters; optimisers step in the official order."""
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.critic_optimizer.zero_grad(set_to_none=True)  # drops what the actor loss left on the critics
-        critic_loss.backward()
-        self.alpha_optimizer.step()
-        self.actor_optimizer.step()
-        self.critic_optimizer.step()
-        if density_loss is not None:
-            self.density_optimizer.zero_grad(set_to_none=True)
-            density_loss.backward()
-            self.density_optimizer.step()
+    @staticmethod
+    def backward(loss: torch.Tensor, *optimizers: torch.optim.Optimizer) -> None:
+        """Gradients of one loss for these optimisers' parameters, nothing stepped yet.
+
+        Every loss of an update comes from the pre-step parameters, and each has its own forward graph (built
+        after the previous backward), which is what torch.compile needs; the optimisers step at the end.
+        """
+        for optimizer in optimizers:
+            zero_grad(optimizer)
+        loss.backward()
+
+    def step(self, *optimizers: torch.optim.Optimizer) -> None:
+        """The optimisers in the official order, then the target critics."""
+        for optimizer in optimizers:
+            optimizer.step()
         soft_update(self.critic_target, self.critic, self.args.tau)
 
-    def offline_update(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        """One CQL step of every agent; batch tensors are [N, B, ...], one minibatch per agent."""
+    def offline_update(self, batch: tuple[torch.Tensor, ...], behaviour_cloning: bool) -> dict[str, torch.Tensor]:
+        """One CQL step of every agent; batch tensors are [N, B, ...], one minibatch per agent.
+
+        `behaviour_cloning`: CQL's warm start (the first bc_steps updates; the caller counts them).
+        """
         args = self.args
         obs, action, reward, next_obs, done, _ = batch
         alpha = self.log_alpha.exp().detach().unsqueeze(1)
         new_action, log_prob = self.actor(obs)
         alpha_loss = -(self.log_alpha.unsqueeze(1) * (log_prob.detach() + self.target_entropy)).mean(1).sum()
-        if self.offline_updates < args.bc_steps:  # CQL's warm start: clone the data before maximising Q
+        if behaviour_cloning:  # clone the data before maximising Q
             policy_value = data_log_prob(self.actor, obs, action)
         else:
             policy_value = self.critic.twin_min(per_critic(obs), per_critic(new_action))
         actor_loss = (alpha * log_prob - policy_value).mean(1).sum()
+        # what the actor loss leaves on the critics is dropped when the critic loss's backward clears them
+        self.backward(alpha_loss + actor_loss, self.alpha_optimizer, self.actor_optimizer)
         with torch.no_grad():
             next_action, _ = self.actor(next_obs)  # CQL's backup: min of the twins, no entropy term
             y = reward + args.gamma * (1.0 - done) * self.critic_target.twin_min(
@@ -519,8 +549,8 @@ class Off2On:
         q = self.critic(per_critic(obs), per_critic(action))
         td_loss = (q - per_critic(y)).pow(2).mean(1).sum()
         cql_loss = args.cql_weight * cql_gap(self.critic, self.actor, obs, next_obs, q, args.cql_samples)
-        self.step(alpha_loss, actor_loss, td_loss + cql_loss.sum())
-        self.offline_updates += 1
+        self.backward(td_loss + cql_loss.sum(), self.critic_optimizer)
+        self.step(self.alpha_optimizer, self.actor_optimizer, self.critic_optimizer)
         return {
             "offline/qf_loss": td_loss.detach(),
             "offline/cql_loss": cql_loss.detach().mean(),
@@ -533,12 +563,12 @@ class Off2On:
         """Card 2.2: targets = critics, fresh Adam for everything, one new alpha = 1, a fresh density network."""
         args = self.args
         self.critic_target.load_state_dict(self.critic.state_dict())
-        self.actor_optimizer = adam(self.actor.parameters(), lr=args.online_lr)
-        self.critic_optimizer = adam(self.critic.parameters(), lr=args.online_lr)
+        self.actor_optimizer = adam(self.actor.parameters(), args.online_lr, args.cudagraphs)
+        self.critic_optimizer = adam(self.critic.parameters(), args.online_lr, args.cudagraphs)
         self.log_alpha = torch.zeros((), device=self.device, requires_grad=True)
-        self.alpha_optimizer = adam([self.log_alpha], lr=args.online_lr)
+        self.alpha_optimizer = adam([self.log_alpha], args.online_lr, args.cudagraphs)
         self.density = DensityNet(self.obs_dim, self.act_dim, args.hidden_dim).to(self.device)
-        self.density_optimizer = adam(self.density.parameters(), lr=args.online_lr)
+        self.density_optimizer = adam(self.density.parameters(), args.online_lr, args.cudagraphs)
 
     def online_update(self, batch, online_batch=None, offline_batch=None):
         """One SAC step on the ensemble, and the density step when the density minibatches are given.
@@ -551,12 +581,14 @@ class Off2On:
         new_action, log_prob = self.actor.ensemble(obs)
         alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
         actor_loss = (alpha * log_prob - self.critic.twin_min(obs, new_action).mean(0)).mean()
+        self.backward(alpha_loss + actor_loss, self.alpha_optimizer, self.actor_optimizer)
         with torch.no_grad():
             next_action, next_log_prob = self.actor.ensemble(next_obs)
             next_value = self.critic_target.twin_min(next_obs, next_action) - alpha * next_log_prob  # [N, B]
             y = reward + args.gamma * (1.0 - done) * next_value
         q = self.critic(obs, action)
         critic_loss = (q - per_critic(y)).pow(2).mean(1).sum()
+        self.backward(critic_loss, self.critic_optimizer)
         results = {
             "losses/qf_loss": critic_loss.detach(),
             "losses/qf_values": q.mean().detach(),
@@ -565,14 +597,15 @@ class Off2On:
             "losses/entropy": -log_prob.mean().detach(),
         }
         if online_batch is None:
-            self.step(alpha_loss, actor_loss, critic_loss)
+            self.step(self.alpha_optimizer, self.actor_optimizer, self.critic_optimizer)
             return results, None
         w_online = self.density(online_batch[0], online_batch[1])
         w_offline = self.density(offline_batch[0], offline_batch[1])
         loss_w = density_loss(w_online, w_offline)
         with torch.no_grad():  # the pre-update density network scores the RL batch
             new_priorities = priorities(self.density(obs, action), w_offline, args.priority_temperature)
-        self.step(alpha_loss, actor_loss, critic_loss, loss_w)
+        self.backward(loss_w, self.density_optimizer)
+        self.step(self.alpha_optimizer, self.actor_optimizer, self.critic_optimizer, self.density_optimizer)
         results |= {
             "losses/density_loss": loss_w.detach(),
             "charts/density_online": w_online.mean().detach(),
@@ -584,7 +617,7 @@ class Off2On:
     def policy(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
         with torch.no_grad():
             obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-            action, _ = self.actor.ensemble(obs_t.view(-1, obs_t.shape[-1]), deterministic)  # one obs or a batch
+            action, _ = self.act(obs_t.view(-1, obs_t.shape[-1]), deterministic)  # one obs or a batch
         return action.view(*obs.shape[:-1], -1).cpu().numpy()
 
     def q_ensemble(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
@@ -702,6 +735,12 @@ def log_evaluation(writer, agent: Off2On, env, args: Args, data: OfflineData, pr
 # ---------------------------------------------------------------------------------------------------
 
 
+def offline_step(agent: Off2On, dataset: ReplayBuffer, args: Args, behaviour_cloning: bool) -> dict[str, torch.Tensor]:
+    """One offline update, each agent on its own minibatch."""
+    rows = dataset.sample_rows(args.num_agents * args.batch_size).view(args.num_agents, args.batch_size, -1)
+    return agent.offline_update(dataset.split(rows), behaviour_cloning)
+
+
 def offline_phase(
     agent: Off2On, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, save=None, resume=None
 ):
@@ -710,11 +749,12 @@ def offline_phase(
     first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
     if resume:
         metrics.sums, metrics.counts = resume["metrics"]
+    update = FastUpdate(partial(offline_step, agent, dataset, args), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
-    start, n = time.perf_counter(), args.num_agents
+    start = time.perf_counter()
     for step in bar:
-        rows = dataset.sample_rows(n * args.batch_size).view(n, args.batch_size, -1)  # own minibatch per agent
-        metrics.add(agent.offline_update(dataset.split(rows)))
+        metrics.add(update(agent.offline_updates < args.bc_steps))
+        agent.offline_updates += 1
         if step % args.log_freq == 0:
             metrics.flush(step)
             writer.add_scalar("offline/UPS", (step - first + 1) / (time.perf_counter() - start), step)
@@ -763,6 +803,7 @@ def online_phase(
             (obs, _), loop["episode_return"] = env.reset(), 0.0
     updates, logged_at, block_start = loop["updates"], loop["logged_at"], loop["block_start"]
     update_time, episode_return, start = loop["update_time"], loop["episode_return"], time.perf_counter()
+    update = FastUpdate(partial(replay_update, agent, replay, args), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         action = agent.policy(obs, deterministic=False)
@@ -779,7 +820,7 @@ def online_phase(
             multiplier = args.first_block_multiplier if block_start == 0 else 1
             block_updates, block_start, tic = (step - block_start) * multiplier, step, time.perf_counter()
             for _ in range(block_updates):
-                metrics.add(replay_update(agent, replay, args))
+                metrics.add(update())
             updates, update_time = updates + block_updates, update_time + time.perf_counter() - tic
             if updates - logged_at >= args.log_freq or step == args.online_steps:
                 logged_at = updates
@@ -819,35 +860,43 @@ def check_args(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False) -> dict:
+def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager"):
     """Paper-default agent on random device-resident data; `tiny` shrinks networks and batches to show overhead.
 
-    Returns the callables benchmark/speed.py times: one offline update (all N agents), the hand-over, one
-    online update with its density step, prioritized draw and priority write (UTD 1), and a bare forward +
-    backward of the critic ensemble on the RL batch.
+    Returns the callables benchmark/speed.py times, wrapped as the phases wrap them (`mode`: eager, compile,
+    cudagraphs or compile+cudagraphs): one offline update (all N agents, after the BC warm start), the
+    hand-over, one online update with its density step, prioritized draw and priority write (UTD 1; a row
+    added first, so the replay grows as in a run), and a bare forward + backward of the critic ensemble.
     """
-    args = Args(num_agents=2, hidden_dim=8, batch_size=8) if tiny else Args()
+    fast = {"compile": "compile" in mode, "cudagraphs": "cudagraphs" in mode}
+    args = Args(num_agents=2, hidden_dim=8, batch_size=8, **fast) if tiny else Args(**fast)
     agent = Off2On(obs_dim, act_dim, args, device)
-    dataset = ReplayBuffer(100_000, obs_dim, act_dim, device)
+    dataset = ReplayBuffer(1000 if tiny else 10**6, obs_dim, act_dim, device)
     dataset.add(torch.rand(dataset.capacity, dataset.storage.shape[1], device=device) * 2 - 1)
     dataset.storage[:, -3:] = 0.0  # not done, offline
-    replay = BalancedReplay(dataset.storage, 10_000, args, obs_dim, act_dim)
-    for _ in range(10):
-        replay.add(dataset.storage[:1000])
+    replay = BalancedReplay(dataset.storage, args.online_steps, args, obs_dim, act_dim)
     batch = dataset.split(dataset.sample_rows(args.batch_size))
-    n = args.num_agents
+    offline = FastUpdate(partial(offline_step, agent, dataset, args), **fast)
+    online = None
+
+    def hand_over():
+        nonlocal online
+        agent.hand_over()
+        online = FastUpdate(partial(replay_update, agent, replay, args), **fast)
+
+    def online_step():
+        replay.add(dataset.storage[replay.num_online : replay.num_online + 1])
+        return online()
 
     def critic_forward_backward():
         agent.critic.zero_grad(set_to_none=True)
         agent.critic(batch[0], batch[1]).sum().backward()
 
     return {
-        "label": f"N={n}",
-        "offline": lambda: agent.offline_update(
-            dataset.split(dataset.sample_rows(n * args.batch_size).view(n, args.batch_size, -1))
-        ),
-        "hand_over": agent.hand_over,
-        "online": lambda: replay_update(agent, replay, args),
+        "label": f"N={args.num_agents}",
+        "offline": lambda: offline(False),
+        "hand_over": hand_over,
+        "online": online_step,
         "online_updates": 1,
         "reference": critic_forward_backward,
     }
@@ -864,6 +913,7 @@ def main(args: Args) -> Path:
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if args.cuda and device.type == "cpu":
         print("CUDA is not available: running on the CPU", file=sys.stderr)
+    check_fast_flags(args.compile, args.cudagraphs, device)
     args.progress = args.progress and sys.stdout.isatty()
 
     resume = None

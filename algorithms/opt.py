@@ -43,6 +43,10 @@ Not done: the RLPD and IQL backbones (App. A.2-A.3), the PT-Bon ablation (Q_on p
 the card's optional --skip-unused-critic (D6), the final 100-episode AntMaze evaluation (use --eval-episodes
 100). SPOT has only run on MuJoCo data here: no AntMaze or Adroit dataset can be downloaded on this machine.
 
+Fast path: `--compile` compiles the update steps and the acting policy (torch.compile); `--cudagraphs` (CUDA)
+captures each update step, minibatch draw included, in a CUDA graph and replays it (utils.fast.FastUpdate).
+Both off by default: neither has been measured on a GPU yet. Eq. 3 (a double backward) stays eager under
+--compile and is captured under --cudagraphs; kappa and SPOT's lambda reach the updates as device tensors.
 Usage: python algorithms/opt.py --env-id hopper-medium
 Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
 evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
@@ -67,6 +71,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -89,6 +94,7 @@ from utils.checkpoint import (
     set_env_state,
     set_rng_state,
 )
+from utils.fast import FastUpdate, check_fast_flags
 
 
 @dataclass
@@ -108,6 +114,10 @@ class Args:
     """write offline.pt after pretraining and final.pt at the end"""
     progress: bool = True
     """tqdm bars (off automatically when stdout is not a terminal)"""
+    compile: bool = False
+    """torch.compile the update steps and the acting policy (minutes of compilation first)"""
+    cudagraphs: bool = False
+    """capture each update step in a CUDA graph and replay it (CUDA only)"""
     # data
     env_id: str = "hopper-medium"
     """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
@@ -361,6 +371,7 @@ class ReplayBuffer:
         self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
         self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
         self.position = self.size = 0
+        self.filled = torch.zeros((), dtype=torch.long, device=device)  # size on the device, for the samplers
 
     def add(self, rows: torch.Tensor) -> None:
         """Append rows [n, width], overwriting the oldest once full (FIFO)."""
@@ -368,9 +379,11 @@ class ReplayBuffer:
         self.storage[slots] = rows
         self.position = (self.position + len(rows)) % self.capacity
         self.size = min(self.size + len(rows), self.capacity)
+        self.filled.fill_(self.size)
 
     def sample_rows(self, n: int) -> torch.Tensor:
-        return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
+        """n rows uniformly with replacement; the bound is a device tensor, so a growing buffer is one graph."""
+        return self.storage[torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]
 
     def state_dict(self) -> dict:
         return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
@@ -378,6 +391,7 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         self.size, self.position = len(state["rows"]), state["position"]
         self.storage[: self.size] = state["rows"].to(self.storage.device)
+        self.filled.fill_(self.size)
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """rows -> obs, action, reward, next_obs, done, is_online."""
@@ -441,27 +455,28 @@ class BalancedReplay:
         residual = targets - (block_cumulative[block] - self.block_mass[block])
         within = self.priority.view(-1, SAMPLER_BLOCK)[block].cumsum(1)
         offset = torch.searchsorted(within, residual.unsqueeze(1), right=True).squeeze(1).clamp_(max=SAMPLER_BLOCK - 1)
-        return (block * SAMPLER_BLOCK + offset).clamp_(max=self.buffer.size - 1)
+        return torch.minimum(block * SAMPLER_BLOCK + offset, self.buffer.filled - 1)
 
     def refresh_block_mass(self, index: torch.Tensor) -> None:
         """Recompute (not increment, so no rounding drifts in) the mass of the blocks that hold `index`."""
         block = torch.div(index, SAMPLER_BLOCK, rounding_mode="floor")
         self.block_mass[block] = self.priority.view(-1, SAMPLER_BLOCK)[block].sum(1)
 
-    def sample_uniform(self, low: int, high: int, n: int) -> torch.Tensor:
-        return torch.randint(low, high, (n,), device=self.priority.device)
+    def sample_uniform(self, low, high, n: int) -> torch.Tensor:
+        """Uniform in [low, high); the bounds may be device tensors (no Python int that changes per step)."""
+        return low + torch.randint(0, 2**62, (n,), device=self.priority.device) % (high - low)
 
     def sample_offline(self, n: int) -> torch.Tensor:
         return self.sample_uniform(0, self.num_offline, n)
 
     def sample_online(self, n: int) -> torch.Tensor:
-        return self.sample_uniform(self.num_offline, self.buffer.size, n)
+        return self.sample_uniform(self.num_offline, self.buffer.filled, n)
 
     def sample_rl(self, mode: str, n: int) -> torch.Tensor:
         if mode == "balanced":
             return self.sample_prioritized(n)
         if mode == "uniform":
-            return self.sample_uniform(0, self.buffer.size, n)
+            return self.sample_uniform(0, self.buffer.filled, n)
         return self.sample_online(n)
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -471,7 +486,9 @@ class BalancedReplay:
         """Duplicated indices carry equal values (same transition, same network), so write order is moot."""
         self.priority[index] = priorities.double()
         self.refresh_block_mass(index)
-        self.max_priority = torch.maximum(self.max_priority, self.priority[index].max())
+        # In place, so a captured graph keeps writing the tensor add() reads; spelled as an indexed write because
+        # torch.compile (2.13, CPU) drops a copy_ into a 0-dim tensor here
+        self.max_priority[...] = torch.maximum(self.max_priority, self.priority[index].max())
 
     def state_dict(self) -> dict:
         state = {name: getattr(self, name).to("cpu", copy=True) for name in ("block_mass", "max_priority")}
@@ -506,6 +523,7 @@ def spot_actor_loss(q: torch.Tensor, neg_log_beta: torch.Tensor, lmbda: float) -
     return -q.mean() / q.abs().mean().detach() + lmbda * neg_log_beta.mean()
 
 
+@torch.compiler.disable  # a double backward (second order), which AOTAutograd cannot compile: eager
 def meta_objective(critic: nn.Module, offline, online, inner_lr: float, first_order: bool, weight: str):
     """Eq. 3: L_off(psi) + c * L_on(psi'), psi' = psi - inner_lr * grad L_off(psi), one functional SGD step.
 
@@ -542,9 +560,16 @@ def priorities(w: torch.Tensor, w_offline: torch.Tensor, temperature: float) -> 
     return (scaled / (w_offline.pow(1 / temperature).mean() + 1e-10)).clamp(1e-3, 1e3)
 
 
-def adam(params, lr: float) -> torch.optim.Adam:
-    """Fused Adam: one kernel for all parameters instead of one per tensor (less per-update overhead)."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
+def zero_grad(optimizer: torch.optim.Optimizer) -> None:
+    """optimizer.zero_grad(set_to_none=True), spelled out: torch.compile skips Optimizer.zero_grad (a graph break)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None
+
+
+def adam(params, lr: float, capturable: bool) -> torch.optim.Adam:
+    """Fused Adam: one kernel for all parameters instead of one per tensor; capturable for --cudagraphs."""
+    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
 
 
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
@@ -553,7 +578,7 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    optimizer.zero_grad(set_to_none=True)
+    zero_grad(optimizer)
     loss.backward()
     optimizer.step()
 
@@ -566,17 +591,22 @@ class OPT:
         spot = args.backbone == "spot"
         self.actor = Actor(obs_dim, act_dim, args.hidden_dim, args.layer_norm, 1e-3 if spot else None).to(device)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        self.act = torch.compile(self.actor) if args.compile else self.actor  # the acting policy
         self.q_off = self.new_critic()
         self.q_off_target = copy.deepcopy(self.q_off).requires_grad_(False)
-        self.actor_optimizer = adam(self.actor.parameters(), lr=args.actor_lr)
-        self.q_off_optimizer = adam(self.q_off.parameters(), lr=args.critic_lr)
+        self.actor_optimizer = adam(self.actor.parameters(), args.actor_lr, args.cudagraphs)
+        self.q_off_optimizer = adam(self.q_off.parameters(), args.critic_lr, args.cudagraphs)
         self.vae = VAE(obs_dim, act_dim).to(device) if spot else None
-        self.vae_optimizer = adam(self.vae.parameters(), lr=1e-3) if spot else None
+        self.vae_optimizer = adam(self.vae.parameters(), 1e-3, self.args.cudagraphs) if spot else None
         self.q_on = self.q_on_target = self.q_on_optimizer = None
         self.density = self.density_optimizer = None
         self.obs_mean, self.obs_std = np.zeros(obs_dim), np.ones(obs_dim)
         self.gamma = args.gamma
+        # The phases count the updates (the steps they take are functions of device state): policy_freq and
+        # SPOT's lambda follow them. Eq. 4's kappa and that lambda reach the update as device tensors.
         self.offline_updates = self.pretrain_updates = self.finetune_updates = 0
+        self.kappa = torch.zeros((), device=device)
+        self.lmbda = torch.zeros((), device=device)
 
     def new_critic(self) -> Critic:
         """A twin critic as the backbone builds it (Q_on: same architecture and init as Q_off)."""
@@ -600,28 +630,33 @@ class OPT:
         )
         return (self.actor_target(next_obs) + noise).clamp(-1.0, 1.0)
 
-    def spot_lambda(self) -> float:
-        """SPOT's lambda, cooled during fine-tuning: lambda * max(lambda_end, 1 - n / N_cool)."""
+    def spot_lambda(self, update: int) -> float:
+        """SPOT's lambda in fine-tuning update `update`, cooled: lambda * max(lambda_end, 1 - n / N_cool)."""
         args = self.args
-        return args.spot_lambda * max(args.spot_lambda_end, 1.0 - self.finetune_updates / args.spot_cool_steps)
+        return args.spot_lambda * max(args.spot_lambda_end, 1.0 - update / args.spot_cool_steps)
+
+    def set_schedule(self, kappa: float) -> None:
+        """kappa and SPOT's lambda of the next fine-tuning update, written in place (no value baked into a graph)."""
+        self.kappa.fill_(kappa)
+        self.lmbda.fill_(self.spot_lambda(self.finetune_updates + 1))
 
     def vae_update(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         loss = self.vae.neg_elbo(obs, action).mean()
         optimizer_step(self.vae_optimizer, loss)
         return loss.detach()
 
-    def offline_update(self, batch) -> dict[str, torch.Tensor]:
-        """One TD3+BC (or SPOT) step: the critic every step, the actor and all targets every `policy_freq`."""
+    def offline_update(self, batch, actor_step: bool) -> dict[str, torch.Tensor]:
+        """One TD3+BC (or SPOT) step: the critic every step; the actor and all targets when `actor_step`
+        (every `policy_freq`-th update, counted by the phase)."""
         args = self.args
         obs, action, reward, next_obs, done, _ = batch
-        self.offline_updates += 1
         with torch.no_grad():
             y = self.td_target(self.q_off_target, reward, next_obs, done)
         q = self.q_off(obs, action)
         qf_loss = twin_td_loss(q, y)
         optimizer_step(self.q_off_optimizer, qf_loss)
         results = {"offline/qf_loss": qf_loss.detach(), "offline/qf_values": q.mean().detach()}
-        if self.offline_updates % args.policy_freq == 0:
+        if actor_step:
             policy_action = self.actor(obs)
             q1 = self.q_off(obs, policy_action)[0]
             if args.backbone == "td3bc":
@@ -639,15 +674,15 @@ class OPT:
         """Before the N_tau window: SPOT resets actor and Q_off Adam (CORL); the online discount applies."""
         args = self.args
         if args.backbone == "spot":
-            self.actor_optimizer = adam(self.actor.parameters(), lr=args.actor_lr)
-            self.q_off_optimizer = adam(self.q_off.parameters(), lr=args.critic_lr)
+            self.actor_optimizer = adam(self.actor.parameters(), args.actor_lr, args.cudagraphs)
+            self.q_off_optimizer = adam(self.q_off.parameters(), args.critic_lr, args.cudagraphs)
         self.gamma = args.online_gamma
 
     def start_online_critic(self) -> None:
         """Q_on freshly initialised, its targets a copy, its own Adam (kept into fine-tuning)."""
         self.q_on = self.new_critic()
         self.q_on_target = copy.deepcopy(self.q_on).requires_grad_(False)
-        self.q_on_optimizer = adam(self.q_on.parameters(), lr=self.args.critic_lr)
+        self.q_on_optimizer = adam(self.q_on.parameters(), self.args.critic_lr, self.args.cudagraphs)
 
     def meta_critic(self) -> tuple[Critic, Critic, torch.optim.Adam]:
         """The critic Online Pre-Training trains: Q_on, or Q_off in the no-new-critic ablation."""
@@ -655,8 +690,9 @@ class OPT:
             return self.q_on, self.q_on_target, self.q_on_optimizer
         return self.q_off, self.q_off_target, self.q_off_optimizer
 
-    def pretrain_update(self, offline_batch, online_batch) -> dict[str, torch.Tensor]:
-        """One Eq. 3 step of the meta critic; targets from its own target nets and the frozen actor target."""
+    def pretrain_update(self, offline_batch, online_batch, target_step: bool) -> dict[str, torch.Tensor]:
+        """One Eq. 3 step of the meta critic; targets from its own target nets and the frozen actor target,
+        which move when `target_step` (every `policy_freq`-th update)."""
         args = self.args
         critic, critic_target, optimizer = self.meta_critic()
         with torch.no_grad():
@@ -671,8 +707,7 @@ class OPT:
             args.meta_weight,
         )
         optimizer_step(optimizer, objective)
-        self.pretrain_updates += 1
-        if self.pretrain_updates % args.policy_freq == 0:
+        if target_step:
             soft_update(critic_target, critic, args.tau)
         return {"pretrain/offline_loss": offline_loss, "pretrain/online_loss": online_loss, "pretrain/meta_weight": c}
 
@@ -685,24 +720,24 @@ class OPT:
 
     def start_density(self) -> None:
         self.density = DensityNet(self.obs_dim, self.act_dim, self.args.hidden_dim).to(self.device)
-        self.density_optimizer = adam(self.density.parameters(), lr=3e-4)
+        self.density_optimizer = adam(self.density.parameters(), 3e-4, self.args.cudagraphs)
 
-    def actor_loss(self, obs: torch.Tensor, kappa: float) -> torch.Tensor:
+    def actor_loss(self, obs: torch.Tensor) -> torch.Tensor:
         """Eq. 4 on Q1 of each pair: Q_k = (1 - kappa) Q1_off + kappa Q1_on (Q1_off alone without Q_on)."""
-        policy_action = self.actor(obs)
+        policy_action, kappa = self.actor(obs), self.kappa
         q = self.q_off(obs, policy_action)[0]
         if self.q_on is not None:
             q = (1.0 - kappa) * q + kappa * self.q_on(obs, policy_action)[0]
         if self.args.backbone == "td3bc":
             return -q.mean()  # plain TD3 online, no BC term (paper 4.1)
-        return spot_actor_loss(q, self.vae.neg_elbo(obs, policy_action), self.spot_lambda())
+        return spot_actor_loss(q, self.vae.neg_elbo(obs, policy_action), self.lmbda)
 
-    def finetune_update(self, batch, kappa: float, online_batch=None, offline_batch=None):
-        """TD steps of Q_off and Q_on on the batch, the density step when its minibatches are given, and the
-        Eq. 4 actor step with all target updates every `policy_freq`. Returns metrics and new priorities."""
+    def finetune_update(self, batch, actor_step: bool, online_batch=None, offline_batch=None):
+        """TD steps of Q_off and Q_on on the batch, the density step when its minibatches are given, and, when
+        `actor_step` (every `policy_freq`-th update), the Eq. 4 actor step (kappa and lambda from set_schedule)
+        with all target updates. Returns metrics and new priorities."""
         args = self.args
         obs, action, reward, next_obs, done, _ = batch
-        self.finetune_updates += 1
         results, new_priorities = {}, None
         with torch.no_grad():
             next_action = self.target_action(next_obs)  # one a' for both pairs, both from the actor target
@@ -727,8 +762,8 @@ class OPT:
                 "charts/density_online": w_online.mean().detach(),
                 "charts/density_offline": w_offline.mean().detach(),
             }
-        if self.finetune_updates % args.policy_freq == 0:
-            actor_loss = self.actor_loss(obs, kappa)
+        if actor_step:
+            actor_loss = self.actor_loss(obs)
             optimizer_step(self.actor_optimizer, actor_loss)
             for _, critic, critic_target, _ in pairs:
                 soft_update(critic_target, critic, args.tau)
@@ -740,7 +775,7 @@ class OPT:
         """Action for a raw (unnormalised) observation: pi(s) + N(0, noise^2), clipped to [-1, 1]."""
         with torch.no_grad():
             obs_t = torch.as_tensor(self.normalize(obs), device=self.device)
-            action = self.actor(obs_t.view(-1, obs_t.shape[-1])).view(*obs.shape[:-1], -1)  # one obs or a batch
+            action = self.act(obs_t.view(-1, obs_t.shape[-1])).view(*obs.shape[:-1], -1)  # one obs or a batch
             action = (action + noise * torch.randn_like(action)).clamp(-1.0, 1.0) if noise > 0 else action
         return action.cpu().numpy()
 
@@ -874,9 +909,10 @@ def prepare_data(agent: OPT, data: OfflineData, fit_statistics: bool) -> np.ndar
 def vae_phase(agent: OPT, dataset: ReplayBuffer, writer, args: Args) -> None:
     """SPOT's behaviour VAE, trained first and frozen afterwards (x = VAE step)."""
     metrics = Metrics(writer)
+    sample = lambda: dataset.split(dataset.sample_rows(args.batch_size))
+    update = FastUpdate(lambda: agent.vae_update(*sample()[:2]), args.compile, args.cudagraphs)
     for step in tqdm(range(1, args.vae_steps + 1), desc="VAE", disable=not args.progress):
-        obs, action, *_ = dataset.split(dataset.sample_rows(args.batch_size))
-        metrics.add({"offline/vae_loss": agent.vae_update(obs, action)})
+        metrics.add({"offline/vae_loss": update()})
         if step % args.log_freq == 0 or step == args.vae_steps:
             metrics.flush(step)
 
@@ -889,10 +925,16 @@ def offline_phase(
     first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
     if resume:
         metrics.sums, metrics.counts = resume["metrics"]
+    update = FastUpdate(
+        lambda actor_step: agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size)), actor_step),
+        args.compile,
+        args.cudagraphs,
+    )
     bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
     start = time.perf_counter()
     for step in bar:
-        metrics.add(agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size))))
+        agent.offline_updates += 1
+        metrics.add(update(agent.offline_updates % args.policy_freq == 0))
         if step % args.log_freq == 0:
             metrics.flush(step)
             writer.add_scalar("offline/UPS", (step - first + 1) / (time.perf_counter() - start), step)
@@ -903,30 +945,47 @@ def offline_phase(
             save("offline", step, metrics=metrics)
 
 
+def pretrain_step(agent: OPT, replay: BalancedReplay, args: Args, target_step: bool) -> dict[str, torch.Tensor]:
+    offline_batch = replay.batch(replay.sample_offline(args.batch_size))
+    online_batch = replay.batch(replay.sample_online(args.batch_size))
+    return agent.pretrain_update(offline_batch, online_batch, target_step)
+
+
 def online_pretraining(agent: OPT, replay: BalancedReplay, writer, args: Args) -> None:
     """N_pretrain Eq. 3 updates on B_off and B_on minibatches (x = pre-training update); no env steps."""
     metrics, start = Metrics(writer), time.perf_counter()
+    step = FastUpdate(partial(pretrain_step, agent, replay, args), args.compile, args.cudagraphs)
     for update in tqdm(range(1, args.n_pretrain + 1), desc="online pre-training", disable=not args.progress):
-        offline_batch = replay.batch(replay.sample_offline(args.batch_size))
-        online_batch = replay.batch(replay.sample_online(args.batch_size))
-        metrics.add(agent.pretrain_update(offline_batch, online_batch))
+        agent.pretrain_updates += 1
+        metrics.add(step(agent.pretrain_updates % args.policy_freq == 0))
         if update % args.log_freq == 0 or update == args.n_pretrain:
             metrics.flush(update)
             writer.add_scalar("pretrain/UPS", update / (time.perf_counter() - start), update)
 
 
-def replay_update(agent: OPT, replay: BalancedReplay, kappa: float, args: Args) -> dict[str, torch.Tensor]:
+def replay_update(agent: OPT, replay: BalancedReplay, args: Args, actor_step: bool) -> dict[str, torch.Tensor]:
     """Draw the batch (and, for balanced replay, the density minibatches), update, write priorities."""
     index = replay.sample_rl(args.replay, args.batch_size)
     if args.replay == "balanced":
         online_batch = replay.batch(replay.sample_online(args.batch_size))
         offline_batch = replay.batch(replay.sample_offline(args.batch_size))
-        results, new_priorities = agent.finetune_update(replay.batch(index), kappa, online_batch, offline_batch)
+        results, new_priorities = agent.finetune_update(replay.batch(index), actor_step, online_batch, offline_batch)
         replay.set_priorities(index, new_priorities)
         results["charts/p_new"] = replay.max_priority
     else:
-        results, _ = agent.finetune_update(replay.batch(index), kappa)
+        results, _ = agent.finetune_update(replay.batch(index), actor_step)
     results["charts/offline_share"] = (index < replay.num_offline).float().mean()
+    return results
+
+
+def finetune_step(agent: OPT, update: FastUpdate, kappa: float, args: Args) -> list[dict[str, torch.Tensor]]:
+    """The UTD fine-tuning updates of one env step (`update`: replay_update as the phase built it); counted here,
+    for policy_freq and SPOT's lambda."""
+    results = []
+    for _ in range(args.updates_per_step):
+        agent.set_schedule(kappa)
+        agent.finetune_updates += 1
+        results.append(update(agent.finetune_updates % args.policy_freq == 0))
     return results
 
 
@@ -953,7 +1012,7 @@ def online_phase(
         first = resume["step"] + 1
         if not set_env_state(env, resume["env"]):
             (obs, _), episode_return = env.reset(), 0.0
-    start = time.perf_counter()
+    start, update = time.perf_counter(), None  # the update step is built once Q_on and the density network exist
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         finetuning = step > args.n_tau
@@ -976,9 +1035,9 @@ def online_phase(
             episode_return = 0.0
         if finetuning:
             kappa = kappa_at(step - args.n_tau - 1, args.kappa_start, args.kappa_end, args.kappa_steps)
+            update = update or FastUpdate(partial(replay_update, agent, replay, args), args.compile, args.cudagraphs)
             tic = time.perf_counter()
-            for _ in range(args.updates_per_step):
-                metrics.add(replay_update(agent, replay, kappa, args))
+            metrics.add(*finetune_step(agent, update, kappa, args))
             updates, update_time = updates + args.updates_per_step, update_time + time.perf_counter() - tic
             if updates - logged_at >= args.log_freq or step == args.online_steps:
                 logged_at = updates
@@ -987,7 +1046,7 @@ def online_phase(
                 writer.add_scalar("charts/UPS", updates / update_time, step)
                 writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
                 if args.backbone == "spot":
-                    writer.add_scalar("losses/spot_lambda", agent.spot_lambda(), step)
+                    writer.add_scalar("losses/spot_lambda", agent.spot_lambda(agent.finetune_updates), step)
         if step % args.eval_freq == 0:
             result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
             bar.set_postfix(score=f"{result['normalized_score']:.1f}")
@@ -1033,45 +1092,59 @@ def check_args(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False) -> dict:
+def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager"):
     """Paper-default TD3+BC agent on random device-resident data; `tiny` shrinks networks and batches.
 
-    Returns the callables benchmark/speed.py times: one offline TD3+BC update, the hand-over, one fine-tuning
-    env step's 5 updates with density steps, prioritized draws and priority writes, one Eq. 3 pre-training
-    update (second order), and a bare forward + backward of one twin critic on the batch.
+    Returns the callables benchmark/speed.py times, wrapped as the phases wrap them (`mode`: eager, compile,
+    cudagraphs or compile+cudagraphs): one offline TD3+BC update, the hand-over, one fine-tuning env step's
+    5 updates with density steps, prioritized draws and priority writes (a row added first, so the replay
+    grows as in a run), one Eq. 3 pre-training update (second order), and a bare forward + backward of one
+    twin critic on the batch.
     """
-    args = Args(hidden_dim=8, batch_size=8) if tiny else Args()
+    fast = {"compile": "compile" in mode, "cudagraphs": "cudagraphs" in mode}
+    args = Args(hidden_dim=8, batch_size=8, **fast) if tiny else Args(**fast)
     resolve_args(args, f"{task}-medium", task)
     agent = OPT(obs_dim, act_dim, args, device)
-    dataset = ReplayBuffer(100_000, obs_dim, act_dim, device)
+    dataset = ReplayBuffer(1000 if tiny else 10**6, obs_dim, act_dim, device)
     dataset.add(torch.rand(dataset.capacity, dataset.storage.shape[1], device=device) * 2 - 1)
     dataset.storage[:, -3:] = 0.0  # not done, offline
-    replay = BalancedReplay(dataset.storage, 10_000, args, obs_dim, act_dim)
-    for _ in range(10):
-        replay.add(dataset.storage[:1000])
+    replay = BalancedReplay(dataset.storage, args.online_steps, args, obs_dim, act_dim)
+    for row in dataset.storage[:10]:
+        replay.add(row[None])
     batch = dataset.split(dataset.sample_rows(args.batch_size))
+    sample = lambda: dataset.split(dataset.sample_rows(args.batch_size))
+    offline = FastUpdate(lambda actor_step: agent.offline_update(sample(), actor_step), **fast)
+    pretrain = finetune = None
+
+    def offline_step():
+        agent.offline_updates += 1
+        return offline(agent.offline_updates % args.policy_freq == 0)
 
     def hand_over():
+        nonlocal pretrain, finetune
         agent.hand_over()
         agent.start_online_critic()
         agent.start_finetuning()
+        pretrain = FastUpdate(partial(pretrain_step, agent, replay, args), **fast)
+        finetune = FastUpdate(partial(replay_update, agent, replay, args), **fast)
+
+    def pretrain_update():
+        agent.pretrain_updates += 1
+        return pretrain(agent.pretrain_updates % args.policy_freq == 0)
+
+    def online_step():
+        replay.add(dataset.storage[replay.num_online : replay.num_online + 1])
+        return finetune_step(agent, finetune, 0.5, args)
 
     def critic_forward_backward():
         agent.q_off.zero_grad(set_to_none=True)
         agent.q_off(batch[0], batch[1]).sum().backward()
 
-    def finetune_step():
-        for _ in range(args.updates_per_step):
-            replay_update(agent, replay, 0.5, args)
-
-    def pretrain_update():
-        agent.pretrain_update(replay.batch(replay.sample_offline(args.batch_size)), batch)
-
     return {
         "label": f"UTD {args.updates_per_step}",
-        "offline": lambda: agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size))),
+        "offline": offline_step,
         "hand_over": hand_over,
-        "online": finetune_step,
+        "online": online_step,
         "online_updates": args.updates_per_step,
         "reference": critic_forward_backward,
         "other_phases": {"online pre-training (Eq. 3)": pretrain_update},
@@ -1089,6 +1162,7 @@ def main(args: Args) -> Path:
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if args.cuda and device.type == "cpu":
         print("CUDA is not available: running on the CPU", file=sys.stderr)
+    check_fast_flags(args.compile, args.cudagraphs, device)
     args.progress = args.progress and sys.stdout.isatty()
 
     resume = None

@@ -34,8 +34,11 @@ algorithm card lists every source. Decisions where the paper is silent or the so
 Speed: all minibatches of one environment step come from one gather per buffer, Adam is fused and target
 updates are one foreach lerp, so 10 updates cost about 5x one, not 10x (tiny nets on the CPU: 5.7 ms per step
 with 1 update, 28.4 ms with 10; measured with benchmark/speed.py at commit 773a4f2).
-Not done: capturing the 10-update block in a CUDA graph (no GPU was available to verify it).
 
+Fast path: `--compile` compiles the update steps and the acting policy (torch.compile); `--cudagraphs` (CUDA)
+captures each update step, minibatch draw included, in a CUDA graph and replays it (utils.fast.FastUpdate).
+Both off by default: neither has been measured on a GPU yet. One graph is the whole env step: 10 critic
+updates and the actor update. EDAC's diversity term (a double backward) stays eager under --compile.
 Usage: python algorithms/so2.py --env-id hopper-medium
 Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
 evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
@@ -54,6 +57,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -75,6 +79,7 @@ from utils.checkpoint import (
     set_env_state,
     set_rng_state,
 )
+from utils.fast import FastUpdate, check_fast_flags
 
 
 @dataclass
@@ -94,6 +99,10 @@ class Args:
     """write offline.pt after pretraining and final.pt at the end"""
     progress: bool = True
     """tqdm bars (off automatically when stdout is not a terminal)"""
+    compile: bool = False
+    """torch.compile the update steps and the acting policy (minutes of compilation first)"""
+    cudagraphs: bool = False
+    """capture each update step in a CUDA graph and replay it (CUDA only; the whole env step's block online)"""
     # data
     env_id: str = "hopper-medium"
     """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
@@ -242,6 +251,7 @@ class ReplayBuffer:
         self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
         self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
         self.position = self.size = 0
+        self.filled = torch.zeros((), dtype=torch.long, device=device)  # size on the device, for the samplers
 
     def add(self, rows: torch.Tensor) -> None:
         """Append rows [n, width], overwriting the oldest once full (FIFO)."""
@@ -249,9 +259,11 @@ class ReplayBuffer:
         self.storage[slots] = rows
         self.position = (self.position + len(rows)) % self.capacity
         self.size = min(self.size + len(rows), self.capacity)
+        self.filled.fill_(self.size)
 
     def sample_rows(self, n: int) -> torch.Tensor:
-        return self.storage[torch.randint(0, self.size, (n,), device=self.storage.device)]
+        """n rows uniformly with replacement; the bound is a device tensor, so a growing buffer is one graph."""
+        return self.storage[torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]
 
     def state_dict(self) -> dict:
         return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
@@ -259,6 +271,7 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         self.size, self.position = len(state["rows"]), state["position"]
         self.storage[: self.size] = state["rows"].to(self.storage.device)
+        self.filled.fill_(self.size)
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """rows -> obs, action, reward, next_obs, done, is_online."""
@@ -286,10 +299,10 @@ def sample_so2(online: ReplayBuffer, pool: ReplayBuffer, n_online: int, n_pool: 
 
 def sample_uniform(offline: ReplayBuffer, online: ReplayBuffer, n: int, updates: int) -> torch.Tensor:
     """The paper's literal reading: n rows uniformly from the union of the dataset and the online data."""
-    index = torch.randint(0, offline.size + online.size, (updates * n,), device=offline.storage.device)
-    from_online = (index >= offline.size).unsqueeze(1)
-    offline_rows = offline.storage[index.clamp(max=offline.size - 1)]
-    online_rows = online.storage[(index - offline.size).clamp(min=0, max=max(online.size - 1, 0))]
+    index = torch.randint(0, 2**62, (updates * n,), device=offline.storage.device) % (offline.filled + online.filled)
+    from_online = (index >= offline.filled).unsqueeze(1)
+    offline_rows = offline.storage[index.clamp(max=offline.capacity - 1)]
+    online_rows = online.storage[(index - offline.filled).clamp(min=0)]
     return torch.where(from_online, online_rows, offline_rows).view(updates, n, -1)
 
 
@@ -310,6 +323,7 @@ def bellman_target(target_q, next_log_prob, reward, done, alpha, gamma, per_memb
     return reward + gamma * (1.0 - done) * (next_value - alpha * next_log_prob)
 
 
+@torch.compiler.disable  # a double backward, which AOTAutograd cannot compile: eager inside compiled updates
 def diversity_loss(critic: Critic, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
     """EDAC: mean over the batch of sum_{i != j} <g_i, g_j> / (N - 1), g_i = normalised grad_a Q_i(s, a)."""
     n = critic.num_critics
@@ -322,9 +336,16 @@ def diversity_loss(critic: Critic, obs: torch.Tensor, action: torch.Tensor) -> t
     return off_diagonal.mean() / (n - 1)
 
 
-def adam(params, lr: float) -> torch.optim.Adam:
-    """Fused Adam: one kernel for all parameters instead of one per tensor (less per-update overhead)."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
+def zero_grad(optimizer: torch.optim.Optimizer) -> None:
+    """optimizer.zero_grad(set_to_none=True), spelled out: torch.compile skips Optimizer.zero_grad (a graph break)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None
+
+
+def adam(params, lr: float, capturable: bool) -> torch.optim.Adam:
+    """Fused Adam: one kernel for all parameters instead of one per tensor; capturable for --cudagraphs."""
+    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
 
 
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
@@ -342,9 +363,10 @@ class SO2:
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.zeros((), device=device, requires_grad=True)
         self.target_entropy = -float(act_dim)
-        self.actor_optimizer = adam(self.actor.parameters(), lr=args.offline_lr)
-        self.critic_optimizer = adam(self.critic.parameters(), lr=args.offline_lr)
-        self.alpha_optimizer = adam([self.log_alpha], lr=args.offline_lr)
+        self.actor_optimizer = adam(self.actor.parameters(), args.offline_lr, args.cudagraphs)
+        self.critic_optimizer = adam(self.critic.parameters(), args.offline_lr, args.cudagraphs)
+        self.alpha_optimizer = adam([self.log_alpha], args.offline_lr, args.cudagraphs)
+        self.act = torch.compile(self.actor) if args.compile else self.actor  # the acting policy
         self.auto_alpha = True
         self.critic_updates = 0
 
@@ -361,6 +383,11 @@ class SO2:
         alpha = self.log_alpha.exp().detach()
         actor_loss, log_prob = self.actor_loss(obs, alpha)
         alpha_loss = self.alpha_loss(log_prob)
+        zero_grad(self.alpha_optimizer)
+        zero_grad(self.actor_optimizer)
+        # One backward per forward graph (what torch.compile needs): the critic losses come after this one.
+        # Each term reaches its own parameters; what the actor loss leaves on the critics is dropped below.
+        (alpha_loss + actor_loss).backward()
         with torch.no_grad():
             next_action, next_log_prob = self.actor(next_obs)
             target_q = self.critic_target(next_obs, next_action)
@@ -369,11 +396,7 @@ class SO2:
         td_loss = (q - y).pow(2).mean(1).sum()  # EDAC: sum over members of the batch-mean MSE
         div_loss = diversity_loss(self.critic, obs, action) if eta > 0 else torch.zeros((), device=self.device)
         critic_loss = td_loss + eta * div_loss
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.critic_optimizer.zero_grad(set_to_none=True)  # drops what the actor loss left on the critics
+        zero_grad(self.critic_optimizer)  # drops what the actor loss left on the critics
         critic_loss.backward()
         self.alpha_optimizer.step()
         self.actor_optimizer.step()
@@ -393,11 +416,11 @@ class SO2:
         """Card 2.3: fresh Adam at the online lr, fixed alpha, targets = copies of the pretrained critics."""
         args = self.args
         self.critic_target.load_state_dict(self.critic.state_dict())
-        self.actor_optimizer = adam(self.actor.parameters(), lr=args.online_lr)
-        self.critic_optimizer = adam(self.critic.parameters(), lr=args.online_lr)
+        self.actor_optimizer = adam(self.actor.parameters(), args.online_lr, args.cudagraphs)
+        self.critic_optimizer = adam(self.critic.parameters(), args.online_lr, args.cudagraphs)
         with torch.no_grad():
             self.log_alpha.fill_(float(np.log(args.online_alpha)))
-        self.alpha_optimizer = adam([self.log_alpha], lr=args.online_lr)
+        self.alpha_optimizer = adam([self.log_alpha], args.online_lr, args.cudagraphs)
         self.auto_alpha = args.online_auto_alpha
         self.critic_updates = 0
 
@@ -416,11 +439,10 @@ class SO2:
         y, noise = self.online_target(next_obs, reward, done)
         q = self.critic(obs, action)
         critic_loss = (q - y).pow(2).mean()  # official code: mean over members and batch
-        self.critic_optimizer.zero_grad(set_to_none=True)
+        zero_grad(self.critic_optimizer)
         critic_loss.backward()
         self.critic_optimizer.step()
         soft_update(self.critic_target, self.critic, self.args.tau)
-        self.critic_updates += 1
         return {
             "losses/qf_loss": critic_loss.detach(),
             "losses/qf_values": q.mean().detach(),
@@ -431,12 +453,12 @@ class SO2:
     def online_actor_update(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
         alpha = self.log_alpha.exp().detach()
         actor_loss, log_prob = self.actor_loss(obs, alpha)
-        self.actor_optimizer.zero_grad(set_to_none=True)
+        zero_grad(self.actor_optimizer)
         actor_loss.backward()
         self.actor_optimizer.step()
         if self.auto_alpha:
             alpha_loss = self.alpha_loss(log_prob)
-            self.alpha_optimizer.zero_grad(set_to_none=True)
+            zero_grad(self.alpha_optimizer)
             alpha_loss.backward()
             self.alpha_optimizer.step()
         return {
@@ -447,7 +469,7 @@ class SO2:
 
     def policy(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
         with torch.no_grad():
-            action, _ = self.actor(torch.as_tensor(obs, dtype=torch.float32, device=self.device), deterministic)
+            action, _ = self.act(torch.as_tensor(obs, dtype=torch.float32, device=self.device), deterministic)
         return action.cpu().numpy()
 
     def q_min(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
@@ -566,10 +588,15 @@ def offline_phase(
     first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
     if resume:
         metrics.sums, metrics.counts = resume["metrics"]
+    update = FastUpdate(
+        lambda: agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size)), eta),
+        args.compile,
+        args.cudagraphs,
+    )
     bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
     start = time.perf_counter()
     for step in bar:
-        metrics.add(agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size)), eta))
+        metrics.add(update())
         if step % args.log_freq == 0:
             metrics.flush(step)
             writer.add_scalar("offline/UPS", (step - first + 1) / (time.perf_counter() - start), step)
@@ -580,17 +607,26 @@ def offline_phase(
             save("offline", step, metrics=metrics)
 
 
-def online_updates(agent: SO2, online: ReplayBuffer, pool: ReplayBuffer, args: Args) -> list[dict]:
-    """The updates of one environment step: N_upc critic updates, an actor update every actor_update_freq."""
+def actor_steps(agent: SO2, args: Args) -> tuple[bool, ...]:
+    """Which of the next N_upc critic updates are followed by an actor update (every actor_update_freq-th)."""
+    return tuple((agent.critic_updates + i) % args.actor_update_freq == 0 for i in range(1, args.updates_per_step + 1))
+
+
+def online_updates(agent: SO2, online: ReplayBuffer, pool: ReplayBuffer, args: Args, actor_after) -> list[dict]:
+    """The updates of one environment step: N_upc critic updates, the actor's after those `actor_after` marks.
+
+    A function of device state and that tuple alone, so --compile and --cudagraphs treat the block as one step;
+    the caller advances agent.critic_updates.
+    """
     if args.sampling == "so2":
         minibatches = sample_so2(online, pool, args.batch_size, args.mixed_batch_size, args.updates_per_step)
     else:
         minibatches = sample_uniform(pool, online, args.batch_size, args.updates_per_step)
     results = []
-    for rows in minibatches:
+    for rows, actor_update in zip(minibatches, actor_after, strict=True):
         batch = online.split(rows)
         results.append(agent.online_critic_update(batch))
-        if agent.critic_updates % args.actor_update_freq == 0:
+        if actor_update:
             results.append(agent.online_actor_update(batch[0]))
     return results
 
@@ -621,6 +657,7 @@ def online_phase(
         if not set_env_state(env, resume["env"]):
             (obs, _), episode_return = env.reset(), 0.0
     start, update_start, first_update = time.perf_counter(), None, agent.critic_updates
+    block = FastUpdate(partial(online_updates, agent, online, pool, args), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         action = agent.policy(obs, deterministic=False)  # exploration = the stochastic policy, nothing else
@@ -632,7 +669,8 @@ def online_phase(
             if args.sampling == "so2":
                 pool.add(row)  # overwrites the oldest pool slot (a shuffled offline transition at first)
             update_start = update_start or time.perf_counter()
-            metrics.add(*online_updates(agent, online, pool, args))
+            metrics.add(*block(actor_steps(agent, args)))
+            agent.critic_updates += args.updates_per_step
             if agent.critic_updates - logged_at >= args.log_freq:
                 logged_at = agent.critic_updates
                 metrics.flush(step)
@@ -690,21 +728,38 @@ def check_args(args: Args, data: OfflineData) -> tuple[int, float]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False) -> dict:
+def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager"):
     """Paper-default agent on random device-resident data; `tiny` shrinks networks and batches to show overhead.
 
-    Returns the callables benchmark/speed.py times: one offline update, the hand-over, the updates of one
-    online environment step, and a bare forward + backward of the critic ensemble on the online batch.
+    Returns the callables benchmark/speed.py times, wrapped as the phases wrap them (`mode`: eager, compile,
+    cudagraphs or compile+cudagraphs): one offline update, the hand-over, the updates of one online
+    environment step (a row added first, so the online buffer grows as in a run), and a bare forward +
+    backward of the critic ensemble on the online batch.
     """
     num_critics = 2 if tiny else (50 if task == "hopper" else 10)
     sizes = {"hidden_dim": 8, "batch_size": 8, "mixed_batch_size": 24} if tiny else {}
-    args = Args(num_critics=num_critics, **sizes)
+    args = Args(num_critics=num_critics, compile="compile" in mode, cudagraphs="cudagraphs" in mode, **sizes)
     agent = SO2(obs_dim, act_dim, num_critics, args, device)
-    pool, online = (ReplayBuffer(n, obs_dim, act_dim, device) for n in (100_000, 10_000))
-    for buffer in (pool, online):
-        buffer.add(torch.rand(buffer.capacity, buffer.storage.shape[1], device=device) * 2 - 1)
+    pool, online = (ReplayBuffer(n, obs_dim, act_dim, device) for n in ((1000, 1000) if tiny else (1_000_000, 100_000)))
+    for buffer, rows in ((pool, pool.capacity), (online, online.capacity // 2)):
+        buffer.add(torch.rand(rows, buffer.storage.shape[1], device=device) * 2 - 1)
         buffer.storage[:, -2] = 0.0  # not done
     batch = pool.split(pool.sample_rows(args.batch_size + args.mixed_batch_size))
+    offline = FastUpdate(
+        lambda: agent.offline_update(pool.split(pool.sample_rows(args.batch_size)), 1.0), args.compile, args.cudagraphs
+    )
+    block = None
+
+    def hand_over():
+        nonlocal block
+        agent.hand_over()
+        block = FastUpdate(partial(online_updates, agent, online, pool, args), args.compile, args.cudagraphs)
+
+    def online_step():
+        online.add(online.storage[online.position - 1 : online.position].clone())
+        results = block(actor_steps(agent, args))
+        agent.critic_updates += args.updates_per_step
+        return results
 
     def critic_forward_backward():
         agent.critic.zero_grad(set_to_none=True)
@@ -712,9 +767,9 @@ def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tin
 
     return {
         "label": f"N={num_critics}",
-        "offline": lambda: agent.offline_update(pool.split(pool.sample_rows(args.batch_size)), eta=1.0),
-        "hand_over": agent.hand_over,
-        "online": lambda: online_updates(agent, online, pool, args),
+        "offline": offline,
+        "hand_over": hand_over,
+        "online": online_step,
         "online_updates": args.updates_per_step,
         "reference": critic_forward_backward,
     }
@@ -731,6 +786,7 @@ def main(args: Args) -> Path:
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if args.cuda and device.type == "cpu":
         print("CUDA is not available: running on the CPU", file=sys.stderr)
+    check_fast_flags(args.compile, args.cudagraphs, device)
     args.progress = args.progress and sys.stdout.isatty()
 
     resume = None

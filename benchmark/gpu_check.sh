@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Everything a GPU check needs, in one command of at most 8 minutes, every result under OUTDIR:
+# Everything a GPU check needs, in one command of at most 9 minutes (the sum of the step limits), every
+# result under OUTDIR:
 #
 #     bash benchmark/gpu_check.sh OUTDIR            # on the GPU machine (CUDA tests, speed, smoke runs)
 #     bash benchmark/gpu_check.sh OUTDIR --quick    # a 1-minute rehearsal of the same steps (CI runs it on the CPU)
 #
 # 1. the CUDA tests (each update under torch.cuda.set_sync_debug_mode("error")) -> cuda_tests.txt
-# 2. benchmark/speed.py for all five scripts on the device, hopper sizes -> speed_<device>.{md,json}
-# 3. SO2 and OPT learning smoke runs (about 2 minutes, side by side) on a tiny local dataset -> smoke.txt and
-#    smoke_runs.tar.gz (their TensorBoard events and args.json)
+# 2. benchmark/speed.py for all five scripts on the device, hopper sizes, eager and cudagraphs
+#    -> speed_<device>.{md,json}; then compile and compile+cudagraphs for SO2 and OPT (compiling all five
+#    would not fit) -> compile/speed_<device>.{md,json}
+# 3. SO2 and OPT learning smoke runs (about 2 minutes, side by side; on CUDA each also with --cudagraphs) on a
+#    tiny local dataset -> smoke.txt and smoke_runs.tar.gz (their TensorBoard events and args.json)
 # plus env.txt (versions, device) and log.txt (all output). Without CUDA it says so and runs the same steps
 # on the CPU (the CUDA tests then skip). gymnasium, mujoco, minari and tyro are installed from .whl/ where the
 # machine lacks them (the device machine has Python 3.12 and torch but none of these): fetch them here with
@@ -65,26 +68,43 @@ else
     SPEED=() TESTS=(tests -m cuda)
     SMOKE_SO2=(--offline-steps 20000 --online-steps 4000 --warmup-steps 1000 --num-critics 10 --eval-freq 1000)
     SMOKE_OPT=(--offline-steps 30000 --online-steps 6000 --n-tau 1000 --n-pretrain 2000 --eval-freq 1000)
-    DATA_STEPS=50000 LIMIT=150
+    DATA_STEPS=50000 LIMIT=120
 fi
 
-step "CUDA tests" 150 "$OUTDIR/cuda_tests.txt" $PYTHON -m pytest -q -p no:cacheprovider "${TESTS[@]}"
-step "speed" 180 /dev/null $PYTHON benchmark/speed.py --device "$DEVICE" --configs hopper --out "$OUTDIR" "${SPEED[@]}"
+step "CUDA tests" 100 "$OUTDIR/cuda_tests.txt" $PYTHON -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+if [ "$DEVICE" = cuda ]; then
+    step "speed" 90 /dev/null $PYTHON benchmark/speed.py --device cuda --configs hopper --modes eager cudagraphs \
+        --out "$OUTDIR" "${SPEED[@]}"
+    step "speed, compiled" 120 /dev/null $PYTHON benchmark/speed.py --device cuda --configs hopper \
+        --modes compile compile+cudagraphs --algorithms so2 opt --out "$OUTDIR/compile" "${SPEED[@]}"
+else  # the CPU rehearsal: eager only (a compilation takes minutes here; tests/test_fast.py covers compile)
+    step "speed" 100 /dev/null $PYTHON benchmark/speed.py --device cpu --configs hopper --out "$OUTDIR" "${SPEED[@]}"
+fi
 
 export MINARI_DATASETS_PATH=$(mktemp -d) O2O_OFFLINE=1
 RUNS=$(mktemp -d)
 trap 'rm -rf "$MINARI_DATASETS_PATH" "$RUNS"' EXIT
-step "smoke dataset" 120 /dev/null $PYTHON -m utils.make_dataset --env-id Hopper-v5 --dataset-id mujoco/hopper/medium-v0 \
+step "smoke dataset" 90 /dev/null $PYTHON -m utils.make_dataset --env-id Hopper-v5 --dataset-id mujoco/hopper/medium-v0 \
     --steps "$DATA_STEPS" --no-progress
 COMMON=(--env-id hopper-medium --run-dir "$RUNS" --no-progress --eval-episodes 5)
-timeout "$LIMIT" $PYTHON algorithms/so2.py "${COMMON[@]}" "${SMOKE_SO2[@]}" >"$RUNS/so2.log" 2>&1 &
-so2=$!
-timeout "$LIMIT" $PYTHON algorithms/opt.py "${COMMON[@]}" "${SMOKE_OPT[@]}" >"$RUNS/opt.log" 2>&1 &
-opt=$!
-wait $so2; so2_code=$?
-wait $opt; opt_code=$?
-echo "== smoke runs: so2 exit $so2_code, opt exit $opt_code"
-[ $status -eq 0 ] && status=$((so2_code ? so2_code : opt_code))
+VARIANTS=("")
+[ "$DEVICE" = cuda ] && VARIANTS+=(cudagraphs)
+pids=() names=()
+for variant in "${VARIANTS[@]}"; do
+    for algorithm in so2 opt; do
+        smoke=SMOKE_${algorithm^^}[@]
+        name=$algorithm${variant:+-$variant}
+        timeout "$LIMIT" $PYTHON algorithms/$algorithm.py "${COMMON[@]}" "${!smoke}" --exp-name "$name" \
+            ${variant:+--$variant} >"$RUNS/$name.log" 2>&1 &
+        pids+=($!) names+=("$name")
+    done
+done
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"
+    code=$?
+    echo "== smoke run ${names[$i]}: exit $code"
+    [ $code -ne 0 ] && [ $status -eq 0 ] && status=$code
+done
 $PYTHON - "$RUNS" >"$OUTDIR/smoke.txt" <<'EOF'
 import sys
 from pathlib import Path

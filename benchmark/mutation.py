@@ -52,13 +52,13 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "hand-over: the critic optimiser keeps the offline learning rate",
-            "self.critic_optimizer = adam(self.critic.parameters(), lr=args.online_lr)",
-            "self.critic_optimizer = adam(self.critic.parameters(), lr=args.offline_lr)",
+            "self.critic_optimizer = adam(self.critic.parameters(), args.online_lr, args.cudagraphs)",
+            "self.critic_optimizer = adam(self.critic.parameters(), args.offline_lr, args.cudagraphs)",
         ),
         (
             "hand-over: the actor optimiser keeps the offline learning rate",
-            "self.actor_optimizer = adam(self.actor.parameters(), lr=args.online_lr)",
-            "self.actor_optimizer = adam(self.actor.parameters(), lr=args.offline_lr)",
+            "self.actor_optimizer = adam(self.actor.parameters(), args.online_lr, args.cudagraphs)",
+            "self.actor_optimizer = adam(self.actor.parameters(), args.offline_lr, args.cudagraphs)",
         ),
         (
             "hand-over: alpha is not set to the fixed online value",
@@ -87,13 +87,14 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "online: no target soft update",
-            "        soft_update(self.critic_target, self.critic, self.args.tau)\n        self.critic_updates += 1",
-            "        self.critic_updates += 1",
+            "        soft_update(self.critic_target, self.critic, self.args.tau)\n"
+            '        return {\n            "losses/qf',
+            '        return {\n            "losses/qf',
         ),
         (
             "online: an actor update after every critic update",
-            "if agent.critic_updates % args.actor_update_freq == 0:",
-            "if True:",
+            "return tuple((agent.critic_updates + i) % args.actor_update_freq == 0 for",
+            "return tuple(True for",
         ),
         (
             "actor: mean over critics instead of the minimum",
@@ -159,6 +160,16 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "offline: the temperature loss has the wrong sign",
             "return -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()",
             "return (self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()",
+        ),
+        (
+            "fast path: the sampler's bound is the host-side size (a CUDA graph would freeze it)",
+            "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
+            "torch.randint(0, self.size, (n,), device=self.storage.device)]",
+        ),
+        (
+            "fast path: the EDAC diversity term (a double backward) is compiled too",
+            "@torch.compiler.disable  # a double backward",
+            "# a double backward",
         ),
     ],
     "enoto": [
@@ -308,6 +319,11 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "values = (q.view(-1, samples, 3, batch) - log_density.view(samples, 3, batch)).permute(0, 3, 1, 2)",
             "values = q.view(-1, samples, 3, batch).permute(0, 3, 1, 2)",
         ),
+        (
+            "fast path: the sampler's bound is the host-side size (a CUDA graph would freeze it)",
+            "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
+            "torch.randint(0, self.size, (n,), device=self.storage.device)]",
+        ),
     ],
     "off2on": [
         (
@@ -347,8 +363,8 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "density: its loss never steps the density network",
-            "        if density_loss is not None:\n            self.density_optimizer.zero_grad",
-            "        if False:\n            self.density_optimizer.zero_grad",
+            "self.step(self.alpha_optimizer, self.actor_optimizer, self.critic_optimizer, self.density_optimizer)",
+            "self.step(self.alpha_optimizer, self.actor_optimizer, self.critic_optimizer)",
         ),
         (
             "density: the offline term of the JS loss is dropped",
@@ -382,13 +398,13 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "offline: no BC warm start",
-            "if self.offline_updates < args.bc_steps:  # CQL's warm start",
-            "if False:  # CQL's warm start",
+            "metrics.add(update(agent.offline_updates < args.bc_steps))",
+            "metrics.add(update(False))",
         ),
         (
             "offline: the CQL term carries no gradient",
-            "self.step(alpha_loss, actor_loss, td_loss + cql_loss.sum())",
-            "self.step(alpha_loss, actor_loss, td_loss + cql_loss.sum().detach())",
+            "self.backward(td_loss + cql_loss.sum(), self.critic_optimizer)",
+            "self.backward(td_loss + cql_loss.sum().detach(), self.critic_optimizer)",
         ),
         (
             "evaluation: stochastic actions",
@@ -407,13 +423,23 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "density: the online minibatch from all online rows, not the newest (FIFO)",
-            "return self.sample_uniform(self.buffer.size - min(self.num_online, self.fifo_size), self.buffer.size, n)",
-            "return self.sample_uniform(self.num_offline, self.buffer.size, n)",
+            "newest = torch.clamp(self.buffer.filled - self.num_offline, max=self.fifo_size)",
+            "newest = self.buffer.filled - self.num_offline",
         ),
         (
             "twin minimum: the first twin only",
             "        return q.view(-1, 2, q.shape[-1]).min(1).values",
             "        return q.view(-1, 2, q.shape[-1])[:, 0]",
+        ),
+        (
+            "fast path: the sampler's bound is the host-side size (a CUDA graph would freeze it)",
+            "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
+            "torch.randint(0, self.size, (n,), device=self.storage.device)]",
+        ),
+        (
+            "fast path: the prioritized draw is clamped by the host-side size",
+            "torch.minimum(block * SAMPLER_BLOCK + offset, self.buffer.filled - 1)",
+            "(block * SAMPLER_BLOCK + offset).clamp_(max=self.buffer.size - 1)",
         ),
     ],
     "opt": [
@@ -495,8 +521,8 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "fine-tuning: the actor every update instead of every policy_freq",
-            "        if self.finetune_updates % args.policy_freq == 0:",
-            "        if True:",
+            "results.append(update(agent.finetune_updates % args.policy_freq == 0))",
+            "results.append(update(True))",
         ),
         (
             "evaluation: exploration noise",
@@ -515,8 +541,8 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "pre-training: the targets move every update, not every policy_freq",
-            "        if self.pretrain_updates % args.policy_freq == 0:",
-            "        if True:",
+            "metrics.add(step(agent.pretrain_updates % args.policy_freq == 0))",
+            "metrics.add(step(True))",
         ),
         (
             "pre-training: one update fewer than N_pretrain",
@@ -530,7 +556,7 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "SPOT: lambda is not cooled online",
-            "return args.spot_lambda * max(args.spot_lambda_end, 1.0 - self.finetune_updates / args.spot_cool_steps)",
+            "return args.spot_lambda * max(args.spot_lambda_end, 1.0 - update / args.spot_cool_steps)",
             "return args.spot_lambda",
         ),
         (
@@ -552,6 +578,26 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "online: env observations are not normalised",
             "            agent.normalize(obs)[None],",
             "            obs[None],",
+        ),
+        (
+            "fast path: the sampler's bound is the host-side size (a CUDA graph would freeze it)",
+            "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
+            "torch.randint(0, self.size, (n,), device=self.storage.device)]",
+        ),
+        (
+            "fast path: the prioritized draw is clamped by the host-side size",
+            "torch.minimum(block * SAMPLER_BLOCK + offset, self.buffer.filled - 1)",
+            "(block * SAMPLER_BLOCK + offset).clamp_(max=self.buffer.size - 1)",
+        ),
+        (
+            "fast path: kappa and lambda are never written into their device tensors",
+            "        agent.set_schedule(kappa)\n",
+            "",
+        ),
+        (
+            "fast path: the running max priority is written by copy_, which torch.compile drops on a 0-dim tensor",
+            "self.max_priority[...] = torch.maximum(self.max_priority, self.priority[index].max())",
+            "self.max_priority.copy_(torch.maximum(self.max_priority, self.priority[index].max()))",
         ),
     ],
     "baq": [
@@ -623,13 +669,13 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         (
             "hand-over: IQL's actor lr is not set to the constant online rate",
             "            for group in self.actor_optimizer.param_groups:\n                gr"
-            'oup["lr"] = self.args.iql_lr',
+            'oup["lr"].fill_(self.args.iql_lr)',
             "            for group in self.actor_optimizer.param_groups:\n                pass",
         ),
         (
             "CQL: the gap carries no gradient",
-            "            (self.critic_optimizer, td_loss + cql_loss),",
-            "            (self.critic_optimizer, td_loss + cql_loss.detach()),",
+            "        (td_loss + cql_loss).backward()",
+            "        (td_loss + cql_loss.detach()).backward()",
         ),
         (
             "evaluation: stochastic actions",
@@ -661,6 +707,16 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "            target_q = self.critic_target(obs, action).min(0).values",
             "            target_q = self.critic(obs, action).min(0).values.detach()",
         ),
+        (
+            "fast path: the sampler's bound is the host-side size (a CUDA graph would freeze it)",
+            "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
+            "torch.randint(0, self.size, (n,), device=self.storage.device)]",
+        ),
+        (
+            "fast path: the priority draw reads the host-side size",
+            "draws = torch.rand(n, dtype=torch.float64, device=device) * self.cumulative[last]",
+            "draws = torch.rand(n, dtype=torch.float64, device=device) * self.cumulative[self.buffer.size - 1]",
+        ),
     ],
 }
 
@@ -678,6 +734,7 @@ def run_tests(repo: Path, script: str, timeout: float, with_slow: bool) -> tuple
         f"tests/test_{script}.py",
         "tests/test_edges.py",
         "tests/test_resume.py",
+        "tests/test_fast.py",
         "-k",
         script,
         *([] if with_slow else ["-m", "not slow"]),

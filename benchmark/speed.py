@@ -1,11 +1,13 @@
 """Updates per second at paper defaults, warm-up excluded, beside a bare forward+backward reference.
 
     python benchmark/speed.py --device cpu --configs hopper halfcheetah
-    python benchmark/speed.py --device cuda --algorithms enoto
+    python benchmark/speed.py --device cuda --algorithms enoto --modes eager cudagraphs
 
-Every `algorithms/<name>.py` that defines `speed_setup(task, obs_dim, act_dim, device, tiny)` is measured;
-a new script joins by defining it. For each algorithm and configuration it times, on synthetic
-device-resident buffers (no environment):
+Every `algorithms/<name>.py` that defines `speed_setup(task, obs_dim, act_dim, device, tiny, mode)` is
+measured; a new script joins by defining it. For each algorithm, configuration and mode (eager, compile,
+cudagraphs, compile+cudagraphs: the update steps wrapped as the script's --compile / --cudagraphs wrap
+them; compilation and graph capture happen in the warm-up, which is excluded) it times, on synthetic
+device-resident buffers of the papers' sizes (1M dataset rows; no environment):
 - offline: one offline gradient step at the paper's defaults;
 - online: what one online environment step costs in updates (SO2: 10 critic + 1 actor update; ENOTO: one
   UCB action choice + one update);
@@ -34,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 # obs / action sizes of the Gymnasium v5 tasks
 CONFIGS = {"hopper": (11, 3), "halfcheetah": (17, 6), "walker2d": (17, 6)}
+MODES = ["eager", "compile", "cudagraphs", "compile+cudagraphs"]
 
 
 def discover() -> dict:
@@ -63,25 +66,31 @@ def per_second(fn, iterations: int, warmup: int, device: torch.device) -> float:
     return iterations / (time.perf_counter() - start)
 
 
-def measure(name: str, module, config: str, device: torch.device, iterations: dict[str, int]) -> dict:
+# Warm-up calls: OPT's steps alternate two variants (actor step or not), each compiled at its first call; a CUDA
+# graph is captured at the 4th call of each variant (utils.fast.FastUpdate).
+WARMUP = {"eager": 3, "compile": 3, "cudagraphs": 8, "compile+cudagraphs": 8}
+
+
+def measure(name: str, module, config: str, device: torch.device, iterations: dict[str, int], mode: str) -> dict:
     obs_dim, act_dim = CONFIGS[config]
-    hooks = module.speed_setup(config, obs_dim, act_dim, device)
-    offline_ups = per_second(hooks["offline"], iterations["offline"], 3, device)
+    hooks, warmup = module.speed_setup(config, obs_dim, act_dim, device, mode=mode), WARMUP[mode]
+    offline_ups = per_second(hooks["offline"], iterations["offline"], warmup, device)
     reference = per_second(hooks["reference"], iterations["offline"], 3, device)
     hooks["hand_over"]()
-    online_sps = per_second(hooks["online"], iterations["online"], 1, device)
     other = hooks.get("other_phases", {})
-    other_ups = {phase: per_second(fn, iterations["offline"], 3, device) for phase, fn in other.items()}
-    tiny = module.speed_setup(config, obs_dim, act_dim, device, tiny=True)
+    other_ups = {phase: per_second(fn, iterations["offline"], warmup, device) for phase, fn in other.items()}
+    online_sps = per_second(hooks["online"], iterations["online"], warmup, device)
+    tiny = module.speed_setup(config, obs_dim, act_dim, device, tiny=True, mode=mode)
     tiny["hand_over"]()
     return {
         "algorithm": name,
+        "mode": mode,
         "config": f"{config} ({hooks['label']})",
         "offline_updates_per_s": offline_ups,
         "online_env_steps_per_s": online_sps,
         "online_updates_per_s": online_sps * hooks["online_updates"],
         "reference_fwd_bwd_per_s": reference,
-        "tiny_ms_per_online_step": 1e3 / per_second(tiny["online"], 200, 20, device),
+        "tiny_ms_per_online_step": 1e3 / per_second(tiny["online"], 200, 20 + warmup, device),
         "other_phases_updates_per_s": other_ups,
     }
 
@@ -92,21 +101,26 @@ def main() -> None:
     algorithms = discover()
     parser.add_argument("--algorithms", nargs="+", default=list(algorithms), choices=list(algorithms))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--modes", nargs="+", default=None, choices=MODES, help="default: all on CUDA, eager on CPU")
     parser.add_argument("--offline-iterations", type=int, default=None, help="default 200 on CUDA, 20 on CPU")
     parser.add_argument("--online-iterations", type=int, default=None, help="default 50 on CUDA, 3 on CPU")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
+    modes = args.modes or (MODES if on_gpu else ["eager"])
+    if not on_gpu and any("cudagraphs" in mode for mode in modes):
+        parser.error("the cudagraphs modes need --device cuda")
     iterations = {
         "offline": args.offline_iterations or (200 if on_gpu else 20),
         "online": args.online_iterations or (50 if on_gpu else 3),
     }
     torch.manual_seed(0)
     rows = [
-        measure(name, algorithms[name], config, device, iterations)
+        measure(name, algorithms[name], config, device, iterations, mode)
         for name in args.algorithms
         for config in args.configs
+        for mode in modes
     ]
     device_name = (
         torch.cuda.get_device_name(device)
@@ -120,15 +134,15 @@ def main() -> None:
         "",
         f"torch {torch.__version__}, {date.today()}; warm-up excluded; measured iterations: {iterations}.",
         f"Command: `python benchmark/speed.py --device {device.type} --algorithms {' '.join(args.algorithms)} "
-        f"--configs {' '.join(args.configs)}`.",
+        f"--configs {' '.join(args.configs)} --modes {' '.join(modes)}`.",
         "",
-        "| algorithm | config | offline updates/s | online env steps/s (updates only) | online updates/s "
+        "| algorithm | config | mode | offline updates/s | online env steps/s (updates only) | online updates/s "
         "| bare critic fwd+bwd/s (online batch) | tiny nets: ms per online step | other phases: updates/s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['algorithm']} | {r['config']} | {r['offline_updates_per_s']:.1f} "
+            f"| {r['algorithm']} | {r['config']} | {r['mode']} | {r['offline_updates_per_s']:.1f} "
             f"| {r['online_env_steps_per_s']:.2f} "
             f"| {r['online_updates_per_s']:.1f} | {r['reference_fwd_bwd_per_s']:.1f} "
             f"| {r['tiny_ms_per_online_step']:.2f} "

@@ -154,15 +154,21 @@ def test_zero_weights_leave_only_the_conservative_gradient():
         assert torch.equal(old, new)
 
 
-def test_iql_actor_lr_decays_offline_and_is_constant_online():
-    agent = tiny_agent("iql", offline_steps=10)
-    for _ in range(5):
-        agent.update(random_batch(8))
-    assert agent.actor_optimizer.param_groups[0]["lr"] == pytest.approx(3e-4 * (1 + math.cos(math.pi / 2)) / 2)
+def test_iql_actor_lr_decays_offline_and_is_constant_online(minari_root, tmp_path):
+    data = load_dataset("hopper-medium")
+    args = baq.Args(backbone="iql", hidden_dim=16, batch_size=8, offline_steps=6, offline_eval_freq=6, eval_episodes=1,
+                    log_freq=10, progress=False)  # fmt: skip
+    agent = baq.BAQ(11, 3, args, torch.device("cpu"))
+    dataset = baq.ReplayBuffer(len(data), 11, 3, agent.device)
+    dataset.add(torch.from_numpy(baq.prepare_data(agent, data, args, fit_statistics=True)))
+    writer, eval_env = SummaryWriter(str(tmp_path)), make_env(data.eval_env_spec, 1)
+    args.offline_steps = 3  # the real phase, halfway through the cosine schedule over 6 updates
+    baq.offline_phase(agent, data, dataset, eval_env, writer, args)
+    assert float(agent.actor_optimizer.param_groups[0]["lr"]) == pytest.approx(3e-4 * (1 + math.cos(math.pi / 2)) / 2)
     agent.hand_over()
     for _ in range(3):
-        agent.update(random_batch(8))
-    assert agent.actor_optimizer.param_groups[0]["lr"] == 3e-4 and agent.actor_optimizer.state
+        agent.update(dataset.split(dataset.sample_rows(8)))
+    assert float(agent.actor_optimizer.param_groups[0]["lr"]) == pytest.approx(3e-4) and agent.actor_optimizer.state
 
 
 def test_calibration_medians():
@@ -278,6 +284,9 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path, backbone):
     offline, final = (torch.load(run / name, weights_only=False) for name in ("offline.pt", "final.pt"))
     assert offline["phase"] == "offline" and final["phase"] == "online" and "bc_val_mse" in offline
     assert final["k_q"] > 0 and final["k_rho"] > 0 and "bc_model" in final and "obs_mean" in final
+    if backbone == "iql":  # the cosine schedule ran to its end offline; the online lr is the constant 3e-4
+        lrs = [float(c["actor_optimizer"]["param_groups"][0]["lr"]) for c in (offline, final)]
+        assert lrs == [pytest.approx(0.0, abs=1e-12), pytest.approx(3e-4)]
     assert baq.policy_from_checkpoint(final)(np.zeros(11)).shape == (3,)  # evaluates without the dataset
 
     again = run_cli(

@@ -242,7 +242,7 @@ def test_speed_script_runs_one_configuration(tmp_path):
     ):
         assert np.isfinite(row[key]) and row[key] > 0
     assert row["online_updates_per_s"] == pytest.approx(10 * row["online_env_steps_per_s"])
-    assert "| so2 | halfcheetah (N=10) |" in (tmp_path / "speed_cpu.md").read_text()
+    assert "| so2 | halfcheetah (N=10) | eager |" in (tmp_path / "speed_cpu.md").read_text()
 
 
 RESUMABLE_SCRIPT = """

@@ -201,21 +201,29 @@ def test_agents_train_independently_and_differently():
         for module in (agent.actor, agent.critic):
             for parameter in module.parameters():
                 parameter.copy_(parameter[:1].expand_as(parameter))
-    for _ in range(5):
-        agent.offline_update(dataset.split(dataset.sample_rows(3 * 32).view(3, 32, -1)))
+    for update in range(5):
+        agent.offline_update(dataset.split(dataset.sample_rows(3 * 32).view(3, 32, -1)), update < 2)
     first_layer = agent.actor.net[0].weight
     assert not torch.equal(first_layer[0], first_layer[1]) and not torch.equal(first_layer[1], first_layer[2])
     assert agent.log_alpha.shape == (3,) and len(set(agent.log_alpha.tolist())) == 3
 
 
-def test_bc_warm_start_then_q_maximisation(monkeypatch):
-    agent = tiny_agent(num_agents=2, bc_steps=1)
-    calls = []
-    monkeypatch.setattr(off2on, "data_log_prob", lambda *a: (calls.append(1), torch.zeros(2, 8))[1])
-    batch = off2on.ReplayBuffer(16, OBS, ACT, torch.device("cpu")).split(random_rows(16).view(2, 8, -1))
-    agent.offline_update(batch)
-    agent.offline_update(batch)
-    assert calls == [1]  # the first step clones, the second maximises Q
+def test_bc_warm_start_then_q_maximisation(monkeypatch, minari_root, tmp_path):
+    data = load_dataset("hopper-medium")
+    args = off2on.Args(
+        num_agents=2, hidden_dim=16, batch_size=8, offline_steps=5, bc_steps=2, cql_samples=2, offline_eval_freq=5,
+        eval_episodes=1, log_freq=10, progress=False,
+    )  # fmt: skip
+    agent = off2on.Off2On(11, 3, args, torch.device("cpu"))
+    columns = (data.observations, data.actions, data.rewards, data.next_observations, data.terminals)
+    dataset = off2on.ReplayBuffer(len(data), 11, 3, torch.device("cpu"))
+    dataset.add(torch.from_numpy(off2on.transition_rows(*columns, False)))
+    calls, data_log_prob = [], off2on.data_log_prob
+    monkeypatch.setattr(off2on, "data_log_prob", lambda *a: (calls.append(1), data_log_prob(*a))[1])
+    eval_env = make_env(data.eval_env_spec, 1)
+    off2on.offline_phase(agent, data, dataset, eval_env, SummaryWriter(str(tmp_path)), args)
+    assert calls == [1, 1] and agent.offline_updates == 5  # the real phase: 2 cloning steps, then Q maximisation
+    agent = tiny_agent(num_agents=2)
     action = torch.tensor([[[0.3, -0.2, 0.9]]]).expand(2, 1, 3)
     obs = torch.randn(2, 1, OBS)
     mu, std = agent.actor.members(obs)
@@ -228,8 +236,8 @@ def test_bc_warm_start_then_q_maximisation(monkeypatch):
 def test_hand_over_resets_temperature_optimisers_and_targets(monkeypatch):
     agent = tiny_agent()
     batch = off2on.ReplayBuffer(48, OBS, ACT, torch.device("cpu")).split(random_rows(48).view(3, 16, -1))
-    agent.offline_update(batch)
-    agent.offline_update(batch)
+    agent.offline_update(batch, False)
+    agent.offline_update(batch, False)
     obs = torch.randn(16, OBS)
     before = agent.actor.members(obs)
     agent.hand_over()
@@ -371,9 +379,9 @@ def test_cuda_offline_and_online_updates():
     agent = tiny_agent(device="cuda")
     rows = random_rows(96).cuda()
     split = off2on.ReplayBuffer(1, OBS, ACT, torch.device("cuda")).split
-    offline = agent.offline_update(split(rows.view(3, 32, -1)))
+    offline = agent.offline_update(split(rows.view(3, 32, -1)), False)
     with no_host_sync():  # after the warm-up above
-        agent.offline_update(split(rows.view(3, 32, -1)))
+        agent.offline_update(split(rows.view(3, 32, -1)), False)
     agent.hand_over()
     replay = off2on.BalancedReplay(rows, 10, agent.args, OBS, ACT)
     replay.add(rows[:1])
@@ -421,7 +429,7 @@ def test_offline_critic_step_is_td_to_the_twin_min_plus_the_cql_gradient():
     obs, next_obs, action = torch.randn(2, 8, OBS), torch.randn(2, 8, OBS), torch.rand(2, 8, ACT) * 2 - 1
     reward, done = torch.randn(2, 8), (torch.arange(16).view(2, 8) % 3 == 0).float()
     torch.manual_seed(4)
-    agent.offline_update((obs, action, reward, next_obs, done, torch.zeros(2, 8)))
+    agent.offline_update((obs, action, reward, next_obs, done, torch.zeros(2, 8)), False)
     torch.manual_seed(4)  # the same draws: pi(s) for actor and temperature, a' ~ pi(s'), then the CQL samples
     with torch.no_grad():
         actor(obs)

@@ -218,15 +218,17 @@ def test_spot_actor_loss_by_hand_and_lambda_cooling():
     loss.backward()
     torch.testing.assert_close(q.grad, torch.full((2,), -1 / (2 * 3.0)))
     agent = tiny_agent("spot", name="antmaze-umaze", task="antmaze", spot_cool_steps=100)
-    assert agent.spot_lambda() == 0.25 and agent.args.spot_lambda_end == 0.2
-    agent.finetune_updates = 50
-    assert agent.spot_lambda() == pytest.approx(0.125)
-    agent.finetune_updates = 10**6
-    assert agent.spot_lambda() == pytest.approx(0.25 * 0.2)
+    assert agent.spot_lambda(0) == 0.25 and agent.args.spot_lambda_end == 0.2
+    assert agent.spot_lambda(50) == pytest.approx(0.125)
+    assert agent.spot_lambda(10**6) == pytest.approx(0.25 * 0.2)
+    agent.finetune_updates = 49  # set_schedule writes what the 50th update reads into the device tensors
+    agent.set_schedule(0.7)
+    assert agent.lmbda.item() == pytest.approx(0.125) and agent.kappa.item() == pytest.approx(0.7)
 
 
 def actor_gradient(agent: opt.OPT, obs: torch.Tensor, kappa: float) -> list[torch.Tensor]:
-    return torch.autograd.grad(agent.actor_loss(obs, kappa), list(agent.actor.parameters()))
+    agent.set_schedule(kappa)  # as the phase does before each fine-tuning update
+    return torch.autograd.grad(agent.actor_loss(obs), list(agent.actor.parameters()))
 
 
 def perturb(module: nn.Module, member: int | None = None) -> None:
@@ -265,7 +267,8 @@ def test_eq4_by_hand_for_td3():
     with torch.no_grad():
         a = agent.actor(obs)
         expected = -(0.7 * agent.q_off(obs, a)[0] + 0.3 * agent.q_on(obs, a)[0]).mean()
-    assert agent.actor_loss(obs, 0.3).item() == pytest.approx(expected.item(), rel=1e-6)
+    agent.set_schedule(0.3)
+    assert agent.actor_loss(obs).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_vae_scores_dataset_actions_as_more_likely():
@@ -326,8 +329,7 @@ def test_draws_follow_priorities_new_rows_take_the_max_and_offline_rows_stay():
 def test_hand_over_keeps_td3_adam_and_resets_spot_adam_and_discount():
     for backbone, name, task in (("td3bc", "hopper-medium", "hopper"), ("spot", "antmaze-umaze", "antmaze")):
         agent = tiny_agent(backbone, name=name, task=task)
-        agent.offline_updates = 1  # the next offline update is an actor update
-        agent.offline_update(random_batch(8))
+        agent.offline_update(random_batch(8), actor_step=True)
         actor_optimizer = agent.actor_optimizer
         agent.hand_over()
         kept = agent.actor_optimizer is actor_optimizer and len(agent.q_off_optimizer.state) > 0
@@ -370,8 +372,8 @@ def run_online_phase(variant: dict, tmp_path):
     agent = opt.OPT(11, 3, args, torch.device("cpu"))
     rows = opt.prepare_data(agent, data, args.normalize_states)
     split = opt.ReplayBuffer(1, 11, 3, agent.device).split
-    for _ in range(2):  # a critic and an actor step, so every optimizer has a state to keep
-        agent.offline_update(split(torch.from_numpy(rows[:8])))
+    for actor_step in (False, True):  # a critic and an actor step, so every optimizer has a state to keep
+        agent.offline_update(split(torch.from_numpy(rows[:8])), actor_step)
     agent.hand_over()
     replay = opt.BalancedReplay(torch.from_numpy(rows), args.online_steps, args, 11, 3)
     env, transitions = recording_env(data.env_spec)
@@ -383,11 +385,11 @@ def run_online_phase(variant: dict, tmp_path):
         record["pretrain"].append(len(transitions))
         return pretrain_update(*batches)
 
-    def finetune(batch, kappa, *rest):
+    def finetune(batch, actor_step, *rest):
         record.setdefault("before_finetune", snapshot(agent))
         record.setdefault("priority_before_finetune", replay.priority.clone())
-        record["finetune"].append((len(transitions), kappa))
-        return finetune_update(batch, kappa, *rest)
+        record["finetune"].append((len(transitions), agent.kappa.item()))  # the kappa this update reads
+        return finetune_update(batch, actor_step, *rest)
 
     agent.pretrain_update, agent.finetune_update = pretrain, finetune
     opt.online_phase(agent, data, replay, env, make_env(data.eval_env_spec, 1), SummaryWriter(str(tmp_path)), args)
@@ -438,7 +440,8 @@ def test_budget_kappa_and_stored_transitions(online_run):
     assert len(transitions) == 50 and replay.num_online == 50  # total env steps, N_tau included
     steps = [step for step, _ in record["finetune"]]
     assert steps == [step for step in range(21, 51) for _ in range(3)]  # UTD 3 on the 30 fine-tuning steps
-    assert record["finetune"][0][1] == agent.args.kappa_start == 0.3  # kappa first applies here
+    assert agent.args.kappa_start == 0.3  # kappa first applies here (a float32 device tensor)
+    assert record["finetune"][0][1] == pytest.approx(0.3, rel=1e-6)
     assert agent.finetune_updates == 90
     actor_steps = {int(state["step"]) for state in agent.actor_optimizer.state_dict()["state"].values()}
     assert actor_steps == {45 + 1}  # every 2nd update, plus the one offline actor step
@@ -538,22 +541,23 @@ def test_bad_input_is_one_line(minari_root, tmp_path, extra, message):
 def test_cuda_updates_of_every_phase(backbone):
     agent = tiny_agent(backbone, device="cuda")
     batch = tuple(t.cuda() for t in random_batch(64))
-    results = [agent.offline_update(batch), agent.offline_update(batch)]
+    results = [agent.offline_update(batch, False), agent.offline_update(batch, True)]
     with no_host_sync():  # after the warm-up above: a critic and an actor step
-        agent.offline_update(batch), agent.offline_update(batch)
+        agent.offline_update(batch, False), agent.offline_update(batch, True)
     agent.hand_over()
     agent.start_online_critic()
     online_batch = tuple(t.cuda() for t in random_batch(64))
-    results.append(agent.pretrain_update(batch, online_batch))
+    results.append(agent.pretrain_update(batch, online_batch, True))
     with no_host_sync():
-        agent.pretrain_update(batch, online_batch)
+        agent.pretrain_update(batch, online_batch, True)
     agent.start_finetuning()
     rows = torch.cat([batch[0], batch[1], batch[2][:, None], batch[3], batch[4][:, None], batch[5][:, None]], 1)
     replay = opt.BalancedReplay(rows, 10, agent.args, OBS, ACT)
     replay.add(rows[:1])
-    results += [opt.replay_update(agent, replay, 0.5, agent.args) for _ in range(2)]
+    agent.set_schedule(0.5)
+    results += [opt.replay_update(agent, replay, agent.args, actor_step) for actor_step in (False, True)]
     with no_host_sync():
-        opt.replay_update(agent, replay, 0.5, agent.args), opt.replay_update(agent, replay, 0.5, agent.args)
+        opt.replay_update(agent, replay, agent.args, False), opt.replay_update(agent, replay, agent.args, True)
     assert all(torch.isfinite(v).all() and v.device.type == "cuda" for r in results for v in r.values())
     assert agent.policy(np.zeros(OBS, np.float32), noise=0.1).shape == (ACT,)
 
@@ -576,7 +580,7 @@ def test_replay_update_writes_the_pre_update_density_priorities_back(monkeypatch
     monkeypatch.setattr(replay, "sample_rl", lambda *a: seen.setdefault("index", sample_rl(*a)))
     monkeypatch.setattr(agent, "finetune_update", lambda *a: seen.setdefault("batches", a) and finetune_update(*a))
     max_before = replay.max_priority.clone()
-    opt.replay_update(agent, replay, 0.5, agent.args)
+    opt.replay_update(agent, replay, agent.args, False)
     batch, _, _, offline_batch = seen["batches"]
     with torch.no_grad():
         expected = opt.priorities(density(*batch[:2]), density(*offline_batch[:2]), 5.0).double()
@@ -602,7 +606,7 @@ def test_finetune_step_trains_both_pairs_on_one_smoothed_target_action_and_twin_
     obs, action, reward, next_obs, _, is_online = random_batch(8)
     done = torch.tensor([0.0, 1, 0, 0, 1, 0, 0, 0])
     torch.manual_seed(11)
-    agent.finetune_update((obs, action, reward, next_obs, done, is_online), 0.5)  # the 1st update: no actor step
+    agent.finetune_update((obs, action, reward, next_obs, done, is_online), False)  # no actor step
     torch.manual_seed(11)
     with torch.no_grad():
         noise = (torch.randn(8, ACT) * 0.4).clamp(-0.5, 0.5)
@@ -615,18 +619,23 @@ def test_finetune_step_trains_both_pairs_on_one_smoothed_target_action_and_twin_
         assert_sgd_step(getattr(agent, name), critic, (critic(obs, action) - y).pow(2).mean(1).sum())
 
 
-def test_pretraining_moves_the_meta_critics_targets_every_policy_freq_updates(monkeypatch):
-    agent = tiny_agent()
+def test_pretraining_moves_the_meta_critics_targets_every_policy_freq_updates(monkeypatch, tmp_path):
+    agent = tiny_agent(n_pretrain=6)
     agent.hand_over()
     agent.start_online_critic()
+    rows = torch.cat([torch.randn(40, OBS), torch.rand(40, ACT) * 2 - 1, torch.randn(40, 1), torch.randn(40, OBS)], 1)
+    replay = opt.BalancedReplay(torch.cat([rows[:30], torch.zeros(30, 2)], 1), 10, agent.args, OBS, ACT)
+    for row in rows[30:]:
+        replay.add(torch.cat([row, torch.tensor([0.0, 1.0])])[None])
     moved = []
     soft_update = opt.soft_update
     monkeypatch.setattr(
         opt, "soft_update", lambda target, source, tau: (moved.append(target), soft_update(target, source, tau))
     )
-    for _ in range(6):
-        agent.pretrain_update(random_batch(8), random_batch(8))
-    assert moved == [agent.q_on_target] * 3  # updates 2, 4, 6 (policy_freq 2); nothing else moves
+    opt.online_pretraining(agent, replay, SummaryWriter(str(tmp_path)), agent.args)  # the phase counts updates
+    assert (
+        agent.pretrain_updates == 6 and moved == [agent.q_on_target] * 3
+    )  # updates 2, 4, 6 (policy_freq 2); nothing else moves
 
 
 def test_antmaze_trains_on_r_minus_1_and_other_tasks_on_r():

@@ -20,8 +20,10 @@ import torch
 from utils.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
-# flags a resumed run may change: they do not change what the run computes
-OPERATIONAL_FLAGS = frozenset({"resume", "progress", "checkpoint_freq", "cuda", "run_dir", "exp_name"})
+# Flags a resumed run may change: they decide where and how fast it runs, not what it computes.
+OPERATIONAL_FLAGS = frozenset(
+    {"resume", "progress", "checkpoint_freq", "cuda", "run_dir", "exp_name", "compile", "cudagraphs"}
+)
 
 
 def atomic_save(obj, path: Path) -> None:

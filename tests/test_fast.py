@@ -1,0 +1,73 @@
+"""--compile computes what eager computes, and the update steps stay one graph while the buffers grow.
+
+Every script's speed hook builds its update steps as its phases do (FastUpdate around the same step
+functions), so these tests drive the real updates: a few offline updates, the hand-over, the other phases,
+then online steps that each add a row to the online buffer first. Inductor draws its own random numbers
+unless `fallback_random` is set; with it, eager and compiled draw the same ones and must agree closely.
+
+Inductor compiles for 30-60 s per script on a 2-core CPU, so the suite runs it for SO2 alone and every script
+through the aot_eager backend (the same graph capture, guards and AOTAutograd, with eager kernels: seconds);
+`-m slow` runs inductor for all.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import partial
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
+from torch.utils._pytree import tree_leaves
+
+from utils import UserError
+from utils.fast import FastUpdate, check_fast_flags
+
+SCRIPTS = ["so2", "enoto", "baq", "baq-iql", "off2on", "opt"]  # BAQ's speed hook runs CQL unless told IQL
+OFFLINE_CALLS, ONLINE_CALLS = 6, 8  # 20 updates or more per script (SO2: 10 critic updates per online call)
+
+
+def trajectory(name: str, mode: str) -> torch.Tensor:
+    """Every value the update steps return, in order, from one seed."""
+    torch.manual_seed(0)
+    script, _, backbone = name.partition("-")
+    extra = {"backbone": backbone} if backbone else {}
+    hooks = importlib.import_module(f"algorithms.{script}").speed_setup(
+        "hopper", 11, 3, torch.device("cpu"), True, mode, **extra
+    )
+    values = [tree_leaves(hooks["offline"]()) for _ in range(OFFLINE_CALLS)]
+    hooks["hand_over"]()
+    for phase in hooks.get("other_phases", {}).values():
+        values += [tree_leaves(phase()) for _ in range(OFFLINE_CALLS)]
+    values += [tree_leaves(hooks["online"]()) for _ in range(2)]  # every variant of an online step compiled
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a bound that tracks the buffer's size would fail
+        values += [tree_leaves(hooks["online"]()) for _ in range(ONLINE_CALLS - 2)]
+    return torch.stack([v.detach().float().reshape(()) for leaves in values for v in leaves if torch.is_tensor(v)])
+
+
+BACKENDS = [("aot_eager", name) for name in SCRIPTS] + [("inductor", "so2")]
+BACKENDS += [pytest.param("inductor", name, marks=pytest.mark.slow) for name in SCRIPTS if name != "so2"]
+
+
+@pytest.mark.parametrize("backend, name", BACKENDS)
+def test_compile_matches_eager_and_does_not_recompile_as_the_buffer_grows(monkeypatch, backend, name):
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend=backend))
+    torch._dynamo.reset()
+    eager = trajectory(name, "eager")
+    # Every Python value a graph reads is baked in and guarded: a bound or schedule that changes per step
+    # (what a CUDA graph would freeze) then fails the error_on_recompile part of `trajectory`.
+    static = {"specialize_int": True, "specialize_float": True, "automatic_dynamic_shapes": False}
+    with torch._inductor.config.patch(fallback_random=True), torch._dynamo.config.patch(static):
+        compiled = trajectory(name, "compile")
+    assert len(compiled) == len(eager) >= 20
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)
+
+
+def test_fast_update_without_cudagraphs_is_the_function_and_cudagraphs_need_cuda():
+    calls = []
+    update = FastUpdate(lambda key: calls.append(key) or key)
+    assert update("a") == "a" and calls == ["a"]
+    check_fast_flags(True, False, torch.device("cpu"))
+    with pytest.raises(UserError, match="--cudagraphs needs a CUDA device"):
+        check_fast_flags(False, True, torch.device("cpu"))
