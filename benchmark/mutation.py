@@ -22,6 +22,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Edits shared by the scripts whose buffers are spelled alike
+SAMPLER_BOUND = (
+    "fast path: the sampler's bound is the host-side size (a CUDA graph would freeze it)",
+    "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
+    "torch.randint(0, self.size, (n,), device=self.storage.device)]",
+)
+PRIORITY_BOUND = (
+    "fast path: the prioritized draw is clamped by the host-side size",
+    "torch.minimum(block * SAMPLER_BLOCK + offset, self.buffer.filled - 1)",
+    "(block * SAMPLER_BLOCK + offset).clamp_(max=self.buffer.size - 1)",
+)
+
 # script -> [(mechanism, text in algorithms/<script>.py, its replacement)]
 MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
     "so2": [
@@ -161,11 +173,7 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "return -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()",
             "return (self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()",
         ),
-        (
-            "fast path: the sampler's bound is the host-side size (a CUDA graph would freeze it)",
-            "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
-            "torch.randint(0, self.size, (n,), device=self.storage.device)]",
-        ),
+        SAMPLER_BOUND,
         (
             "fast path: the EDAC diversity term (a double backward) is compiled too",
             "@torch.compiler.disable  # a double backward",
@@ -319,11 +327,7 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "values = (q.view(-1, samples, 3, batch) - log_density.view(samples, 3, batch)).permute(0, 3, 1, 2)",
             "values = q.view(-1, samples, 3, batch).permute(0, 3, 1, 2)",
         ),
-        (
-            "fast path: the sampler's bound is the host-side size (a CUDA graph would freeze it)",
-            "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
-            "torch.randint(0, self.size, (n,), device=self.storage.device)]",
-        ),
+        SAMPLER_BOUND,
     ],
     "off2on": [
         (
@@ -431,16 +435,8 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "        return q.view(-1, 2, q.shape[-1]).min(1).values",
             "        return q.view(-1, 2, q.shape[-1])[:, 0]",
         ),
-        (
-            "fast path: the sampler's bound is the host-side size (a CUDA graph would freeze it)",
-            "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
-            "torch.randint(0, self.size, (n,), device=self.storage.device)]",
-        ),
-        (
-            "fast path: the prioritized draw is clamped by the host-side size",
-            "torch.minimum(block * SAMPLER_BLOCK + offset, self.buffer.filled - 1)",
-            "(block * SAMPLER_BLOCK + offset).clamp_(max=self.buffer.size - 1)",
-        ),
+        SAMPLER_BOUND,
+        PRIORITY_BOUND,
     ],
     "opt": [
         (
@@ -579,16 +575,8 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "            agent.normalize(obs)[None],",
             "            obs[None],",
         ),
-        (
-            "fast path: the sampler's bound is the host-side size (a CUDA graph would freeze it)",
-            "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
-            "torch.randint(0, self.size, (n,), device=self.storage.device)]",
-        ),
-        (
-            "fast path: the prioritized draw is clamped by the host-side size",
-            "torch.minimum(block * SAMPLER_BLOCK + offset, self.buffer.filled - 1)",
-            "(block * SAMPLER_BLOCK + offset).clamp_(max=self.buffer.size - 1)",
-        ),
+        SAMPLER_BOUND,
+        PRIORITY_BOUND,
         (
             "fast path: kappa and lambda are never written into their device tensors",
             "        agent.set_schedule(kappa)\n",
@@ -707,11 +695,7 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "            target_q = self.critic_target(obs, action).min(0).values",
             "            target_q = self.critic(obs, action).min(0).values.detach()",
         ),
-        (
-            "fast path: the sampler's bound is the host-side size (a CUDA graph would freeze it)",
-            "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
-            "torch.randint(0, self.size, (n,), device=self.storage.device)]",
-        ),
+        SAMPLER_BOUND,
         (
             "fast path: the priority draw reads the host-side size",
             "draws = torch.rand(n, dtype=torch.float64, device=device) * self.cumulative[last]",

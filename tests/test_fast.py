@@ -15,12 +15,14 @@ from __future__ import annotations
 import importlib
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo
 import torch._inductor.config
 from torch.utils._pytree import tree_leaves
 
+from tests.conftest import REPO, run_cli, scalars
 from utils import UserError
 from utils.fast import FastUpdate, check_fast_flags
 
@@ -71,3 +73,16 @@ def test_fast_update_without_cudagraphs_is_the_function_and_cudagraphs_need_cuda
     check_fast_flags(True, False, torch.device("cpu"))
     with pytest.raises(UserError, match="--cudagraphs needs a CUDA device"):
         check_fast_flags(False, True, torch.device("cpu"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["so2", "opt"])
+def test_a_compiled_run_goes_through_both_phases(minari_root, tmp_path, name):
+    """--compile end to end: the phases build their steps with it and the compiled acting policy evaluates."""
+    smoke = importlib.import_module(f"tests.test_{name}").SMOKE
+    run = [str(REPO / "algorithms" / f"{name}.py"), *smoke, "--offline-steps", "20", "--compile"]
+    result = run_cli([*run, "--run-dir", str(tmp_path)], {"MINARI_DATASETS_PATH": str(minari_root)}, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = tmp_path.iterdir()
+    tags = scalars(path)
+    assert np.isfinite(tags["eval/normalized_score"]).all() and len(tags["offline/normalized_score"]) >= 1
