@@ -174,9 +174,11 @@ def markdown(rows: list[dict], command: str, incomplete: list[str], baselines: l
         "| mean of online evaluations | mean over online phase (AUC) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    # a run shorter than drop_step has its drop at its last evaluation: the cell says so
+    shorter = lambda r: f" (at {r['budget']}: the run's end)" if r["budget"] < drop_step else ""
     lines += [
-        f"| {r['algorithm']} | {r['dataset']} | {len(r['seeds'])} | {r['budget']} | {pm(r['start'])} | {pm(r['drop'])} "
-        f"| {pm(r['dip'])} | {pm(r['final'])} | {pm(r['online_mean'])} | {pm(r['auc'])} |"
+        f"| {r['algorithm']} | {r['dataset']} | {len(r['seeds'])} | {r['budget']} | {pm(r['start'])} "
+        f"| {pm(r['drop'])}{shorter(r)} | {pm(r['dip'])} | {pm(r['final'])} | {pm(r['online_mean'])} | {pm(r['auc'])} |"
         for r in rows
     ]
     if incomplete:
