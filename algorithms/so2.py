@@ -786,7 +786,7 @@ def main(args: Args) -> Path:
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if args.cuda and device.type == "cpu":
         print("CUDA is not available: running on the CPU", file=sys.stderr)
-    check_fast_flags(args.compile, args.cudagraphs, device)
+    check_fast_flags(args.cudagraphs, device)
     args.progress = args.progress and sys.stdout.isatty()
 
     resume = None

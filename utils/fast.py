@@ -16,7 +16,7 @@ import torch
 from utils.errors import UserError
 
 
-def check_fast_flags(compile: bool, cudagraphs: bool, device: torch.device) -> None:
+def check_fast_flags(cudagraphs: bool, device: torch.device) -> None:
     if cudagraphs and device.type != "cuda":
         raise UserError("--cudagraphs needs a CUDA device; drop it (or --compile alone works on the CPU)")
 
