@@ -701,6 +701,11 @@ def bc_phase(agent: BAQ, dataset: ReplayBuffer, writer, args: Args) -> float:
     return val_mse
 
 
+def offline_step(agent: BAQ, dataset: ReplayBuffer, args: Args) -> dict[str, torch.Tensor]:
+    """One backbone update on a uniform minibatch of the dataset (BAQ adds nothing offline)."""
+    return agent.update(dataset.split(dataset.sample_rows(args.batch_size)))
+
+
 def offline_phase(
     agent: BAQ, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, save=None, resume=None
 ):
@@ -709,9 +714,7 @@ def offline_phase(
     first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
     if resume:
         metrics.sums, metrics.counts = resume["metrics"]
-    update = FastUpdate(
-        lambda: agent.update(dataset.split(dataset.sample_rows(args.batch_size))), args.compile, args.cudagraphs
-    )  # BAQ adds nothing offline
+    update = FastUpdate(partial(offline_step, agent, dataset, args), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
     start = time.perf_counter()
     for step in bar:
@@ -883,7 +886,7 @@ def speed_setup(
     replay = PriorityReplay(dataset.capacity + args.online_steps, obs_dim, act_dim, device)
     replay.add(dataset.storage, torch.rand(dataset.size, device=device), torch.rand(dataset.size, device=device) + 1)
     batch = dataset.split(dataset.sample_rows(args.batch_size))
-    offline = FastUpdate(lambda: agent.update(dataset.split(dataset.sample_rows(args.batch_size))), **fast)
+    offline = FastUpdate(partial(offline_step, agent, dataset, args), **fast)
     online = None
 
     def hand_over():

@@ -59,6 +59,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -654,6 +655,11 @@ def log_evaluation(writer, agent: ENOTO, env, args: Args, data: OfflineData, pre
 # ---------------------------------------------------------------------------------------------------
 
 
+def offline_step(agent: ENOTO, dataset: ReplayBuffer, args: Args) -> dict[str, torch.Tensor]:
+    """One CQL-N update on a uniform minibatch of the dataset."""
+    return agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size)))
+
+
 def offline_phase(
     agent: ENOTO, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, save=None, resume=None
 ):
@@ -662,9 +668,7 @@ def offline_phase(
     first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
     if resume:
         metrics.sums, metrics.counts = resume["metrics"]
-    update = FastUpdate(
-        lambda: agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size))), args.compile, args.cudagraphs
-    )
+    update = FastUpdate(partial(offline_step, agent, dataset, args), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
     start = time.perf_counter()
     for step in bar:
@@ -677,6 +681,11 @@ def offline_phase(
             bar.set_postfix(score=f"{result['normalized_score']:.1f}")
         if step % (args.checkpoint_freq or args.offline_eval_freq) == 0 or step == args.offline_steps:
             save("offline", step, metrics=metrics)
+
+
+def replay_update(agent: ENOTO, online: ReplayBuffer, args: Args) -> dict[str, torch.Tensor]:
+    """One online update on a uniform minibatch of the online buffer."""
+    return agent.online_update(online.split(online.sample_rows(args.batch_size)))
 
 
 def online_phase(
@@ -705,9 +714,7 @@ def online_phase(
         if not set_env_state(env, resume["env"]):
             (obs, _), episode_return = env.reset(), 0.0
     start, update_start, first_update = time.perf_counter(), None, updates
-    update = FastUpdate(
-        lambda: agent.online_update(online.split(online.sample_rows(args.batch_size))), args.compile, args.cudagraphs
-    )
+    update = FastUpdate(partial(replay_update, agent, online, args), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         action = agent.explore(obs, head)
@@ -777,15 +784,13 @@ def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tin
         buffer.add(torch.rand(rows, buffer.storage.shape[1], device=device) * 2 - 1)
         buffer.storage[:, -2] = 0.0  # not done
     batch, obs = online.split(online.sample_rows(args.batch_size)), np.zeros(obs_dim, np.float32)
-    offline = FastUpdate(lambda: agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size))), **fast)
+    offline = FastUpdate(partial(offline_step, agent, dataset, args), **fast)
     online_update = None
 
     def hand_over():
         nonlocal online_update
         agent.hand_over()
-        online_update = FastUpdate(
-            lambda: agent.online_update(online.split(online.sample_rows(args.batch_size))), **fast
-        )
+        online_update = FastUpdate(partial(replay_update, agent, online, args), **fast)
 
     def online_step():
         agent.explore(obs, head=0)

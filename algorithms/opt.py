@@ -917,6 +917,11 @@ def vae_phase(agent: OPT, dataset: ReplayBuffer, writer, args: Args) -> None:
             metrics.flush(step)
 
 
+def offline_step(agent: OPT, dataset: ReplayBuffer, args: Args, actor_step: bool) -> dict[str, torch.Tensor]:
+    """One TD3+BC update on a uniform minibatch of the dataset; the actor and targets move when `actor_step`."""
+    return agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size)), actor_step)
+
+
 def offline_phase(
     agent: OPT, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, save=None, resume=None
 ):
@@ -925,11 +930,7 @@ def offline_phase(
     first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
     if resume:
         metrics.sums, metrics.counts = resume["metrics"]
-    update = FastUpdate(
-        lambda actor_step: agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size)), actor_step),
-        args.compile,
-        args.cudagraphs,
-    )
+    update = FastUpdate(partial(offline_step, agent, dataset, args), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
     start = time.perf_counter()
     for step in bar:
@@ -1112,11 +1113,10 @@ def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tin
     for row in dataset.storage[:10]:
         replay.add(row[None])
     batch = dataset.split(dataset.sample_rows(args.batch_size))
-    sample = lambda: dataset.split(dataset.sample_rows(args.batch_size))
-    offline = FastUpdate(lambda actor_step: agent.offline_update(sample(), actor_step), **fast)
+    offline = FastUpdate(partial(offline_step, agent, dataset, args), **fast)
     pretrain = finetune = None
 
-    def offline_step():
+    def offline_update():
         agent.offline_updates += 1
         return offline(agent.offline_updates % args.policy_freq == 0)
 
@@ -1142,7 +1142,7 @@ def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tin
 
     return {
         "label": f"UTD {args.updates_per_step}",
-        "offline": offline_step,
+        "offline": offline_update,
         "hand_over": hand_over,
         "online": online_step,
         "online_updates": args.updates_per_step,

@@ -580,6 +580,11 @@ def log_evaluation(writer, agent: SO2, env, args: Args, data: OfflineData, prefi
 # ---------------------------------------------------------------------------------------------------
 
 
+def offline_step(agent: SO2, dataset: ReplayBuffer, args: Args, eta: float) -> dict[str, torch.Tensor]:
+    """One EDAC update on a uniform minibatch of the dataset."""
+    return agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size)), eta)
+
+
 def offline_phase(
     agent: SO2, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, eta, save=None, resume=None
 ):
@@ -588,11 +593,7 @@ def offline_phase(
     first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
     if resume:
         metrics.sums, metrics.counts = resume["metrics"]
-    update = FastUpdate(
-        lambda: agent.offline_update(dataset.split(dataset.sample_rows(args.batch_size)), eta),
-        args.compile,
-        args.cudagraphs,
-    )
+    update = FastUpdate(partial(offline_step, agent, dataset, args, eta), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
     start = time.perf_counter()
     for step in bar:
@@ -745,9 +746,7 @@ def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tin
         buffer.add(torch.rand(rows, buffer.storage.shape[1], device=device) * 2 - 1)
         buffer.storage[:, -2] = 0.0  # not done
     batch = pool.split(pool.sample_rows(args.batch_size + args.mixed_batch_size))
-    offline = FastUpdate(
-        lambda: agent.offline_update(pool.split(pool.sample_rows(args.batch_size)), 1.0), args.compile, args.cudagraphs
-    )
+    offline = FastUpdate(partial(offline_step, agent, pool, args, 1.0), args.compile, args.cudagraphs)
     block = None
 
     def hand_over():
