@@ -339,3 +339,13 @@ def test_gpu_check_refuses_bad_arguments_and_rehearses_on_the_cpu(tmp_path):
     assert {"env.txt", "log.txt", "cuda_tests.txt", "speed_cpu.md", "smoke.txt", "smoke_runs.tar.gz"} <= names
     smoke = (tmp_path / "out" / "smoke.txt").read_text()
     assert "so2__1" in smoke and "opt__1" in smoke and "eval/normalized_score [(0," in smoke
+
+
+def test_every_mutation_edit_still_matches_its_script_once():
+    """A refactor that moves a line the mutation list names fails here, not silently in a later mutation run."""
+    from benchmark import mutation
+
+    edits = [(script, *edit) for script, listed in mutation.MUTATIONS.items() for edit in listed]
+    sources = {script: (REPO / "algorithms" / f"{script}.py").read_text() for script in mutation.MUTATIONS}
+    stale = [(script, name) for script, name, old, new in edits if sources[script].count(old) != 1 or old == new]
+    assert len(edits) > 100 and stale == []
