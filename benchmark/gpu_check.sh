@@ -59,7 +59,7 @@ cat "$OUTDIR/env.txt"
 [ "$DEVICE" = cpu ] && echo "no CUDA device: the same steps on the CPU (the CUDA tests skip)"
 
 if [ -n "$QUICK" ]; then
-    SPEED=(--offline-iterations 2 --online-iterations 1 --algorithms opt) TESTS=(tests/test_enoto.py -k cuda)
+    SPEED=(--offline-iterations 2 --online-iterations 1 --tiny-iterations 5 --algorithms opt) TESTS=(tests/test_enoto.py -k cuda)
     TINY=(--hidden-dim 32 --batch-size 32 --offline-steps 50 --online-steps 60 --eval-freq 30)
     SMOKE_SO2=("${TINY[@]}" --warmup-steps 20 --num-critics 2 --mixed-batch-size 64 --updates-per-step 2)
     SMOKE_OPT=("${TINY[@]}" --n-tau 20 --n-pretrain 10)

@@ -90,7 +90,7 @@ def measure(name: str, module, config: str, device: torch.device, iterations: di
         "online_env_steps_per_s": online_sps,
         "online_updates_per_s": online_sps * hooks["online_updates"],
         "reference_fwd_bwd_per_s": reference,
-        "tiny_ms_per_online_step": 1e3 / per_second(tiny["online"], 200, 20 + warmup, device),
+        "tiny_ms_per_online_step": 1e3 / per_second(tiny["online"], iterations["tiny"], 20 + warmup, device),
         "other_phases_updates_per_s": other_ups,
     }
 
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES, help="default: all on CUDA, eager on CPU")
     parser.add_argument("--offline-iterations", type=int, default=None, help="default 200 on CUDA, 20 on CPU")
     parser.add_argument("--online-iterations", type=int, default=None, help="default 50 on CUDA, 3 on CPU")
+    parser.add_argument("--tiny-iterations", type=int, default=200, help="online steps timed with tiny networks")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -114,6 +115,7 @@ def main() -> None:
     iterations = {
         "offline": args.offline_iterations or (200 if on_gpu else 20),
         "online": args.online_iterations or (50 if on_gpu else 3),
+        "tiny": args.tiny_iterations,
     }
     torch.manual_seed(0)
     rows = [
