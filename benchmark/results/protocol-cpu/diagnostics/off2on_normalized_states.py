@@ -1,0 +1,44 @@
+"""algorithms/off2on.py with the dataset's state normalization (as OPT, BAQ and CORL's CQL do), flags unchanged.
+
+    python benchmark/results/protocol-cpu/diagnostics/off2on_normalized_states.py <off2on flags>
+
+Observations of the dataset and of every env are standardised with the dataset's mean and std (+1e-3); nothing
+else changes. A diagnostic: checkpoints it writes hold no statistics and do not load in off2on.py correctly.
+"""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "algorithms"))
+import off2on
+
+statistics = {}
+load_dataset, make_env = off2on.load_dataset, off2on.make_env  # the originals, before the patch below
+
+
+def normalized_dataset(env_id: str):
+    data = load_dataset(env_id)
+    mean, std = data.observations.mean(0), data.observations.std(0) + 1e-3
+    statistics.update(mean=mean, std=std)
+    observations, next_observations = (
+        ((x - mean) / std).astype(np.float32) for x in (data.observations, data.next_observations)
+    )
+    return dataclasses.replace(data, observations=observations, next_observations=next_observations)
+
+
+def normalized_env(env_spec: str, seed: int) -> gym.Env:
+    env = make_env(env_spec, seed)
+    mean, std = statistics["mean"], statistics["std"]
+    space = gym.spaces.Box(-np.inf, np.inf, env.observation_space.shape, np.float32)
+    return gym.wrappers.TransformObservation(env, lambda obs: ((obs - mean) / std).astype(np.float32), space)
+
+
+if __name__ == "__main__":
+    off2on.load_dataset, off2on.make_env = normalized_dataset, normalized_env  # main() looks both up at call time
+    off2on.main(tyro.cli(off2on.Args))
