@@ -119,7 +119,7 @@ def test_q_diagnostics_by_hand():
 
 def test_q_bias_is_not_ruled_by_near_zero_returns():
     """A critic 10% high everywhere, plus one pair of a run that fell at once (Q_true 0.001, Q_est 1): the bias
-    stays near +10%, where a mean of per-pair ratios would read +10^4 / 101 ~ +10."""
+    stays near +10%, where a mean of per-pair ratios would read (100 * 0.1 + 999) / 101 ~ +10."""
     true = np.append(np.full(100, 100.0), 1e-3)
     estimate = np.append(np.full(100, 110.0), 1.0)
     assert q_diagnostics(estimate, true)["q_bias"] == pytest.approx(0.1, abs=1e-3)

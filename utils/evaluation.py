@@ -62,10 +62,11 @@ def q_diagnostics(
     The bias is the pairs' mean error over their mean |Q_true| (the paper does not say how it averages): a
     mean of per-pair ratios is ruled by the few pairs whose return is near zero (an episode that falls at once,
     a state just before termination) and jumped to 10^4 on hopper. NaN when the mean |Q_true| is below
-    `min_abs_true`. `windows` labels each pair with its window P_i (consecutive pairs
-    within one episode, see window_labels), so that tau ranks similar states against each other and not the
-    states of different episodes; None = one window. Windows whose tau is undefined (fewer than 2 pairs, or all
-    ties) are left out of the mean.
+    `min_abs_true`.
+
+    `windows` labels each pair with its window P_i (consecutive pairs within one episode, see window_labels), so
+    that tau ranks similar states against each other and not the states of different episodes; None = one
+    window. Windows whose tau is undefined (fewer than 2 pairs, or all ties) are left out of the mean.
     """
     scale = np.mean(np.abs(q_true)) if len(q_true) else 0.0
     bias = np.mean(q_estimates - q_true) / scale if scale >= min_abs_true else np.nan

@@ -14,8 +14,7 @@ import gymnasium as gym
 import numpy as np
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "algorithms"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "algorithms"))  # off2on.py adds the repo root
 import off2on
 
 statistics = {}
