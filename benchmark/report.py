@@ -15,7 +15,8 @@ and the area under the online curve as a step-weighted mean (trapezoids). Across
 final scores with a 95% stratified bootstrap interval (rliable: 50,000 resamples of the seeds within each
 dataset), on the same number of seeds per dataset (the lowest; the report says which seeds it left out).
 --baseline METHOD=BASE adds, per dataset, METHOD minus BASE in mean final score and in mean dip, each with a
-bootstrap interval (pairs without data are left out). Writes report.md and curves.png into --out.
+bootstrap interval (pairs without data are left out), and puts each pair in its own row of curves.png. Writes
+report.md and curves.png into --out.
 """
 
 from __future__ import annotations
@@ -135,29 +136,43 @@ def summarise(curves, drop_step: float) -> list[dict]:
     return rows
 
 
-def plot(curves, path: Path) -> None:
+def plot_groups(algorithms: list[str], baselines: list[str]) -> list[list[str]]:
+    """One row of panels per METHOD=BASE pair (method beside its baseline), the other algorithms in a last row."""
+    pairs = [[name for name in pair.split("=") if name in algorithms] for pair in baselines]
+    groups = [pair for pair in pairs if pair]
+    rest = [name for name in algorithms if not any(name in group for group in groups)]
+    return groups + ([rest] if rest else [])
+
+
+def plot(curves, path: Path, baselines: list[str] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = sorted({dataset for _, dataset in curves})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.5), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets, strict=True):
-        for (algorithm, name), seeds in sorted(curves.items()):
-            if name != dataset:
-                continue
-            grid = np.unique(np.concatenate([steps for steps, _ in seeds.values()]))
-            values = np.stack([np.interp(grid, steps, scores) for steps, scores in seeds.values()])
-            mean, std = values.mean(0), values.std(0)
-            ax.plot(grid, mean, label=f"{algorithm} ({len(seeds)} seeds)")
-            ax.fill_between(grid, mean - std, mean + std, alpha=0.25)
-        ax.set_title(dataset)
+    groups = plot_groups(sorted({algorithm for algorithm, _ in curves}), list(baselines))
+    shape = (len(groups), len(datasets))
+    fig, axes = plt.subplots(*shape, figsize=(4.5 * shape[1], 3.2 * shape[0]), squeeze=False, sharex=True)
+    for row, group in zip(axes, groups, strict=True):
+        for ax, dataset in zip(row, datasets, strict=True):
+            for algorithm in group:
+                seeds = curves.get((algorithm, dataset))
+                if not seeds:
+                    continue
+                grid = np.unique(np.concatenate([steps for steps, _ in seeds.values()]))
+                values = np.stack([np.interp(grid, steps, scores) for steps, scores in seeds.values()])
+                mean, std = values.mean(0), values.std(0)
+                ax.plot(grid, mean, label=f"{algorithm} ({len(seeds)} seeds)")
+                ax.fill_between(grid, mean - std, mean + std, alpha=0.25)
+            ax.set_title(dataset, fontsize=9)
+            ax.set_ylabel("normalized score (D4RL refs)", fontsize=8)
+            if ax.has_data():
+                ax.legend(fontsize=7)
+    for ax in axes[-1]:
         ax.set_xlabel("online environment steps")
-        ax.set_ylabel("normalized score (D4RL refs)")
-        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -228,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = summarise(curves, args.drop_step)
     (args.out / "report.md").write_text(markdown(rows, args.command, incomplete, args.baseline, args.drop_step))
-    plot(curves, args.out / "curves.png")
+    plot(curves, args.out / "curves.png", args.baseline)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'curves.png'}")
 
 

@@ -56,6 +56,18 @@ def test_report_numbers(sweep_logs, tmp_path):
     assert (out / "curves.png").stat().st_size > 1000
 
 
+def test_curves_put_each_method_beside_its_baseline():
+    algorithms = ["baq", "iql", "opt", "so2", "td3"]
+    # pairs in their --baseline order, one row each; what no pair names shares a last row; a pair whose
+    # algorithms have no runs (a piece not run yet) gets no row
+    assert report.plot_groups(algorithms, ["opt=td3", "baq=iql", "enoto=cql-sac"]) == [
+        ["opt", "td3"],
+        ["baq", "iql"],
+        ["so2"],
+    ]
+    assert report.plot_groups(algorithms, []) == [algorithms]
+
+
 def test_iqm_and_bootstrap():
     assert report.iqm(np.arange(1.0, 9.0)) == 4.5  # drops 1, 2 and 7, 8
     assert report.iqm(np.array([100.0, 1.0, 2.0, 3.0])) == 2.5
