@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 OBS_DIM, ACT_DIM, BATCH = 11, 3, 256
 
 
-def corl_cql(corl: Path, hidden_layers: int):
-    """CORL's ContinuousCQL with its paper config (configs/offline/cql/hopper), critic_1 with `hidden_layers`."""
+def load_corl(corl: Path):
+    """CORL's algorithms/offline/cql.py as a module, its d4rl, gym, pyrallis and wandb imports as empty stand-ins."""
     for name in ("d4rl", "gym", "pyrallis", "wandb"):
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules["gym"].Env = object  # only annotations use it
@@ -39,38 +39,42 @@ def corl_cql(corl: Path, hidden_layers: int):
     spec = importlib.util.spec_from_file_location("corl_cql", corl / "algorithms" / "offline" / "cql.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def corl_trainer(module, critic_1, critic_2, actor, act_dim: int, **overrides):
+    """CORL's ContinuousCQL on these networks with its TrainConfig's values (bc_steps 0), `overrides` replacing them."""
     config = module.TrainConfig()
-    critic_1 = module.FullyConnectedQFunction(OBS_DIM, ACT_DIM, config.orthogonal_init, hidden_layers)
-    critic_2 = module.FullyConnectedQFunction(OBS_DIM, ACT_DIM, config.orthogonal_init, hidden_layers)
-    actor = module.TanhGaussianPolicy(OBS_DIM, ACT_DIM, 1.0, orthogonal_init=config.orthogonal_init)
-    trainer = module.ContinuousCQL(
+    settings = {name: getattr(config, name) for name in CORL_SETTINGS} | {"bc_steps": 0} | overrides
+    return module.ContinuousCQL(
         critic_1=critic_1,
         critic_2=critic_2,
-        critic_1_optimizer=torch.optim.Adam(critic_1.parameters(), config.qf_lr),
-        critic_2_optimizer=torch.optim.Adam(critic_2.parameters(), config.qf_lr),
+        critic_1_optimizer=torch.optim.Adam(critic_1.parameters(), settings["qf_lr"]),
+        critic_2_optimizer=torch.optim.Adam(critic_2.parameters(), settings["qf_lr"]),
         actor=actor,
-        actor_optimizer=torch.optim.Adam(actor.parameters(), config.policy_lr),
-        discount=config.discount,
-        soft_target_update_rate=config.soft_target_update_rate,
+        actor_optimizer=torch.optim.Adam(actor.parameters(), settings["policy_lr"]),
         device="cpu",
-        target_entropy=-ACT_DIM,
-        alpha_multiplier=config.alpha_multiplier,
-        use_automatic_entropy_tuning=config.use_automatic_entropy_tuning,
-        backup_entropy=config.backup_entropy,
-        policy_lr=config.policy_lr,
-        qf_lr=config.qf_lr,
-        bc_steps=0,
-        target_update_period=config.target_update_period,
-        cql_n_actions=config.cql_n_actions,
-        cql_importance_sample=config.cql_importance_sample,
-        cql_lagrange=config.cql_lagrange,
-        cql_target_action_gap=config.cql_target_action_gap,
-        cql_temp=config.cql_temp,
-        cql_alpha=config.cql_alpha,
-        cql_max_target_backup=config.cql_max_target_backup,
-        cql_clip_diff_min=config.cql_clip_diff_min,
-        cql_clip_diff_max=config.cql_clip_diff_max,
+        target_entropy=-act_dim,
+        **settings,
     )
+
+
+CORL_SETTINGS = (
+    "discount", "soft_target_update_rate", "alpha_multiplier", "use_automatic_entropy_tuning", "backup_entropy",
+    "policy_lr", "qf_lr", "target_update_period", "cql_n_actions", "cql_importance_sample", "cql_lagrange",
+    "cql_target_action_gap", "cql_temp", "cql_alpha", "cql_max_target_backup", "cql_clip_diff_min",
+    "cql_clip_diff_max",
+)  # fmt: skip
+
+
+def corl_cql(corl: Path, hidden_layers: int):
+    """CORL's ContinuousCQL with its paper config (configs/offline/cql/hopper), critic_1 with `hidden_layers`."""
+    module = load_corl(corl)
+    orthogonal = module.TrainConfig().orthogonal_init
+    critic_1 = module.FullyConnectedQFunction(OBS_DIM, ACT_DIM, orthogonal, hidden_layers)
+    critic_2 = module.FullyConnectedQFunction(OBS_DIM, ACT_DIM, orthogonal, hidden_layers)
+    actor = module.TanhGaussianPolicy(OBS_DIM, ACT_DIM, 1.0, orthogonal_init=orthogonal)
+    trainer = corl_trainer(module, critic_1, critic_2, actor, ACT_DIM)
     batch = [torch.randn(BATCH, OBS_DIM), torch.rand(BATCH, ACT_DIM) * 2 - 1, torch.randn(BATCH, 1)]
     batch += [torch.randn(BATCH, OBS_DIM), torch.zeros(BATCH, 1)]
     return lambda: trainer.train(batch)

@@ -18,7 +18,6 @@ seed + 100 as off2on.py, logged as offline/normalized_score).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import sys
@@ -32,17 +31,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 REPO = Path(__file__).resolve().parents[4]
 sys.path.insert(0, str(REPO))
+from benchmark.peers import corl_trainer, load_corl  # noqa: E402
 from utils import evaluate, load_dataset, make_env  # noqa: E402
 
 
 def corl_module(corl: Path, width: int):
-    for name in ("d4rl", "gym", "pyrallis", "wandb"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules["gym"].Env = object  # only annotations use it
-    sys.modules["pyrallis"].wrap = lambda *a, **k: lambda fn: fn
-    spec = importlib.util.spec_from_file_location("corl_cql", corl / "algorithms" / "offline" / "cql.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_corl(corl)
 
     class Linear(torch.nn.Linear):  # CORL's hidden width 256 is a literal in its constructors
         def __init__(self, n_in: int, n_out: int, *rest, **kwargs):
@@ -98,33 +92,15 @@ def main() -> None:
             nn.Linear(obs_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2 * act_dim)
         )
         corl.init_module_weights(actor.base_network)
-    trainer = corl.ContinuousCQL(
-        critic_1=critic_1,
-        critic_2=critic_2,
-        critic_1_optimizer=torch.optim.Adam(critic_1.parameters(), config.qf_lr),
-        critic_2_optimizer=torch.optim.Adam(critic_2.parameters(), config.qf_lr),
-        actor=actor,
-        actor_optimizer=torch.optim.Adam(actor.parameters(), args.policy_lr),
-        discount=config.discount,
-        soft_target_update_rate=config.soft_target_update_rate,
-        device="cpu",
-        target_entropy=-act_dim,
-        alpha_multiplier=config.alpha_multiplier,
-        use_automatic_entropy_tuning=config.use_automatic_entropy_tuning,
-        backup_entropy=config.backup_entropy,
+    trainer = corl_trainer(
+        corl,
+        critic_1,
+        critic_2,
+        actor,
+        act_dim,
         policy_lr=args.policy_lr,
-        qf_lr=config.qf_lr,
         bc_steps=args.bc_steps,
-        target_update_period=config.target_update_period,
-        cql_n_actions=config.cql_n_actions,
-        cql_importance_sample=config.cql_importance_sample,
-        cql_lagrange=config.cql_lagrange,
-        cql_target_action_gap=config.cql_target_action_gap,
-        cql_temp=config.cql_temp,
         cql_alpha=args.cql_alpha,
-        cql_max_target_backup=config.cql_max_target_backup,
-        cql_clip_diff_min=config.cql_clip_diff_min,
-        cql_clip_diff_max=config.cql_clip_diff_max,
     )
 
     run_path = args.run_dir / f"{args.env_id}__{args.name}__{args.seed}"
