@@ -33,6 +33,8 @@ sources. Decisions where the paper is silent or the sources disagree:
 - log pi(a|s) uses the exact tanh correction 2 (log 2 - u - softplus(-2u)), as d3rlpy; the common
   log(1 - tanh(u)^2 + 1e-6) is off by several nats once |u| > 7, which saturated CQL policies reach.
 - AntMaze: the training reward is (r - 0.5) * 4 in both phases (the fork's CQL setting), evaluation uses r.
+- States are standardised with the dataset's mean and std (+1e-3), in both phases, as in CORL's CQL
+  (`--no-normalize-states`: raw states, as the official code feeds them). STATES_NOTE
 Not implemented: ENOTO-LAPO, the paper's AntMaze variant (no public code; AntMaze runs use the CQL backbone
 and will score lower than the paper's LAPO numbers). Minari data and v5 environments are not D4RL: scores
 are not comparable with the paper's curves.
@@ -111,6 +113,8 @@ class Args:
     """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
     pretrained: str | None = None
     """an offline.pt to start from; skips the offline phase"""
+    normalize_states: bool = True
+    """standardise states with the dataset's mean and std (CORL's CQL); off = raw states (official code)"""
     # budgets
     offline_steps: int = 1_000_000
     """CQL-N gradient steps (paper 4.1); 0 = no pretraining (the paper's "Scratch")"""
@@ -420,6 +424,10 @@ class ENOTO:
         self.alpha_optimizer = adam([self.log_alpha], args.alpha_lr, args.cudagraphs)
         self.act = torch.compile(self.actor) if args.compile else self.actor  # the acting policy
         self.cql_weight = args.cql_weight
+        self.obs_mean, self.obs_std = np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32)
+
+    def normalize(self, obs: np.ndarray) -> np.ndarray:
+        return ((obs - self.obs_mean) / self.obs_std).astype(np.float32)
 
     def update_alpha(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
         """d3rlpy: loss = -alpha (log pi(a|s) - |A|); alpha falls while the entropy is above -|A|."""
@@ -513,7 +521,7 @@ class ENOTO:
 
     def explore(self, obs: np.ndarray, head: int) -> np.ndarray:
         """The online action: a policy sample, the UCB or bootstrapped-head choice among N draws, or OAC."""
-        mode, obs_t = self.args.exploration, torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        mode, obs_t = self.args.exploration, torch.as_tensor(self.normalize(obs), device=self.device)
         if mode == "oac":
             return self.oac_action(obs_t).cpu().numpy()
         with torch.no_grad():
@@ -536,14 +544,15 @@ class ENOTO:
         return torch.tanh(mu.detach() + shift + std * torch.randn_like(std))
 
     def policy(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
+        """Action for a raw (unnormalised) observation, or a batch of them."""
         with torch.no_grad():
-            action, _ = self.act(torch.as_tensor(obs, dtype=torch.float32, device=self.device), deterministic)
+            action, _ = self.act(torch.as_tensor(self.normalize(obs), device=self.device), deterministic)
         return action.cpu().numpy()
 
     def q_min(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)
-            return self.critic(to_tensor(obs), to_tensor(action)).min(0).values.cpu().numpy()
+            return self.critic(to_tensor(self.normalize(obs)), to_tensor(action)).min(0).values.cpu().numpy()
 
     def state_dict(self) -> dict:
         return {
@@ -554,6 +563,8 @@ class ENOTO:
             "actor_optimizer": self.actor_optimizer.state_dict(),
             "critic_optimizer": self.critic_optimizer.state_dict(),
             "alpha_optimizer": self.alpha_optimizer.state_dict(),
+            "obs_mean": self.obs_mean,
+            "obs_std": self.obs_std,
         }
 
     def load_state_dict(self, checkpoint: dict) -> None:
@@ -565,6 +576,7 @@ class ENOTO:
                 group["lr"] = getattr(self.args, f"{name}_lr")
         with torch.no_grad():
             self.log_alpha.copy_(checkpoint["log_alpha"])
+        self.obs_mean, self.obs_std = checkpoint["obs_mean"], checkpoint["obs_std"]
 
 
 def training_reward(reward: np.ndarray, task: str) -> np.ndarray:
@@ -618,14 +630,16 @@ def save_checkpoint(path: Path, agent: ENOTO, args: Args, data: OfflineData, pha
 
 
 def policy_from_checkpoint(checkpoint: dict):
-    """The deterministic actor of a checkpoint as obs -> action (used by utils.make_dataset)."""
+    """The deterministic actor of a checkpoint as raw obs -> action (used by utils.make_dataset)."""
     actor = Actor(checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["args"]["hidden_dim"])
     actor.load_state_dict(checkpoint["actor"])
     actor.eval()
+    mean, std = checkpoint["obs_mean"], checkpoint["obs_std"]
 
     def act(obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return actor(torch.as_tensor(obs, dtype=torch.float32), deterministic=True)[0].numpy()
+            obs_t = torch.as_tensor((obs - mean) / std, dtype=torch.float32)
+            return actor(obs_t, deterministic=True)[0].numpy()
 
     return act
 
@@ -720,7 +734,8 @@ def online_phase(
         action = agent.explore(obs, head)
         next_obs, reward, terminated, truncated, _ = env.step(action)
         trained_reward = training_reward(np.array([reward]), data.task)
-        row = transition_rows(obs[None], action[None], trained_reward, next_obs[None], np.array([terminated]), True)
+        states = agent.normalize(np.stack([obs, next_obs]))
+        row = transition_rows(states[:1], action[None], trained_reward, states[1:], np.array([terminated]), True)
         online.add(torch.from_numpy(row).to(device))
         if step > args.warmup_steps and online.size >= args.batch_size:
             update_start = update_start or time.perf_counter()
@@ -835,6 +850,8 @@ def main(args: Args) -> Path:
             checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
             if checkpoint.get("algorithm") != "enoto" or checkpoint.get("phase") != "offline":
                 raise ValueError("not an ENOTO offline.pt")
+            if "obs_mean" not in checkpoint:
+                raise ValueError("written by an earlier version without state statistics; pretrain again")
         except Exception as err:
             raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
         # the networks come from the offline run (official code re-reads its params)
@@ -845,6 +862,7 @@ def main(args: Args) -> Path:
                 file=sys.stderr,
             )
         args.num_critics, args.hidden_dim = shape
+        args.normalize_states = checkpoint["args"]["normalize_states"]  # the inputs its networks were trained on
     check_args(args)
     data = load_dataset(args.env_id)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
@@ -865,6 +883,11 @@ def main(args: Args) -> Path:
     env = make_env(data.eval_env_spec, args.seed)
     eval_env = [make_env(data.eval_env_spec, args.seed + 100 + i) for i in range(args.eval_episodes)]
     agent = ENOTO(obs_dim, act_dim, args, device)
+    loaded = resume or checkpoint  # a loaded run brings the state statistics its networks were trained with
+    if loaded is not None:
+        agent.obs_mean, agent.obs_std = loaded["obs_mean"], loaded["obs_std"]
+    elif args.normalize_states:
+        agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3
 
     def save(phase: str, step: int, metrics: Metrics, **state) -> None:
         """checkpoint.pt: the agent, the phase's loop state, RNG streams, the env, the event file sizes."""
@@ -880,8 +903,8 @@ def main(args: Args) -> Path:
     if checkpoint is not None:
         agent.load_state_dict(checkpoint)
     elif args.offline_steps > 0 and not resumed_online:
-        columns = (data.observations, data.actions, training_reward(data.rewards, data.task))
-        rows = transition_rows(*columns, data.next_observations, data.terminals, False)
+        columns = (agent.normalize(data.observations), data.actions, training_reward(data.rewards, data.task))
+        rows = transition_rows(*columns, agent.normalize(data.next_observations), data.terminals, False)
         dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
         dataset.add(torch.from_numpy(rows).to(device))
         del rows

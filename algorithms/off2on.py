@@ -34,6 +34,11 @@ Decisions where the paper is silent or the sources disagree:
   soft Q (entropy terms in its targets) set against the plain discounted return, which shows as bias.
 - log pi(a|s) uses the exact tanh correction 2 (log 2 - u - softplus(-2u)); the official rlkit code adds
   1e-6 inside log(1 - tanh(u)^2), which differs only where |u| > 7.
+- States are standardised with the dataset's mean and std (+1e-3), as in CORL's CQL (`--no-normalize-states`:
+  raw states, as the official code feeds them). On our hopper-sac-medium data one CQL agent at these defaults
+  collapses on raw states (normalized score 2.6-3.3 over 10k updates; also with CORL's lr, weight and no BC)
+  and reaches 76-91 on standardised ones (benchmark/results/protocol-cpu/diagnostics/README.md; few seeds).
+  The density network sees the same standardised states.
 - Minari data and v5 environments are not D4RL: scores are not comparable with the paper's curves.
 Not done: the paper's pixel-based manipulation experiments; per-member offline evaluation.
 
@@ -112,6 +117,8 @@ class Args:
     """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
     pretrained: str | None = None
     """an offline.pt to start from; skips the offline phase"""
+    normalize_states: bool = True
+    """standardise states with the dataset's mean and std (CORL's CQL); off = raw states (official code)"""
     # budgets
     offline_steps: int = 1_000_000
     """CQL gradient steps of every member (official checkpoints: 1M); 0 = no pretraining"""
@@ -505,7 +512,11 @@ class Off2On:
         self.act = torch.compile(self.actor.ensemble) if args.compile else self.actor.ensemble  # the acting policy
         self.density: DensityNet | None = None
         self.density_optimizer: torch.optim.Adam | None = None
+        self.obs_mean, self.obs_std = np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32)
         self.offline_updates = 0
+
+    def normalize(self, obs: np.ndarray) -> np.ndarray:
+        return ((obs - self.obs_mean) / self.obs_std).astype(np.float32)
 
     @staticmethod
     def backward(loss: torch.Tensor, *optimizers: torch.optim.Optimizer) -> None:
@@ -615,8 +626,9 @@ class Off2On:
         return results, new_priorities
 
     def policy(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
+        """Action for a raw (unnormalised) observation, or a batch of them."""
         with torch.no_grad():
-            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+            obs_t = torch.as_tensor(self.normalize(obs), device=self.device)
             action, _ = self.act(obs_t.view(-1, obs_t.shape[-1]), deterministic)  # one obs or a batch
         return action.view(*obs.shape[:-1], -1).cpu().numpy()
 
@@ -624,7 +636,7 @@ class Off2On:
         """The actor's objective: mean over agents of the twin minimum."""
         with torch.no_grad():
             to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)
-            return self.critic.twin_min(to_tensor(obs), to_tensor(action)).mean(0).cpu().numpy()
+            return self.critic.twin_min(to_tensor(self.normalize(obs)), to_tensor(action)).mean(0).cpu().numpy()
 
     def state_dict(self) -> dict:
         state = {
@@ -638,7 +650,7 @@ class Off2On:
         }
         if self.density is not None:
             state |= {"density": self.density.state_dict(), "density_optimizer": self.density_optimizer.state_dict()}
-        return state | {"offline_updates": self.offline_updates}
+        return state | {"obs_mean": self.obs_mean, "obs_std": self.obs_std, "offline_updates": self.offline_updates}
 
     def load_state_dict(self, checkpoint: dict) -> None:
         """Everything state_dict holds (for --resume; --pretrained takes the networks only)."""
@@ -647,6 +659,7 @@ class Off2On:
             getattr(self, name).load_state_dict(checkpoint[name])
         with torch.no_grad():
             self.log_alpha.copy_(checkpoint["log_alpha"])
+        self.obs_mean, self.obs_std = checkpoint["obs_mean"], checkpoint["obs_std"]
         self.offline_updates = checkpoint["offline_updates"]
 
 
@@ -696,16 +709,17 @@ def save_checkpoint(path: Path, agent: Off2On, args: Args, data: OfflineData, ph
 
 
 def policy_from_checkpoint(checkpoint: dict):
-    """The deterministic actor of a checkpoint as obs -> action (used by utils.make_dataset)."""
+    """The deterministic actor of a checkpoint as raw obs -> action (used by utils.make_dataset)."""
     actor = Actor(
         checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["num_agents"], checkpoint["args"]["hidden_dim"]
     )
     actor.load_state_dict(checkpoint["actor"])
     actor.eval()
+    mean, std = checkpoint["obs_mean"], checkpoint["obs_std"]
 
     def act(obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            obs_t = torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0)
+            obs_t = torch.as_tensor((obs - mean) / std, dtype=torch.float32).unsqueeze(0)
             return actor.ensemble(obs_t, deterministic=True)[0][0].numpy()
 
     return act
@@ -808,7 +822,8 @@ def online_phase(
     for step in bar:
         action = agent.policy(obs, deterministic=False)
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        row = transition_rows(obs[None], action[None], np.array([reward]), next_obs[None], np.array([terminated]), True)
+        states = agent.normalize(np.stack([obs, next_obs]))
+        row = transition_rows(states[:1], action[None], np.array([reward]), states[1:], np.array([terminated]), True)
         replay.add(torch.from_numpy(row).to(agent.device))
         episode_return += float(reward)
         obs = next_obs
@@ -925,6 +940,8 @@ def main(args: Args) -> Path:
             checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
             if checkpoint.get("algorithm") != "off2on" or checkpoint.get("phase") != "offline":
                 raise ValueError("not an Off2On offline.pt")
+            if "obs_mean" not in checkpoint:
+                raise ValueError("written by an earlier version without state statistics; pretrain again")
         except Exception as err:
             raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
         shape = (checkpoint["num_agents"], checkpoint["args"]["hidden_dim"])
@@ -933,6 +950,7 @@ def main(args: Args) -> Path:
                 f"--pretrained: using the checkpoint's --num-agents {shape[0]} --hidden-dim {shape[1]}", file=sys.stderr
             )
         args.num_agents, args.hidden_dim = shape
+        args.normalize_states = checkpoint["args"]["normalize_states"]  # the inputs its networks were trained on
     check_args(args)
     data = load_dataset(args.env_id)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
@@ -954,9 +972,16 @@ def main(args: Args) -> Path:
     eval_env = [make_env(data.eval_env_spec, args.seed + 100 + i) for i in range(args.eval_episodes)]
     agent = Off2On(obs_dim, act_dim, args, device)
 
-    columns = (data.observations, data.actions, data.rewards, data.next_observations, data.terminals)
+    loaded = resume or checkpoint  # a loaded run brings the state statistics its networks were trained with
+    if loaded is not None:
+        agent.obs_mean, agent.obs_std = loaded["obs_mean"], loaded["obs_std"]
+    elif args.normalize_states:
+        agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3
+    states = agent.normalize(data.observations), agent.normalize(data.next_observations)
+    rows = transition_rows(states[0], data.actions, data.rewards, states[1], data.terminals, False)
     dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
-    dataset.add(torch.from_numpy(transition_rows(*columns, False)).to(device))
+    dataset.add(torch.from_numpy(rows).to(device))
+    del rows
 
     def save(phase: str, step: int, metrics: Metrics, **state) -> None:
         """checkpoint.pt: the agent, the phase's loop state, RNG streams, the env, the event file sizes."""

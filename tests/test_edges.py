@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import scalars
 from utils import UserError, load_dataset
 
 SCRIPTS = ("so2", "enoto", "baq", "off2on", "opt")
@@ -110,6 +111,18 @@ def test_pretrained_takes_the_architecture_and_statistics_of_the_checkpoint(offl
         np.testing.assert_array_equal(final["obs_mean"], checkpoint["obs_mean"])
 
 
+def test_pretrained_without_state_statistics_is_refused(offline_checkpoint, tmp_path):
+    script, path = offline_checkpoint
+    if script not in ("enoto", "off2on"):
+        pytest.skip("enoto and off2on checkpoints hold state statistics since 2026-12-02")
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["obs_mean"], checkpoint["obs_std"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    module, args = tiny_args(script, tmp_path, pretrained=str(tmp_path / "old.pt"))
+    with pytest.raises(UserError, match="written by an earlier version without state statistics; pretrain again"):
+        module.main(args)
+
+
 def test_enoto_pretrained_continues_at_the_learning_rates_of_the_flags(offline_checkpoint, tmp_path):
     script, path = offline_checkpoint
     if script != "enoto":
@@ -186,3 +199,58 @@ def test_new_flags_refuse_bad_values_in_one_line(minari_root, tmp_path, script, 
     module, args = tiny_args(script, tmp_path, **overrides)
     with pytest.raises(UserError, match=message):
         module.main(args)
+
+
+NORMALIZING = {  # the scripts that standardise states with the dataset's statistics, with a short online phase
+    "enoto": {"num_critics": 2, "warmup_steps": 5},
+    "baq": {"bc_steps": 5, "probe_states": 50},
+    "off2on": {"num_agents": 2, "bc_steps": 5, "block_steps": 10, "first_block_multiplier": 1},
+    "opt": {"n_tau": 10, "n_pretrain": 5},
+}
+
+
+@pytest.mark.parametrize("script", NORMALIZING)
+def test_state_normalization_makes_a_run_blind_to_a_shift_of_every_observation(
+    minari_root, tmp_path, monkeypatch, script
+):
+    """Every observation, in the dataset and from every env, moved by one constant: where the dataset's statistics
+    reach the dataset rows, the online rows, the acting and the evaluated policy, the evaluation's Q diagnostics
+    and policy_from_checkpoint, it is the same run up to rounding; a place that skips them sees states 50 away.
+
+    Network weights are not compared: Adam turns rounding-sized gradient differences into steps of size lr."""
+    import gymnasium as gym
+
+    module = importlib.import_module(f"algorithms.{script}")
+    data, make_env = load_dataset("hopper-expert"), module.make_env  # the env's own time limit: exact returns
+    sizes = {"hidden_dim": 16, "batch_size": 8, "eval_episodes": 1, "offline_steps": 30, "online_steps": 40}
+    sizes |= {"eval_freq": 20, "offline_eval_freq": 30, "log_freq": 5, "cuda": False, "progress": False}
+
+    def run(shift: float):
+        shifted = [column + np.float32(shift) for column in (data.observations, data.next_observations)]
+        shifted_data = dataclasses.replace(data, observations=shifted[0], next_observations=shifted[1])
+        monkeypatch.setattr(module, "load_dataset", lambda name: shifted_data)
+        actions = []  # of the training env, whose seed is the run's
+
+        def shifted_env(env_spec, seed):
+            env = make_env(env_spec, seed)
+            if seed == module.Args.seed:
+                step = env.step
+                env.step = lambda action: (actions.append(np.array(action)), step(action))[1]
+            return gym.wrappers.TransformObservation(env, lambda obs: obs + np.float32(shift), env.observation_space)
+
+        monkeypatch.setattr(module, "make_env", shifted_env)
+        args = module.Args(env_id="hopper-expert", run_dir=str(tmp_path / str(shift)), **sizes | NORMALIZING[script])
+        path = module.main(args)
+        return torch.load(path / "final.pt", weights_only=False), scalars(path), np.array(actions)
+
+    (plain, plain_tags, plain_actions), (moved, moved_tags, moved_actions) = run(0.0), run(50.0)
+    np.testing.assert_allclose(moved["obs_mean"], plain["obs_mean"] + 50, rtol=1e-5)  # the statistics did move
+    np.testing.assert_allclose(moved_actions, plain_actions, atol=1e-3)  # online rows and the acting policy
+    losses = [tag for tag in plain_tags if tag.startswith("offline/") and tag.endswith("_loss")]
+    for tag in [*losses, "eval/episodic_return", "eval/q_bias"]:  # the dataset rows; evaluation
+        first = [plain_tags[tag][0], moved_tags[tag][0]] if tag in losses else [plain_tags[tag], moved_tags[tag]]
+        np.testing.assert_allclose(first[1], first[0], rtol=1e-3, atol=1e-3, err_msg=tag)
+    assert losses and len(plain_tags["eval/q_bias"]) == 3
+    obs = data.observations[0]
+    policies = [module.policy_from_checkpoint(checkpoint) for checkpoint in (plain, moved)]
+    np.testing.assert_allclose(policies[1](obs + 50), policies[0](obs), atol=1e-3)

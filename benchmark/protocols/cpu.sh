@@ -88,14 +88,17 @@ so2)
     ;;
 enoto)
     # paper: CQL-N N=10, width 256, 1M offline updates, 250k online steps; baseline CQL -> SAC (2 critics)
-    SEPARATE=1 METHOD_OFFLINE="--num-critics 5" piece enoto cql-sac --hidden-dim 64 --offline-steps 10000 \
-        --offline-eval-freq 5000 \
+    # --no-normalize-states: the committed runs predate the state normalization default (raw states, official)
+    SEPARATE=1 METHOD_OFFLINE="--num-critics 5" piece enoto cql-sac --hidden-dim 64 --no-normalize-states \
+        --offline-steps 10000 --offline-eval-freq 5000 \
         -- --online-steps 30000 --eval-freq 2500 \
         -- --preset cql_sac
     ;;
 off2on)
     # paper: 5 CQL agents, width 256, 1M offline updates (BC for the first 40k), 250k online steps
-    SEPARATE=1 piece off2on uniform-n1 --hidden-dim 64 --offline-steps 10000 --bc-steps 400 --offline-eval-freq 5000 \
+    # --no-normalize-states: as for enoto
+    SEPARATE=1 piece off2on uniform-n1 --hidden-dim 64 --no-normalize-states --offline-steps 10000 --bc-steps 400 \
+        --offline-eval-freq 5000 \
         -- --online-steps 30000 --eval-freq 2500 \
         -- --replay uniform --num-agents 1
     ;;
