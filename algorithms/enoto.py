@@ -34,7 +34,9 @@ sources. Decisions where the paper is silent or the sources disagree:
   log(1 - tanh(u)^2 + 1e-6) is off by several nats once |u| > 7, which saturated CQL policies reach.
 - AntMaze: the training reward is (r - 0.5) * 4 in both phases (the fork's CQL setting), evaluation uses r.
 - States are standardised with the dataset's mean and std (+1e-3), in both phases, as in CORL's CQL
-  (`--no-normalize-states`: raw states, as the official code feeds them). STATES_NOTE
+  (`--no-normalize-states`: raw states, as the official code feeds them). On our hopper-sac-medium data CQL
+  with 2 critics at these defaults scores 1.3-5.8 over 10k updates on raw states and 84-100 from 5k updates on
+  standardised ones (benchmark/results/protocol-cpu/diagnostics/README.md; one seed).
 Not implemented: ENOTO-LAPO, the paper's AntMaze variant (no public code; AntMaze runs use the CQL backbone
 and will score lower than the paper's LAPO numbers). Minari data and v5 environments are not D4RL: scores
 are not comparable with the paper's curves.

@@ -286,8 +286,28 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "online: a truncation is stored as terminal",
-            "next_obs[None], np.array([terminated]), True)",
-            "next_obs[None], np.array([terminated or truncated]), True)",
+            "states[1:], np.array([terminated]), True)",
+            "states[1:], np.array([terminated or truncated]), True)",
+        ),
+        (
+            "states: the statistics are never taken from the dataset",
+            "agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3",
+            "pass",
+        ),
+        (
+            "states: the dataset rows are not standardised",
+            "columns = (agent.normalize(data.observations),",
+            "columns = (data.observations,",
+        ),
+        (
+            "states: the online rows are not standardised",
+            "states = agent.normalize(np.stack([obs, next_obs]))",
+            "states = np.stack([obs, next_obs]).astype(np.float32)",
+        ),
+        (
+            "states: exploration acts on raw states",
+            "torch.as_tensor(self.normalize(obs), device=self.device)\n        if mode",
+            "torch.as_tensor(obs.astype(np.float32), device=self.device)\n        if mode",
         ),
         (
             "evaluation: stochastic actions",
@@ -424,8 +444,28 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "online: a truncation is stored as terminal",
-            "next_obs[None], np.array([terminated]), True)",
-            "next_obs[None], np.array([terminated or truncated]), True)",
+            "states[1:], np.array([terminated]), True)",
+            "states[1:], np.array([terminated or truncated]), True)",
+        ),
+        (
+            "states: the statistics are never taken from the dataset",
+            "agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3",
+            "pass",
+        ),
+        (
+            "states: the dataset rows are not standardised",
+            "rows = transition_rows(states[0],",
+            "rows = transition_rows(data.observations,",
+        ),
+        (
+            "states: the online rows are not standardised",
+            "states = agent.normalize(np.stack([obs, next_obs]))",
+            "states = np.stack([obs, next_obs]).astype(np.float32)",
+        ),
+        (
+            "states: the policy acts on raw states",
+            "obs_t = torch.as_tensor(self.normalize(obs), device=self.device)\n            action, _ = self.act(",
+            "obs_t = torch.as_tensor(obs.astype(np.float32), device=self.device)\n            action, _ = self.act(",
         ),
         (
             "density: the online minibatch from all online rows, not the newest (FIFO)",
