@@ -22,9 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Edits shared by the scripts whose buffers are spelled alike. Not SAMPLER_BOUND for OPT and BAQ: they sample
-# their plain buffer only offline, where its size never changes (online they draw from their own replays), so
-# that edit is an equivalent mutant there.
+# Edits shared by the scripts whose buffers are spelled alike. Not SAMPLER_BOUND for OPT, BAQ and Off2On: they
+# sample their plain buffer only offline, where its size never changes (online they draw from their own
+# replays), so that edit is an equivalent mutant there.
 SAMPLER_BOUND = (
     "fast path: the sampler's bound is the host-side size (a CUDA graph would freeze it)",
     "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
@@ -477,7 +477,6 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "        return q.view(-1, 2, q.shape[-1]).min(1).values",
             "        return q.view(-1, 2, q.shape[-1])[:, 0]",
         ),
-        SAMPLER_BOUND,
         PRIORITY_BOUND,
     ],
     "opt": [
