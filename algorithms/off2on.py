@@ -37,8 +37,8 @@ Decisions where the paper is silent or the sources disagree:
 - States are standardised with the dataset's mean and std (+1e-3), as in CORL's CQL (`--no-normalize-states`:
   raw states, as the official code feeds them). On our hopper-sac-medium data one CQL agent at these defaults
   collapses on raw states (normalized score 2.6-3.3 over 10k updates; also with CORL's lr, weight and no BC)
-  and reaches 76-91 on standardised ones (benchmark/results/protocol-cpu/diagnostics/README.md; few seeds).
-  The density network sees the same standardised states.
+  and reaches 89-100 by 10k updates on standardised ones (benchmark/results/protocol-cpu/diagnostics/README.md;
+  2 seeds, hopper only). The density network sees the same standardised states.
 - Minari data and v5 environments are not D4RL: scores are not comparable with the paper's curves.
 Not done: the paper's pixel-based manipulation experiments; per-member offline evaluation.
 
@@ -653,7 +653,7 @@ class Off2On:
         return state | {"obs_mean": self.obs_mean, "obs_std": self.obs_std, "offline_updates": self.offline_updates}
 
     def load_state_dict(self, checkpoint: dict) -> None:
-        """Everything state_dict holds (for --resume; --pretrained takes the networks only)."""
+        """Everything state_dict holds (for --resume; --pretrained takes the networks and state statistics only)."""
         names = ["actor", "critic", "critic_target", "actor_optimizer", "critic_optimizer", "alpha_optimizer"]
         for name in names + (["density", "density_optimizer"] if self.density is not None else []):
             getattr(self, name).load_state_dict(checkpoint[name])
