@@ -885,10 +885,7 @@ def main(args: Args) -> Path:
     env = make_env(data.eval_env_spec, args.seed)
     eval_env = [make_env(data.eval_env_spec, args.seed + 100 + i) for i in range(args.eval_episodes)]
     agent = ENOTO(obs_dim, act_dim, args, device)
-    loaded = resume or checkpoint  # a loaded run brings the state statistics its networks were trained with
-    if loaded is not None:
-        agent.obs_mean, agent.obs_std = loaded["obs_mean"], loaded["obs_std"]
-    elif args.normalize_states:
+    if resume is None and checkpoint is None and args.normalize_states:  # else load_state_dict brings them
         agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3
 
     def save(phase: str, step: int, metrics: Metrics, **state) -> None:

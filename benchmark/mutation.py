@@ -30,6 +30,17 @@ SAMPLER_BOUND = (
     "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
     "torch.randint(0, self.size, (n,), device=self.storage.device)]",
 )
+# ENOTO and Off2On fit and apply the dataset's state statistics with the same lines.
+STATE_STATISTICS = (
+    "states: the statistics are never taken from the dataset",
+    "agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3",
+    "pass",
+)
+ONLINE_ROW_STATES = (
+    "states: the online rows are not standardised",
+    "states = agent.normalize(np.stack([obs, next_obs]))",
+    "states = np.stack([obs, next_obs]).astype(np.float32)",
+)
 PRIORITY_BOUND = (
     "fast path: the prioritized draw is clamped by the host-side size",
     "torch.minimum(block * SAMPLER_BLOCK + offset, self.buffer.filled - 1)",
@@ -289,21 +300,13 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "states[1:], np.array([terminated]), True)",
             "states[1:], np.array([terminated or truncated]), True)",
         ),
-        (
-            "states: the statistics are never taken from the dataset",
-            "agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3",
-            "pass",
-        ),
+        STATE_STATISTICS,
         (
             "states: the dataset rows are not standardised",
             "columns = (agent.normalize(data.observations),",
             "columns = (data.observations,",
         ),
-        (
-            "states: the online rows are not standardised",
-            "states = agent.normalize(np.stack([obs, next_obs]))",
-            "states = np.stack([obs, next_obs]).astype(np.float32)",
-        ),
+        ONLINE_ROW_STATES,
         (
             "states: exploration acts on raw states",
             "torch.as_tensor(self.normalize(obs), device=self.device)\n        if mode",
@@ -447,21 +450,13 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
             "states[1:], np.array([terminated]), True)",
             "states[1:], np.array([terminated or truncated]), True)",
         ),
-        (
-            "states: the statistics are never taken from the dataset",
-            "agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3",
-            "pass",
-        ),
+        STATE_STATISTICS,
         (
             "states: the dataset rows are not standardised",
             "rows = transition_rows(states[0],",
             "rows = transition_rows(data.observations,",
         ),
-        (
-            "states: the online rows are not standardised",
-            "states = agent.normalize(np.stack([obs, next_obs]))",
-            "states = np.stack([obs, next_obs]).astype(np.float32)",
-        ),
+        ONLINE_ROW_STATES,
         (
             "states: the policy acts on raw states",
             "obs_t = torch.as_tensor(self.normalize(obs), device=self.device)\n            action, _ = self.act(",
