@@ -861,59 +861,6 @@ def check_args(args: Args) -> None:
         raise UserError(f"--expectile must lie in (0, 1), got {args.expectile}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Speed benchmark hook (benchmark/speed.py discovers it in every script)
-# ---------------------------------------------------------------------------------------------------
-
-
-def speed_setup(
-    task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager", backbone="cql"
-) -> dict:
-    """Paper-default agent (CQL backbone) on random device-resident data; `tiny` shrinks networks and batches.
-
-    Returns the callables benchmark/speed.py times, wrapped as the phases wrap them (`mode`: eager, compile,
-    cudagraphs or compile+cudagraphs): one offline backbone update, the hand-over, one online update with
-    its prioritized draw, weights and the new row's priority (the replay grows as in a run), and a bare
-    forward + backward of the twin critic on the batch.
-    """
-    fast = {"compile": "compile" in mode, "cudagraphs": "cudagraphs" in mode}
-    sizes = {"hidden_dim": 8, "batch_size": 8} if tiny else {}
-    args = Args(backbone=backbone, **sizes, **fast)
-    agent = BAQ(obs_dim, act_dim, args, device)
-    dataset = ReplayBuffer(1000 if tiny else 10**6, obs_dim, act_dim, device)
-    dataset.add(torch.rand(dataset.capacity, dataset.storage.shape[1], device=device) * 2 - 1)
-    dataset.storage[:, -3:] = 0.0  # not done, offline
-    replay = PriorityReplay(dataset.capacity + args.online_steps, obs_dim, act_dim, device)
-    replay.add(dataset.storage, torch.rand(dataset.size, device=device), torch.rand(dataset.size, device=device) + 1)
-    batch = dataset.split(dataset.sample_rows(args.batch_size))
-    offline = FastUpdate(partial(offline_step, agent, dataset, args), **fast)
-    online = None
-
-    def hand_over():
-        nonlocal online
-        agent.hand_over()
-        online = FastUpdate(partial(online_update, agent, replay, 1.0, args), **fast)
-
-    def online_step():
-        row = dataset.storage[:1]
-        bc_mse, distance = bc_distances(agent.bc_model, *dataset.split(row)[:2])
-        replay.add(row, bc_mse, priority(distance, 1.0, 1.0))
-        return online()
-
-    def critic_forward_backward():
-        agent.critic.zero_grad(set_to_none=True)
-        agent.critic(batch[0], batch[1]).sum().backward()
-
-    return {
-        "label": backbone,
-        "offline": offline,
-        "hand_over": hand_over,
-        "online": online_step,
-        "online_updates": 1,
-        "reference": critic_forward_backward,
-    }
-
-
 def main(args: Args) -> Path:
     random.seed(args.seed)
     np.random.seed(args.seed)

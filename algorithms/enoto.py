@@ -780,54 +780,6 @@ def check_args(args: Args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Speed benchmark hook (benchmark/speed.py discovers it in every script)
-# ---------------------------------------------------------------------------------------------------
-
-
-def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager"):
-    """Paper-default agent on random device-resident data; `tiny` shrinks networks and batches to show overhead.
-
-    Returns the callables benchmark/speed.py times, wrapped as the phases wrap them (`mode`: eager, compile,
-    cudagraphs or compile+cudagraphs): one offline update, the hand-over, the updates of one online
-    environment step (action selection included, and a row added, so the online buffer grows as in a run),
-    and a bare forward + backward of the critic ensemble on the online batch.
-    """
-    fast = {"compile": "compile" in mode, "cudagraphs": "cudagraphs" in mode}
-    args = Args(num_critics=2, hidden_dim=8, batch_size=8, **fast) if tiny else Args(**fast)
-    agent = ENOTO(obs_dim, act_dim, args, device)
-    dataset, online = (ReplayBuffer(n, obs_dim, act_dim, device) for n in ((1000, 1000) if tiny else (10**6, 250_000)))
-    for buffer, rows in ((dataset, dataset.capacity), (online, online.capacity // 2)):
-        buffer.add(torch.rand(rows, buffer.storage.shape[1], device=device) * 2 - 1)
-        buffer.storage[:, -2] = 0.0  # not done
-    batch, obs = online.split(online.sample_rows(args.batch_size)), np.zeros(obs_dim, np.float32)
-    offline = FastUpdate(partial(offline_step, agent, dataset, args), **fast)
-    online_update = None
-
-    def hand_over():
-        nonlocal online_update
-        agent.hand_over()
-        online_update = FastUpdate(partial(replay_update, agent, online, args), **fast)
-
-    def online_step():
-        agent.explore(obs, head=0)
-        online.add(online.storage[online.position - 1 : online.position].clone())
-        return online_update()
-
-    def critic_forward_backward():
-        agent.critic.zero_grad(set_to_none=True)
-        agent.critic(batch[0], batch[1]).sum().backward()
-
-    return {
-        "label": f"N={args.num_critics}",
-        "offline": offline,
-        "hand_over": hand_over,
-        "online": online_step,
-        "online_updates": 1,
-        "reference": critic_forward_backward,
-    }
-
-
 def main(args: Args) -> Path:
     random.seed(args.seed)
     np.random.seed(args.seed)

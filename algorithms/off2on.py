@@ -870,53 +870,6 @@ def check_args(args: Args) -> None:
         raise UserError(f"--priority-temperature must be > 0, got {args.priority_temperature}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Speed benchmark hook (benchmark/speed.py discovers it in every script)
-# ---------------------------------------------------------------------------------------------------
-
-
-def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager"):
-    """Paper-default agent on random device-resident data; `tiny` shrinks networks and batches to show overhead.
-
-    Returns the callables benchmark/speed.py times, wrapped as the phases wrap them (`mode`: eager, compile,
-    cudagraphs or compile+cudagraphs): one offline update (all N agents, after the BC warm start), the
-    hand-over, one online update with its density step, prioritized draw and priority write (UTD 1; a row
-    added first, so the replay grows as in a run), and a bare forward + backward of the critic ensemble.
-    """
-    fast = {"compile": "compile" in mode, "cudagraphs": "cudagraphs" in mode}
-    args = Args(num_agents=2, hidden_dim=8, batch_size=8, **fast) if tiny else Args(**fast)
-    agent = Off2On(obs_dim, act_dim, args, device)
-    dataset = ReplayBuffer(1000 if tiny else 10**6, obs_dim, act_dim, device)
-    dataset.add(torch.rand(dataset.capacity, dataset.storage.shape[1], device=device) * 2 - 1)
-    dataset.storage[:, -3:] = 0.0  # not done, offline
-    replay = BalancedReplay(dataset.storage, args.online_steps, args, obs_dim, act_dim)
-    batch = dataset.split(dataset.sample_rows(args.batch_size))
-    offline = FastUpdate(partial(offline_step, agent, dataset, args), **fast)
-    online = None
-
-    def hand_over():
-        nonlocal online
-        agent.hand_over()
-        online = FastUpdate(partial(replay_update, agent, replay, args), **fast)
-
-    def online_step():
-        replay.add(dataset.storage[replay.num_online : replay.num_online + 1])
-        return online()
-
-    def critic_forward_backward():
-        agent.critic.zero_grad(set_to_none=True)
-        agent.critic(batch[0], batch[1]).sum().backward()
-
-    return {
-        "label": f"N={args.num_agents}",
-        "offline": lambda: offline(False),
-        "hand_over": hand_over,
-        "online": online_step,
-        "online_updates": 1,
-        "reference": critic_forward_backward,
-    }
-
-
 def main(args: Args) -> Path:
     random.seed(args.seed)
     np.random.seed(args.seed)

@@ -1088,69 +1088,6 @@ def check_args(args: Args) -> None:
         raise UserError("--meta-inner-lr must be >= 0 and --priority-temperature > 0")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Speed benchmark hook (benchmark/speed.py discovers it in every script)
-# ---------------------------------------------------------------------------------------------------
-
-
-def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager"):
-    """Paper-default TD3+BC agent on random device-resident data; `tiny` shrinks networks and batches.
-
-    Returns the callables benchmark/speed.py times, wrapped as the phases wrap them (`mode`: eager, compile,
-    cudagraphs or compile+cudagraphs): one offline TD3+BC update, the hand-over, one fine-tuning env step's
-    5 updates with density steps, prioritized draws and priority writes (a row added first, so the replay
-    grows as in a run), one Eq. 3 pre-training update (second order), and a bare forward + backward of one
-    twin critic on the batch.
-    """
-    fast = {"compile": "compile" in mode, "cudagraphs": "cudagraphs" in mode}
-    args = Args(hidden_dim=8, batch_size=8, **fast) if tiny else Args(**fast)
-    resolve_args(args, f"{task}-medium", task)
-    agent = OPT(obs_dim, act_dim, args, device)
-    dataset = ReplayBuffer(1000 if tiny else 10**6, obs_dim, act_dim, device)
-    dataset.add(torch.rand(dataset.capacity, dataset.storage.shape[1], device=device) * 2 - 1)
-    dataset.storage[:, -3:] = 0.0  # not done, offline
-    replay = BalancedReplay(dataset.storage, args.online_steps, args, obs_dim, act_dim)
-    for row in dataset.storage[:10]:
-        replay.add(row[None])
-    batch = dataset.split(dataset.sample_rows(args.batch_size))
-    offline = FastUpdate(partial(offline_step, agent, dataset, args), **fast)
-    pretrain = finetune = None
-
-    def offline_update():
-        agent.offline_updates += 1
-        return offline(agent.offline_updates % args.policy_freq == 0)
-
-    def hand_over():
-        nonlocal pretrain, finetune
-        agent.hand_over()
-        agent.start_online_critic()
-        agent.start_finetuning()
-        pretrain = FastUpdate(partial(pretrain_step, agent, replay, args), **fast)
-        finetune = FastUpdate(partial(replay_update, agent, replay, args), **fast)
-
-    def pretrain_update():
-        agent.pretrain_updates += 1
-        return pretrain(agent.pretrain_updates % args.policy_freq == 0)
-
-    def online_step():
-        replay.add(dataset.storage[replay.num_online : replay.num_online + 1])
-        return finetune_step(agent, finetune, 0.5, args)
-
-    def critic_forward_backward():
-        agent.q_off.zero_grad(set_to_none=True)
-        agent.q_off(batch[0], batch[1]).sum().backward()
-
-    return {
-        "label": f"UTD {args.updates_per_step}",
-        "offline": offline_update,
-        "hand_over": hand_over,
-        "online": online_step,
-        "online_updates": args.updates_per_step,
-        "reference": critic_forward_backward,
-        "other_phases": {"online pre-training (Eq. 3)": pretrain_update},
-    }
-
-
 def main(args: Args) -> Path:
     random.seed(args.seed)
     np.random.seed(args.seed)

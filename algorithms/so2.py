@@ -724,56 +724,6 @@ def check_args(args: Args, data: OfflineData) -> tuple[int, float]:
     return num_critics, eta
 
 
-# ---------------------------------------------------------------------------------------------------
-# Speed benchmark hook (benchmark/speed.py discovers it in every script)
-# ---------------------------------------------------------------------------------------------------
-
-
-def speed_setup(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager"):
-    """Paper-default agent on random device-resident data; `tiny` shrinks networks and batches to show overhead.
-
-    Returns the callables benchmark/speed.py times, wrapped as the phases wrap them (`mode`: eager, compile,
-    cudagraphs or compile+cudagraphs): one offline update, the hand-over, the updates of one online
-    environment step (a row added first, so the online buffer grows as in a run), and a bare forward +
-    backward of the critic ensemble on the online batch.
-    """
-    num_critics = 2 if tiny else (50 if task == "hopper" else 10)
-    sizes = {"hidden_dim": 8, "batch_size": 8, "mixed_batch_size": 24} if tiny else {}
-    args = Args(num_critics=num_critics, compile="compile" in mode, cudagraphs="cudagraphs" in mode, **sizes)
-    agent = SO2(obs_dim, act_dim, num_critics, args, device)
-    pool, online = (ReplayBuffer(n, obs_dim, act_dim, device) for n in ((1000, 1000) if tiny else (1_000_000, 100_000)))
-    for buffer, rows in ((pool, pool.capacity), (online, online.capacity // 2)):
-        buffer.add(torch.rand(rows, buffer.storage.shape[1], device=device) * 2 - 1)
-        buffer.storage[:, -2] = 0.0  # not done
-    batch = pool.split(pool.sample_rows(args.batch_size + args.mixed_batch_size))
-    offline = FastUpdate(partial(offline_step, agent, pool, args, 1.0), args.compile, args.cudagraphs)
-    block = None
-
-    def hand_over():
-        nonlocal block
-        agent.hand_over()
-        block = FastUpdate(partial(online_updates, agent, online, pool, args), args.compile, args.cudagraphs)
-
-    def online_step():
-        online.add(online.storage[online.position - 1 : online.position].clone())
-        results = block(actor_steps(agent, args))
-        agent.critic_updates += args.updates_per_step
-        return results
-
-    def critic_forward_backward():
-        agent.critic.zero_grad(set_to_none=True)
-        agent.critic(batch[0], batch[1]).sum().backward()
-
-    return {
-        "label": f"N={num_critics}",
-        "offline": offline,
-        "hand_over": hand_over,
-        "online": online_step,
-        "online_updates": args.updates_per_step,
-        "reference": critic_forward_backward,
-    }
-
-
 def main(args: Args) -> Path:
     random.seed(args.seed)
     np.random.seed(args.seed)

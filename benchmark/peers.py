@@ -27,6 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmark.setups import SETUPS  # noqa: E402
+
 OBS_DIM, ACT_DIM, BATCH = 11, 3, 256
 
 
@@ -85,7 +87,7 @@ def ours(script: str, **overrides):
     original = module.Args
     module.Args = lambda **kwargs: original(**{**kwargs, **overrides})
     try:
-        return module.speed_setup("hopper", OBS_DIM, ACT_DIM, torch.device("cpu"))["offline"]
+        return SETUPS[script]("hopper", OBS_DIM, ACT_DIM, torch.device("cpu"))["offline"]
     finally:
         module.Args = original
 

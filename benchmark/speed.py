@@ -3,8 +3,8 @@
     python benchmark/speed.py --device cpu --configs hopper halfcheetah
     python benchmark/speed.py --device cuda --algorithms enoto --modes eager cudagraphs
 
-Every `algorithms/<name>.py` that defines `speed_setup(task, obs_dim, act_dim, device, tiny, mode)` is
-measured; a new script joins by defining it. For each algorithm, configuration and mode (eager, compile,
+Every script with a setup in benchmark/setups.py (what to time, built from the script's own classes and
+update steps) is measured; a new script joins by adding one. For each algorithm, configuration and mode (eager, compile,
 cudagraphs, compile+cudagraphs: the update steps wrapped as the script's --compile / --cudagraphs wrap
 them; compilation and graph capture happen in the warm-up, which is excluded) it times, on synthetic
 device-resident buffers of the papers' sizes (1M dataset rows; no environment):
@@ -21,7 +21,6 @@ Writes benchmark/results/speed_<device>.md and .json (device name, torch version
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import platform
 import sys
@@ -34,20 +33,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmark.setups import SETUPS  # noqa: E402
+
 # obs / action sizes of the Gymnasium v5 tasks
 CONFIGS = {"hopper": (11, 3), "halfcheetah": (17, 6), "walker2d": (17, 6)}
 MODES = ["eager", "compile", "cudagraphs", "compile+cudagraphs"]
-
-
-def discover() -> dict:
-    """algorithm name -> module, for every script under algorithms/ with a speed_setup hook."""
-    modules = {}
-    for path in sorted((REPO / "algorithms").glob("*.py")):
-        if path.stem != "__init__":
-            module = importlib.import_module(f"algorithms.{path.stem}")
-            if hasattr(module, "speed_setup"):
-                modules[path.stem] = module
-    return modules
 
 
 def synchronize(device: torch.device) -> None:
@@ -71,16 +61,16 @@ def per_second(fn, iterations: int, warmup: int, device: torch.device) -> float:
 WARMUP = {"eager": 3, "compile": 3, "cudagraphs": 8, "compile+cudagraphs": 8}
 
 
-def measure(name: str, module, config: str, device: torch.device, iterations: dict[str, int], mode: str) -> dict:
+def measure(name: str, setup, config: str, device: torch.device, iterations: dict[str, int], mode: str) -> dict:
     obs_dim, act_dim = CONFIGS[config]
-    hooks, warmup = module.speed_setup(config, obs_dim, act_dim, device, mode=mode), WARMUP[mode]
+    hooks, warmup = setup(config, obs_dim, act_dim, device, mode=mode), WARMUP[mode]
     offline_ups = per_second(hooks["offline"], iterations["offline"], warmup, device)
     reference = per_second(hooks["reference"], iterations["offline"], 3, device)
     hooks["hand_over"]()
     other = hooks.get("other_phases", {})
     other_ups = {phase: per_second(fn, iterations["offline"], warmup, device) for phase, fn in other.items()}
     online_sps = per_second(hooks["online"], iterations["online"], warmup, device)
-    tiny = module.speed_setup(config, obs_dim, act_dim, device, tiny=True, mode=mode)
+    tiny = setup(config, obs_dim, act_dim, device, tiny=True, mode=mode)
     tiny["hand_over"]()
     return {
         "algorithm": name,
@@ -98,8 +88,7 @@ def measure(name: str, module, config: str, device: torch.device, iterations: di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    algorithms = discover()
-    parser.add_argument("--algorithms", nargs="+", default=list(algorithms), choices=list(algorithms))
+    parser.add_argument("--algorithms", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES, help="default: all on CUDA, eager on CPU")
     parser.add_argument("--offline-iterations", type=int, default=None, help="default 200 on CUDA, 20 on CPU")
@@ -119,7 +108,7 @@ def main() -> None:
     }
     torch.manual_seed(0)
     rows = [
-        measure(name, algorithms[name], config, device, iterations, mode)
+        measure(name, SETUPS[name], config, device, iterations, mode)
         for name in args.algorithms
         for config in args.configs
         for mode in modes

@@ -23,6 +23,7 @@ import torch._dynamo
 import torch._inductor.config
 from torch.utils._pytree import tree_leaves
 
+from benchmark.setups import SETUPS
 from tests.conftest import REPO, run_cli, scalars
 from utils import UserError
 from utils.fast import FastUpdate, check_fast_flags
@@ -36,9 +37,7 @@ def trajectory(name: str, mode: str) -> torch.Tensor:
     torch.manual_seed(0)
     script, _, backbone = name.partition("-")
     extra = {"backbone": backbone} if backbone else {}
-    hooks = importlib.import_module(f"algorithms.{script}").speed_setup(
-        "hopper", 11, 3, torch.device("cpu"), True, mode, **extra
-    )
+    hooks = SETUPS[script]("hopper", 11, 3, torch.device("cpu"), True, mode, **extra)
     values = [tree_leaves(hooks["offline"]()) for _ in range(OFFLINE_CALLS)]
     hooks["hand_over"]()
     for phase in hooks.get("other_phases", {}).values():

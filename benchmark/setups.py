@@ -1,0 +1,235 @@
+"""What benchmark/speed.py times for each script: its paper-default agent on random device-resident data.
+
+Each `SETUPS[name](task, obs_dim, act_dim, device, tiny=False, mode="eager")` returns the callables to time,
+wrapped as the script's phases wrap them (`mode`: eager, compile, cudagraphs or compile+cudagraphs):
+- `offline`: one offline update; `hand_over`: the script's hand-over (the online steps exist after it);
+- `online`: the updates of one online environment step, with a row added first so the online buffer grows
+  as in a run; `online_updates`: how many gradient updates that is;
+- `reference`: a bare forward + backward of the critic ensemble on the batch;
+- `other_phases` (OPT): further update steps, timed after the hand-over; `label`: the config's name.
+`tiny` shrinks networks and batches to show the overhead floor. The buffers hold the papers' sizes (1M rows).
+Kept out of the scripts so that a copied script holds the algorithm only; tests/test_fast.py and
+tests/test_benchmark.py run every setup, so a change of a script's update signatures shows here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import partial
+
+import numpy as np
+import torch
+
+from utils.fast import FastUpdate
+
+DATASET_ROWS = 10**6
+
+
+def script(name: str):
+    return importlib.import_module(f"algorithms.{name}")
+
+
+def fast_flags(mode: str) -> dict[str, bool]:
+    return {"compile": "compile" in mode, "cudagraphs": "cudagraphs" in mode}
+
+
+def random_buffer(module, capacity: int, rows: int, obs_dim: int, act_dim: int, device):
+    """A script's ReplayBuffer holding `rows` uniform rows in [-1, 1], each one offline and not done."""
+    buffer = module.ReplayBuffer(capacity, obs_dim, act_dim, device)
+    buffer.add(torch.rand(rows, buffer.storage.shape[1], device=device) * 2 - 1)
+    buffer.storage[:, -2:] = 0.0  # every script's rows end with (done, is_online)
+    return buffer
+
+
+def forward_backward(critic: torch.nn.Module, batch) -> callable:
+    def reference():
+        critic.zero_grad(set_to_none=True)
+        critic(batch[0], batch[1]).sum().backward()
+
+    return reference
+
+
+def so2(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager") -> dict:
+    """EDAC with 50 critics on hopper, 10 elsewhere; one online step is 10 critic updates + the actor update."""
+    module, fast = script("so2"), fast_flags(mode)
+    num_critics = 2 if tiny else (50 if task == "hopper" else 10)
+    sizes = {"hidden_dim": 8, "batch_size": 8, "mixed_batch_size": 24} if tiny else {}
+    args = module.Args(num_critics=num_critics, **fast, **sizes)
+    agent = module.SO2(obs_dim, act_dim, num_critics, args, device)
+    pool_rows, online_rows = (1000, 1000) if tiny else (DATASET_ROWS, 100_000)
+    pool = random_buffer(module, pool_rows, pool_rows, obs_dim, act_dim, device)
+    online = random_buffer(module, online_rows, online_rows // 2, obs_dim, act_dim, device)
+    batch = pool.split(pool.sample_rows(args.batch_size + args.mixed_batch_size))
+    offline = FastUpdate(partial(module.offline_step, agent, pool, args, 1.0), **fast)
+    block = None
+
+    def hand_over():
+        nonlocal block
+        agent.hand_over()
+        block = FastUpdate(partial(module.online_updates, agent, online, pool, args), **fast)
+
+    def online_step():
+        online.add(online.storage[online.position - 1 : online.position].clone())
+        results = block(module.actor_steps(agent, args))
+        agent.critic_updates += args.updates_per_step
+        return results
+
+    return {
+        "label": f"N={num_critics}",
+        "offline": offline,
+        "hand_over": hand_over,
+        "online": online_step,
+        "online_updates": args.updates_per_step,
+        "reference": forward_backward(agent.critic, batch),
+    }
+
+
+def enoto(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager") -> dict:
+    """CQL-N with 10 critics; one online step is the UCB action choice and one update."""
+    module, fast = script("enoto"), fast_flags(mode)
+    args = module.Args(num_critics=2, hidden_dim=8, batch_size=8, **fast) if tiny else module.Args(**fast)
+    agent = module.ENOTO(obs_dim, act_dim, args, device)
+    dataset_rows, online_rows = (1000, 1000) if tiny else (DATASET_ROWS, 250_000)
+    dataset = random_buffer(module, dataset_rows, dataset_rows, obs_dim, act_dim, device)
+    online = random_buffer(module, online_rows, online_rows // 2, obs_dim, act_dim, device)
+    batch, obs = online.split(online.sample_rows(args.batch_size)), np.zeros(obs_dim, np.float32)
+    offline = FastUpdate(partial(module.offline_step, agent, dataset, args), **fast)
+    online_update = None
+
+    def hand_over():
+        nonlocal online_update
+        agent.hand_over()
+        online_update = FastUpdate(partial(module.replay_update, agent, online, args), **fast)
+
+    def online_step():
+        agent.explore(obs, head=0)
+        online.add(online.storage[online.position - 1 : online.position].clone())
+        return online_update()
+
+    return {
+        "label": f"N={args.num_critics}",
+        "offline": offline,
+        "hand_over": hand_over,
+        "online": online_step,
+        "online_updates": 1,
+        "reference": forward_backward(agent.critic, batch),
+    }
+
+
+def baq(
+    task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager", backbone="cql"
+) -> dict:
+    """The CQL (or IQL) backbone; one online step is the new row's priority, the prioritized draw and the update."""
+    module, fast = script("baq"), fast_flags(mode)
+    sizes = {"hidden_dim": 8, "batch_size": 8} if tiny else {}
+    args = module.Args(backbone=backbone, **sizes, **fast)
+    agent = module.BAQ(obs_dim, act_dim, args, device)
+    rows = 1000 if tiny else DATASET_ROWS
+    dataset = random_buffer(module, rows, rows, obs_dim, act_dim, device)
+    replay = module.PriorityReplay(dataset.capacity + args.online_steps, obs_dim, act_dim, device)
+    replay.add(dataset.storage, torch.rand(dataset.size, device=device), torch.rand(dataset.size, device=device) + 1)
+    batch = dataset.split(dataset.sample_rows(args.batch_size))
+    offline = FastUpdate(partial(module.offline_step, agent, dataset, args), **fast)
+    online = None
+
+    def hand_over():
+        nonlocal online
+        agent.hand_over()
+        online = FastUpdate(partial(module.online_update, agent, replay, 1.0, args), **fast)
+
+    def online_step():
+        row = dataset.storage[:1]
+        bc_mse, distance = module.bc_distances(agent.bc_model, *dataset.split(row)[:2])
+        replay.add(row, bc_mse, module.priority(distance, 1.0, 1.0))
+        return online()
+
+    return {
+        "label": backbone,
+        "offline": offline,
+        "hand_over": hand_over,
+        "online": online_step,
+        "online_updates": 1,
+        "reference": forward_backward(agent.critic, batch),
+    }
+
+
+def off2on(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager") -> dict:
+    """5 CQL agents (after the BC warm start); one online step is the density step, the draw, the update, the
+    priority write (UTD 1)."""
+    module, fast = script("off2on"), fast_flags(mode)
+    args = module.Args(num_agents=2, hidden_dim=8, batch_size=8, **fast) if tiny else module.Args(**fast)
+    agent = module.Off2On(obs_dim, act_dim, args, device)
+    rows = 1000 if tiny else DATASET_ROWS
+    dataset = random_buffer(module, rows, rows, obs_dim, act_dim, device)
+    replay = module.BalancedReplay(dataset.storage, args.online_steps, args, obs_dim, act_dim)
+    batch = dataset.split(dataset.sample_rows(args.batch_size))
+    offline = FastUpdate(partial(module.offline_step, agent, dataset, args), **fast)
+    online = None
+
+    def hand_over():
+        nonlocal online
+        agent.hand_over()
+        online = FastUpdate(partial(module.replay_update, agent, replay, args), **fast)
+
+    def online_step():
+        replay.add(dataset.storage[replay.num_online : replay.num_online + 1])
+        return online()
+
+    return {
+        "label": f"N={args.num_agents}",
+        "offline": lambda: offline(False),
+        "hand_over": hand_over,
+        "online": online_step,
+        "online_updates": 1,
+        "reference": forward_backward(agent.critic, batch),
+    }
+
+
+def opt(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager") -> dict:
+    """TD3+BC offline; one fine-tuning env step is 5 updates of both critics with density steps, prioritized
+    draws and priority writes; `other_phases` times one second-order Eq. 3 pre-training update."""
+    module, fast = script("opt"), fast_flags(mode)
+    args = module.Args(hidden_dim=8, batch_size=8, **fast) if tiny else module.Args(**fast)
+    module.resolve_args(args, f"{task}-medium", task)
+    agent = module.OPT(obs_dim, act_dim, args, device)
+    rows = 1000 if tiny else DATASET_ROWS
+    dataset = random_buffer(module, rows, rows, obs_dim, act_dim, device)
+    replay = module.BalancedReplay(dataset.storage, args.online_steps, args, obs_dim, act_dim)
+    for row in dataset.storage[:10]:
+        replay.add(row[None])
+    batch = dataset.split(dataset.sample_rows(args.batch_size))
+    offline = FastUpdate(partial(module.offline_step, agent, dataset, args), **fast)
+    pretrain = finetune = None
+
+    def offline_update():
+        agent.offline_updates += 1
+        return offline(agent.offline_updates % args.policy_freq == 0)
+
+    def hand_over():
+        nonlocal pretrain, finetune
+        agent.hand_over()
+        agent.start_online_critic()
+        agent.start_finetuning()
+        pretrain = FastUpdate(partial(module.pretrain_step, agent, replay, args), **fast)
+        finetune = FastUpdate(partial(module.replay_update, agent, replay, args), **fast)
+
+    def pretrain_update():
+        agent.pretrain_updates += 1
+        return pretrain(agent.pretrain_updates % args.policy_freq == 0)
+
+    def online_step():
+        replay.add(dataset.storage[replay.num_online : replay.num_online + 1])
+        return module.finetune_step(agent, finetune, 0.5, args)
+
+    return {
+        "label": f"UTD {args.updates_per_step}",
+        "offline": offline_update,
+        "hand_over": hand_over,
+        "online": online_step,
+        "online_updates": args.updates_per_step,
+        "reference": forward_backward(agent.q_off, batch),
+        "other_phases": {"online pre-training (Eq. 3)": pretrain_update},
+    }
+
+
+SETUPS = {"so2": so2, "enoto": enoto, "baq": baq, "off2on": off2on, "opt": opt}
