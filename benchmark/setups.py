@@ -2,12 +2,14 @@
 
 Each `SETUPS[name](task, obs_dim, act_dim, device, tiny=False, mode="eager")` returns the callables to time,
 wrapped as the script's phases wrap them (`mode`: eager, compile, cudagraphs or compile+cudagraphs):
-- `offline`: one offline update; `hand_over`: the script's hand-over (the online steps exist after it);
+- `offline`: one offline update; `hand_over`: the script's hand-over, called once before the online steps;
 - `online`: the updates of one online environment step, with a row added first so the online buffer grows
   as in a run; `online_updates`: how many gradient updates that is;
 - `reference`: a bare forward + backward of the critic ensemble on the batch;
 - `other_phases` (OPT): further update steps, timed after the hand-over; `label`: the config's name.
 `tiny` shrinks networks and batches to show the overhead floor. The buffers hold the papers' sizes (1M rows).
+The online steps are wrapped before the hand-over but first called after it (FastUpdate compiles and captures
+lazily), so they trace and capture the online optimisers, as in the scripts, which wrap them at the hand-over.
 Kept out of the scripts so that a copied script holds the algorithm only; tests/test_fast.py and
 tests/test_benchmark.py run every setup, so a change of a script's update signatures shows here.
 """
@@ -61,12 +63,7 @@ def so2(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool 
     online = random_buffer(module, online_rows, online_rows // 2, obs_dim, act_dim, device)
     batch = pool.split(pool.sample_rows(args.batch_size + args.mixed_batch_size))
     offline = FastUpdate(partial(module.offline_step, agent, pool, args, 1.0), **fast)
-    block = None
-
-    def hand_over():
-        nonlocal block
-        agent.hand_over()
-        block = FastUpdate(partial(module.online_updates, agent, online, pool, args), **fast)
+    block = FastUpdate(partial(module.online_updates, agent, online, pool, args), **fast)
 
     def online_step():
         online.add(online.storage[online.position - 1 : online.position].clone())
@@ -77,7 +74,7 @@ def so2(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool 
     return {
         "label": f"N={num_critics}",
         "offline": offline,
-        "hand_over": hand_over,
+        "hand_over": agent.hand_over,
         "online": online_step,
         "online_updates": args.updates_per_step,
         "reference": forward_backward(agent.critic, batch),
@@ -94,12 +91,7 @@ def enoto(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: boo
     online = random_buffer(module, online_rows, online_rows // 2, obs_dim, act_dim, device)
     batch, obs = online.split(online.sample_rows(args.batch_size)), np.zeros(obs_dim, np.float32)
     offline = FastUpdate(partial(module.offline_step, agent, dataset, args), **fast)
-    online_update = None
-
-    def hand_over():
-        nonlocal online_update
-        agent.hand_over()
-        online_update = FastUpdate(partial(module.replay_update, agent, online, args), **fast)
+    online_update = FastUpdate(partial(module.replay_update, agent, online, args), **fast)
 
     def online_step():
         agent.explore(obs, head=0)
@@ -109,7 +101,7 @@ def enoto(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: boo
     return {
         "label": f"N={args.num_critics}",
         "offline": offline,
-        "hand_over": hand_over,
+        "hand_over": agent.hand_over,
         "online": online_step,
         "online_updates": 1,
         "reference": forward_backward(agent.critic, batch),
@@ -130,12 +122,7 @@ def baq(
     replay.add(dataset.storage, torch.rand(dataset.size, device=device), torch.rand(dataset.size, device=device) + 1)
     batch = dataset.split(dataset.sample_rows(args.batch_size))
     offline = FastUpdate(partial(module.offline_step, agent, dataset, args), **fast)
-    online = None
-
-    def hand_over():
-        nonlocal online
-        agent.hand_over()
-        online = FastUpdate(partial(module.online_update, agent, replay, 1.0, args), **fast)
+    online = FastUpdate(partial(module.online_update, agent, replay, 1.0, args), **fast)
 
     def online_step():
         row = dataset.storage[:1]
@@ -146,7 +133,7 @@ def baq(
     return {
         "label": backbone,
         "offline": offline,
-        "hand_over": hand_over,
+        "hand_over": agent.hand_over,
         "online": online_step,
         "online_updates": 1,
         "reference": forward_backward(agent.critic, batch),
@@ -164,12 +151,7 @@ def off2on(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bo
     replay = module.BalancedReplay(dataset.storage, args.online_steps, args, obs_dim, act_dim)
     batch = dataset.split(dataset.sample_rows(args.batch_size))
     offline = FastUpdate(partial(module.offline_step, agent, dataset, args), **fast)
-    online = None
-
-    def hand_over():
-        nonlocal online
-        agent.hand_over()
-        online = FastUpdate(partial(module.replay_update, agent, replay, args), **fast)
+    online = FastUpdate(partial(module.replay_update, agent, replay, args), **fast)
 
     def online_step():
         replay.add(dataset.storage[replay.num_online : replay.num_online + 1])
@@ -178,7 +160,7 @@ def off2on(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bo
     return {
         "label": f"N={args.num_agents}",
         "offline": lambda: offline(False),
-        "hand_over": hand_over,
+        "hand_over": agent.hand_over,
         "online": online_step,
         "online_updates": 1,
         "reference": forward_backward(agent.critic, batch),
@@ -199,19 +181,17 @@ def opt(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool 
         replay.add(row[None])
     batch = dataset.split(dataset.sample_rows(args.batch_size))
     offline = FastUpdate(partial(module.offline_step, agent, dataset, args), **fast)
-    pretrain = finetune = None
+    pretrain = FastUpdate(partial(module.pretrain_step, agent, replay, args), **fast)
+    finetune = FastUpdate(partial(module.replay_update, agent, replay, args), **fast)
 
     def offline_update():
         agent.offline_updates += 1
         return offline(agent.offline_updates % args.policy_freq == 0)
 
     def hand_over():
-        nonlocal pretrain, finetune
         agent.hand_over()
         agent.start_online_critic()
         agent.start_finetuning()
-        pretrain = FastUpdate(partial(module.pretrain_step, agent, replay, args), **fast)
-        finetune = FastUpdate(partial(module.replay_update, agent, replay, args), **fast)
 
     def pretrain_update():
         agent.pretrain_updates += 1
