@@ -215,14 +215,18 @@ def test_bad_resume_is_one_line_and_writes_nothing(minari_root, tmp_path, stoppe
     assert f"is a run of {script}, not {other}" in cli_error(other, ["--resume", str(run_path)], minari_root)
     assert {path.name: path.read_bytes() for path in run_path.iterdir()} == before
 
-    # A checkpoint of an earlier version: enoto's and off2on's had neither the flag nor the state statistics.
+    # A checkpoint of an earlier version (enoto's and off2on's had neither the flag nor the state statistics)
     checkpoint = torch.load(run_path / CHECKPOINT, weights_only=False)
     missing = "normalize_states" if script in ("enoto", "off2on") else "seed"
-    del checkpoint["args"][missing]
+    value = checkpoint["args"].pop(missing)
     for key in ("obs_mean", "obs_std") if script in ("enoto", "off2on") else ():
         del checkpoint[key]
     torch.save(checkpoint, run_path / CHECKPOINT)
-    message = f"written by an earlier version of {script}.py, which had no --{missing.replace('_', '-')}; start"
+    message = f"written by another version of {script}.py, which had no --{missing.replace('_', '-')}; start"
+    assert message in cli_error(script, ["--resume", str(run_path)], minari_root)
+    checkpoint["args"] |= {missing: value, "gone_flag": 1}  # and a flag that today's script no longer has
+    torch.save(checkpoint, run_path / CHECKPOINT)
+    message = f"written by another version of {script}.py, which had --gone-flag; start a new run"
     assert message in cli_error(script, ["--resume", str(run_path)], minari_root)
 
     (run_path / CHECKPOINT).write_bytes(b"not a checkpoint")

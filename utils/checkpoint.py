@@ -121,7 +121,7 @@ def load_for_resume(run_dir: str, algorithm: str, args, device: torch.device) ->
     """The checkpoint of RUN_DIR, checked, and its run path; `args` takes the run's flags (args.json).
 
     Refuses, with one line and before anything is written: a folder without (or with a corrupt) checkpoint.pt,
-    another script's run, a checkpoint of an earlier version that lacks one of today's flags, and any flag
+    another script's run, a checkpoint of another version (a flag more or less than today's), and any flag
     given now that differs from both the run's value and its default.
     """
     run_path = Path(run_dir)
@@ -137,13 +137,15 @@ def load_for_resume(run_dir: str, algorithm: str, args, device: torch.device) ->
         raise UserError(f"--resume {run_dir}: {CHECKPOINT} cannot be read ({type(err).__name__}: {err})") from err
     if checkpoint.get("algorithm") != algorithm:
         raise UserError(f"--resume {run_dir} is a run of {checkpoint.get('algorithm')}, not {algorithm}")
-    # A flag the run never had would take today's default: a run with another meaning (or a missing state).
-    unknown = [f.name for f in dataclasses.fields(args) if f.name not in saved and f.name not in OPERATIONAL_FLAGS]
-    if unknown:
-        flags = " ".join("--" + name.replace("_", "-") for name in unknown)
+    # A flag the run never had would take today's default, and one it had that is gone would be dropped: either
+    # way a run with another meaning (or a state the code does not find).
+    names = {field.name for field in dataclasses.fields(args)}
+    new, gone = sorted(names - set(saved) - OPERATIONAL_FLAGS), sorted(set(saved) - names)
+    if new or gone:
+        flags = " ".join("--" + name.replace("_", "-") for name in new or gone)
         raise UserError(
-            f"--resume {run_dir}: {CHECKPOINT} was written by an earlier version of {algorithm}.py, which had no "
-            f"{flags}; start a new run"
+            f"--resume {run_dir}: {CHECKPOINT} was written by another version of {algorithm}.py, which "
+            f"{'had no' if new else 'had'} {flags}; start a new run"
         )
     for field in dataclasses.fields(args):
         name, value = field.name, getattr(args, field.name)
