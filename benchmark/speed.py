@@ -14,7 +14,7 @@ device-resident buffers of the papers' sizes (1M dataset rows; no environment):
 - reference: a bare forward + backward of the same critic ensemble on the online batch, no optimiser;
 - overhead: the online step with tiny networks (hidden 8, 2 critics, batch 8), where compute is
   negligible: the floor set by Python and kernel launches;
-- other phases a hook names under `other_phases` (OPT: the Eq. 3 pre-training update), after the hand-over.
+- other phases a setup names under `other_phases` (OPT: the Eq. 3 pre-training update), after the hand-over.
 Writes benchmark/results/speed_<device>.md and .json (device name, torch version, date).
 """
 

@@ -1,7 +1,7 @@
 """--compile computes what eager computes, and the update steps stay one graph while the buffers grow.
 
-Every script's speed hook builds its update steps as its phases do (FastUpdate around the same step
-functions), so these tests drive the real updates: a few offline updates, the hand-over, the other phases,
+Every script's speed setup (benchmark/setups.py) builds its update steps as its phases do (FastUpdate around
+the same step functions), so these tests drive the real updates: a few offline updates, the hand-over, the other phases,
 then online steps that each add a row to the online buffer first. Inductor draws its own random numbers
 unless `fallback_random` is set; with it, eager and compiled draw the same ones and must agree closely.
 
