@@ -140,7 +140,7 @@ def load_for_resume(run_dir: str, algorithm: str, args, device: torch.device) ->
     # A flag the run never had would take today's default, and one it had that is gone would be dropped: either
     # way a run with another meaning (or a state the code does not find).
     names = {field.name for field in dataclasses.fields(args)}
-    new, gone = sorted(names - set(saved) - OPERATIONAL_FLAGS), sorted(set(saved) - names)
+    new, gone = (sorted(side - OPERATIONAL_FLAGS) for side in (names - set(saved), set(saved) - names))
     if new or gone:
         flags = " ".join("--" + name.replace("_", "-") for name in new or gone)
         raise UserError(
