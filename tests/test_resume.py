@@ -44,12 +44,16 @@ def make_args(script: str, run_dir: Path, **overrides):
 
 
 def all_scalars(run_path: Path) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) of every scalar in every event file of the run, in file order, timing tags left out."""
+    """(step, value) of every scalar in every event file of the run, files in the order they were started, timing
+    tags left out."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+    # Not by name: two files started in the same second differ only in a per-process writer counter, and
+    # '.10' sorts before '.9'. The first event of a file (its version record) has the start time to the microsecond.
+    files = [list(EventFileLoader(str(path)).Load()) for path in run_path.glob("events.out.tfevents.*")]
     found: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(run_path.glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
+    for events in sorted(files, key=lambda events: events[0].wall_time):
+        for event in events:
             for value in event.summary.value:
                 if not value.tag.endswith(TIMING_TAGS):
                     found.setdefault(value.tag, []).append((event.step, value.tensor.float_val[0]))
