@@ -37,8 +37,8 @@ Decisions where the paper is silent or the sources disagree:
 - States are standardised with the dataset's mean and std (+1e-3), as in CORL's CQL (`--no-normalize-states`:
   raw states, as the official code feeds them). On our hopper-sac-medium data one CQL agent at these defaults
   collapses on raw states (normalized score 2.6-3.3 over 10k updates; also with CORL's lr, weight and no BC)
-  and reaches 89-100 by 10k updates on standardised ones (benchmark/results/protocol-cpu/diagnostics/README.md;
-  2 seeds, hopper only). The density network sees the same standardised states.
+  and reaches 86-100 by 10k updates on standardised ones (benchmark/results/protocol-cpu/diagnostics/README.md;
+  2 seeds, each run twice, hopper only). The density network sees the same standardised states.
 - Minari data and v5 environments are not D4RL: scores are not comparable with the paper's curves.
 Not done: the paper's pixel-based manipulation experiments; per-member offline evaluation.
 
