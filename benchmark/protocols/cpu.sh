@@ -86,6 +86,18 @@ so2)
         -- --online-steps 5000 --warmup-steps 250 --eval-freq 500 \
         -- --target-noise 0 --updates-per-step 1 --actor-update-freq 1
     ;;
+so2-ablation)
+    # SO2's own ablation ([SO2] Fig. 5/6): N_upc 10 without PVU (--target-noise 0), and PVU with N_upc 1, each
+    # from the so2 piece's EDAC offline.pt (the offline sweep is skipped where its runs are finished)
+    sweep "$OFFLINE" so2 so2 --num-critics 10 --hidden-dim 64 --offline-steps 20000 --offline-eval-freq 5000 \
+        --online-steps 0
+    pretrained=${PRETRAINED//\{label\}/so2}
+    online=(--pretrained "$pretrained" --online-steps 5000 --warmup-steps 250 --eval-freq 500)
+    sweep "$ONLINE" so2 so2-upc1 "${online[@]}" --updates-per-step 1 --actor-update-freq 1
+    collect so2-upc1
+    sweep "$ONLINE" so2 so2-no-pvu "${online[@]}" --target-noise 0
+    collect so2-no-pvu
+    ;;
 enoto)
     # paper: CQL-N N=10, width 256, 1M offline updates, 250k online steps; baseline CQL -> SAC (2 critics)
     # --no-normalize-states: the committed runs predate the state normalization default (raw states, official)
@@ -113,7 +125,7 @@ report)
         --command "bash benchmark/protocols/cpu.sh <algorithm> (flags: benchmark/protocols/cpu.md)"
     ;;
 *)
-    echo "usage: bash benchmark/protocols/cpu.sh opt|baq|so2|enoto|off2on|collect LABEL...|report" >&2
+    echo "usage: bash benchmark/protocols/cpu.sh opt|baq|so2|so2-ablation|enoto|off2on|collect LABEL...|report" >&2
     exit 2
     ;;
 esac
