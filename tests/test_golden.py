@@ -1,0 +1,121 @@
+"""Golden runs: each script's tiny deterministic CPU run through its real main() (offline phase, hand-over,
+online phase) reproduces, bit for bit, the final.pt and TensorBoard scalars committed under tests/golden/.
+
+They pin what the scripts compute, so that code can be moved (shared plumbing into utils/, a section
+rewritten) without changing a number: a refactor that changes one is a bug until its reason is named, and
+then the fixture is rewritten with the reason in the commit message:
+
+    python -m tests.test_golden            # rewrites tests/golden/*.pt from the scripts as they are
+
+Bit equality holds for one set of library versions on one kind of CPU; the fixture records the versions of
+torch, numpy, mujoco and gymnasium, and where they differ from the ones installed the test skips and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import sys
+from pathlib import Path
+
+import gymnasium
+import mujoco
+import numpy as np
+import pytest
+import torch
+
+from tests.test_resume import all_scalars
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+# tiny networks and budgets: a few dozen updates in each phase, evaluations at both ends of each
+SIZES = {"hidden_dim": 16, "batch_size": 8, "eval_episodes": 1, "offline_steps": 30, "online_steps": 40}
+CADENCE = {"eval_freq": 20, "offline_eval_freq": 15, "log_freq": 5}
+RUNS = {
+    "so2": ("so2", {"num_critics": 3, "warmup_steps": 5, "updates_per_step": 2, "actor_update_freq": 2,
+                    "mixed_batch_size": 16}),
+    "enoto": ("enoto", {"num_critics": 3, "warmup_steps": 5}),
+    "baq": ("baq", {"bc_steps": 5, "probe_states": 50}),
+    "baq-iql": ("baq", {"bc_steps": 5, "probe_states": 50, "backbone": "iql"}),
+    "off2on": ("off2on", {"num_agents": 2, "bc_steps": 5, "block_steps": 10, "first_block_multiplier": 2}),
+    "opt": ("opt", {"n_tau": 10, "n_pretrain": 5}),
+    "opt-spot": ("opt", {"n_tau": 10, "n_pretrain": 5, "backbone": "spot", "vae_steps": 10}),
+}  # fmt: skip
+LARGE = 4096  # tensors with more elements are kept as a digest of their bytes (SPOT's VAE is 750 wide)
+
+
+def versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "numpy": np.__version__, "mujoco": mujoco.__version__,
+            "gymnasium": gymnasium.__version__}  # fmt: skip
+
+
+def leaves(value, prefix: str = "") -> dict:
+    """Every tensor and number of a checkpoint, flattened to name -> value (its args, which hold paths, left out)."""
+    if isinstance(value, dict):
+        found = {}
+        for key, item in value.items():
+            if not (prefix == "" and key == "args"):
+                found |= leaves(item, f"{prefix}.{key}" if prefix else str(key))
+        return found
+    if isinstance(value, list | tuple):
+        return {k: v for i, item in enumerate(value) for k, v in leaves(item, f"{prefix}[{i}]").items()}
+    if isinstance(value, torch.Tensor | int | float | bool | str) or value is None:
+        return {prefix: value}
+    return {prefix: repr(value)}
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """dtype, shape and sha256 of the bytes: equal exactly when the tensors are equal bit for bit."""
+    data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    return f"{tensor.dtype} {tuple(tensor.shape)} {hashlib.sha256(data).hexdigest()}"
+
+
+def golden_run(name: str, run_dir: Path) -> dict:
+    """The run `name` of RUNS on the tests' tiny hopper data (MINARI_DATASETS_PATH set): final.pt and scalars."""
+    script, flags = RUNS[name]
+    module = importlib.import_module(f"algorithms.{script}")
+    fixed = {"env_id": "hopper-medium", "run_dir": str(run_dir), "cuda": False, "progress": False, "seed": 1}
+    torch.set_num_threads(1)
+    run_path = module.main(module.Args(**SIZES | CADENCE | flags | fixed))
+    final = torch.load(run_path / "final.pt", weights_only=False)
+    final = {k: digest(v) if torch.is_tensor(v) and v.numel() > LARGE else v for k, v in leaves(final).items()}
+    return {"final": final, "scalars": all_scalars(run_path)}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_golden_run_is_reproduced_bit_for_bit(minari_root, tmp_path, name):
+    golden = torch.load(GOLDEN / f"{name}.pt", weights_only=False)
+    if golden["versions"] != versions():
+        pytest.skip(f"golden {name} was written with {golden['versions']}; installed: {versions()}")
+    result = golden_run(name, tmp_path)
+    assert result["scalars"].keys() == golden["scalars"].keys()
+    for tag, points in golden["scalars"].items():
+        assert result["scalars"][tag] == points, tag
+    assert result["final"].keys() == golden["final"].keys()
+    for key, expected in golden["final"].items():
+        value = result["final"][key]
+        if isinstance(expected, torch.Tensor):
+            assert value.dtype == expected.dtype and torch.equal(value, expected), key
+        else:
+            assert value == expected, key
+
+
+def write_goldens(names: list[str]) -> None:
+    """Rewrite tests/golden/<name>.pt for `names` on freshly made tiny datasets (the tests' own recipe)."""
+    import os
+    import tempfile
+
+    from tests.conftest import TINY_HORIZON
+    from utils.make_dataset import collect_dataset
+
+    with tempfile.TemporaryDirectory() as root:
+        os.environ["MINARI_DATASETS_PATH"], os.environ["O2O_OFFLINE"] = root, "1"
+        collect_dataset("Hopper-v5", "mujoco/hopper/medium-v0", steps=2000, seed=0, max_episode_steps=TINY_HORIZON)
+        GOLDEN.mkdir(exist_ok=True)
+        for name in names:
+            result = golden_run(name, Path(root) / "runs" / name)
+            torch.save(result | {"versions": versions(), "flags": RUNS[name]}, GOLDEN / f"{name}.pt")
+            print(f"wrote {GOLDEN / name}.pt: {len(result['final'])} values, {len(result['scalars'])} tags")
+
+
+if __name__ == "__main__":
+    write_goldens(sys.argv[1:] or list(RUNS))
