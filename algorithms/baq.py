@@ -81,6 +81,7 @@ from utils.checkpoint import (
     set_rng_state,
 )
 from utils.fast import FastUpdate, check_fast_flags
+from utils.metrics import Metrics, UpdateClock
 
 
 @dataclass
@@ -357,7 +358,8 @@ class PriorityReplay:
         last, device = self.buffer.filled - 1, self.cumulative.device
         if not prioritized:
             return torch.randint(0, 2**62, (n,), device=device) % self.buffer.filled
-        draws = torch.rand(n, dtype=torch.float64, device=device) * self.cumulative[last]
+        total = self.cumulative.index_select(0, last.view(1))  # not cumulative[last]: a device index is a sync
+        draws = torch.rand(n, dtype=torch.float64, device=device) * total
         return torch.minimum(torch.searchsorted(self.cumulative, draws, right=True), last)
 
     def state_dict(self) -> dict:
@@ -600,27 +602,6 @@ class BAQ:
 # ---------------------------------------------------------------------------------------------------
 
 
-class Metrics:
-    """Accumulates detached device tensors under their tags; `flush` moves the means to the host in one transfer."""
-
-    def __init__(self, writer: SummaryWriter):
-        self.writer, self.sums, self.counts = writer, {}, {}
-
-    def add(self, *results: dict[str, torch.Tensor]) -> None:
-        for metrics in results:
-            for key, value in metrics.items():
-                self.sums[key] = self.sums.get(key, 0) + value
-                self.counts[key] = self.counts.get(key, 0) + 1
-
-    def flush(self, step: int) -> None:
-        if not self.sums:
-            return
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.sums.values()]).cpu().tolist()
-        for (key, count), value in zip(self.counts.items(), values, strict=True):
-            self.writer.add_scalar(key, value / count, step)
-        self.sums, self.counts = {}, {}
-
-
 def save_checkpoint(path: Path, agent: BAQ, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:
     """One self-contained dict, written atomically; `state` adds what --resume needs (checkpoint.pt)."""
     checkpoint = {
@@ -692,7 +673,8 @@ def bc_phase(agent: BAQ, dataset: ReplayBuffer, writer, args: Args) -> float:
     val_obs, val_action, *_ = dataset.split(dataset.storage[validation[:100_000]])
     metrics = Metrics(writer)
     for step in tqdm(range(1, args.bc_steps + 1), desc="pi_BC", disable=not args.progress):
-        obs, action, *_ = dataset.split(dataset.storage[train[torch.randint(0, len(train), (args.batch_size,))]])
+        pick = torch.randint(0, len(train), (args.batch_size,), device=train.device)  # no host-to-device copy
+        obs, action, *_ = dataset.split(dataset.storage[train[pick]])
         metrics.add({"offline/bc_loss": agent.bc_update(obs, action)})
         if step % args.log_freq == 0 or step == args.bc_steps:
             metrics.flush(step)
@@ -800,10 +782,8 @@ def online_phase(
         first = resume["step"] + 1
         if not set_env_state(env, resume["env"]):
             (obs, _), episode_return = env.reset(), 0.0
-    start, update = (
-        time.perf_counter(),
-        FastUpdate(partial(online_update, agent, replay, k_q, args), args.compile, args.cudagraphs),
-    )
+    start, clock = time.perf_counter(), UpdateClock(device, update_time)  # update time: CUDA events on a GPU
+    update = FastUpdate(partial(online_update, agent, replay, k_q, args), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         action = np.clip(agent.policy(obs, deterministic=False), -1.0, 1.0)
@@ -819,13 +799,12 @@ def online_phase(
         row = torch.from_numpy(row).to(device)
         bc_mse, distance = bc_distances(agent.bc_model, *replay.buffer.split(row)[:2])
         replay.add(row, bc_mse, priority(distance, k_rho, args.priority_alpha))
-        tic = time.perf_counter()
-        metrics.add(update())
-        update_time += time.perf_counter() - tic
+        with clock:
+            metrics.add(update())
         if step % args.log_freq == 0:
             metrics.flush(step)
             log_weights(writer, replay, k_q, step)
-            writer.add_scalar("charts/UPS", step / update_time, step)  # updates per second of update time
+            writer.add_scalar("charts/UPS", step / clock.seconds(), step)  # updates per second of update time
             writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)  # per wall s
         episode_return += float(reward)
         obs = next_obs
@@ -837,7 +816,7 @@ def online_phase(
             result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
             bar.set_postfix(score=f"{result['normalized_score']:.1f}")
         if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
-            state = {"replay": replay.state_dict(), "k_q": k_q, "k_rho": k_rho, "update_time": update_time}
+            state = {"replay": replay.state_dict(), "k_q": k_q, "k_rho": k_rho, "update_time": clock.seconds()}
             save("online", step, metrics=metrics, obs=obs, episode_return=episode_return, **state)
 
 

@@ -87,6 +87,7 @@ from utils.checkpoint import (
     set_rng_state,
 )
 from utils.fast import FastUpdate, check_fast_flags
+from utils.metrics import Metrics
 
 
 @dataclass
@@ -532,7 +533,7 @@ class ENOTO:
             candidates = self.act(obs_t.expand(self.critic.num_critics, -1))[0]
             q = self.critic(obs_t.expand(len(candidates), -1), candidates)
             choice = ucb_choice(q, self.args.ucb_lambda) if mode == "sunrise" else q[head].argmax()
-            return candidates[choice].cpu().numpy()
+            return candidates.index_select(0, choice.view(1))[0].cpu().numpy()  # a device index: no sync
 
     def oac_action(self, obs: torch.Tensor) -> torch.Tensor:
         """Optimistic Actor-Critic: shift the pre-tanh mean along grad of mean + beta_UB std of Q, by sqrt(2 delta)."""
@@ -589,27 +590,6 @@ def training_reward(reward: np.ndarray, task: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # Logging, checkpoints, evaluation
 # ---------------------------------------------------------------------------------------------------
-
-
-class Metrics:
-    """Accumulates detached device tensors under their tags; `flush` moves the means to the host in one transfer."""
-
-    def __init__(self, writer: SummaryWriter):
-        self.writer, self.sums, self.counts = writer, {}, {}
-
-    def add(self, *results: dict[str, torch.Tensor]) -> None:
-        for metrics in results:
-            for key, value in metrics.items():
-                self.sums[key] = self.sums.get(key, 0) + value
-                self.counts[key] = self.counts.get(key, 0) + 1
-
-    def flush(self, step: int) -> None:
-        if not self.sums:
-            return
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.sums.values()]).cpu().tolist()
-        for (key, count), value in zip(self.counts.items(), values, strict=True):
-            self.writer.add_scalar(key, value / count, step)
-        self.sums, self.counts = {}, {}
 
 
 def save_checkpoint(path: Path, agent: ENOTO, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:

@@ -89,6 +89,7 @@ from utils.checkpoint import (
     set_rng_state,
 )
 from utils.fast import FastUpdate, check_fast_flags
+from utils.metrics import Metrics, UpdateClock
 
 
 @dataclass
@@ -371,7 +372,7 @@ class BalancedReplay:
     def add(self, row: torch.Tensor) -> None:
         """A new online transition, at the running-max priority."""
         self.priority[self.buffer.size] = self.max_priority
-        self.refresh_block_mass(torch.tensor([self.buffer.size], device=self.priority.device))
+        self.refresh_block_mass(self.buffer.filled.view(1))  # the new row's index, already on the device
         self.buffer.add(row)
 
     def sample_prioritized(self, n: int) -> torch.Tensor:
@@ -668,27 +669,6 @@ class Off2On:
 # ---------------------------------------------------------------------------------------------------
 
 
-class Metrics:
-    """Accumulates detached device tensors under their tags; `flush` moves the means to the host in one transfer."""
-
-    def __init__(self, writer: SummaryWriter):
-        self.writer, self.sums, self.counts = writer, {}, {}
-
-    def add(self, *results: dict[str, torch.Tensor]) -> None:
-        for metrics in results:
-            for key, value in metrics.items():
-                self.sums[key] = self.sums.get(key, 0) + value
-                self.counts[key] = self.counts.get(key, 0) + 1
-
-    def flush(self, step: int) -> None:
-        if not self.sums:
-            return
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.sums.values()]).cpu().tolist()
-        for (key, count), value in zip(self.counts.items(), values, strict=True):
-            self.writer.add_scalar(key, value / count, step)
-        self.sums, self.counts = {}, {}
-
-
 def save_checkpoint(path: Path, agent: Off2On, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:
     """One self-contained dict, written atomically; `state` adds what --resume needs (checkpoint.pt)."""
     checkpoint = {
@@ -816,7 +796,8 @@ def online_phase(
         if not set_env_state(env, resume["env"]):
             (obs, _), loop["episode_return"] = env.reset(), 0.0
     updates, logged_at, block_start = loop["updates"], loop["logged_at"], loop["block_start"]
-    update_time, episode_return, start = loop["update_time"], loop["episode_return"], time.perf_counter()
+    episode_return, start = loop["episode_return"], time.perf_counter()
+    clock = UpdateClock(agent.device, loop["update_time"])  # update time: CUDA events on a GPU, no sync per block
     update = FastUpdate(partial(replay_update, agent, replay, args), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
@@ -833,21 +814,22 @@ def online_phase(
             episode_return = 0.0
         if step % args.block_steps == 0 or step == args.online_steps:
             multiplier = args.first_block_multiplier if block_start == 0 else 1
-            block_updates, block_start, tic = (step - block_start) * multiplier, step, time.perf_counter()
-            for _ in range(block_updates):
-                metrics.add(update())
-            updates, update_time = updates + block_updates, update_time + time.perf_counter() - tic
+            block_updates, block_start = (step - block_start) * multiplier, step
+            with clock:
+                for _ in range(block_updates):
+                    metrics.add(update())
+            updates += block_updates
             if updates - logged_at >= args.log_freq or step == args.online_steps:
                 logged_at = updates
                 metrics.flush(step)
-                writer.add_scalar("charts/UPS", updates / update_time, step)
+                writer.add_scalar("charts/UPS", updates / clock.seconds(), step)
                 writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
         if step % args.eval_freq == 0:
             result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
             bar.set_postfix(score=f"{result['normalized_score']:.1f}")
         if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
             loop = {"updates": updates, "logged_at": logged_at, "block_start": block_start}
-            loop |= {"update_time": update_time, "episode_return": episode_return}
+            loop |= {"update_time": clock.seconds(), "episode_return": episode_return}
             save("online", step, metrics=metrics, replay=replay.state_dict(), obs=obs, loop=loop)
 
 

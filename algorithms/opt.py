@@ -95,6 +95,7 @@ from utils.checkpoint import (
     set_rng_state,
 )
 from utils.fast import FastUpdate, check_fast_flags
+from utils.metrics import Metrics, UpdateClock
 
 
 @dataclass
@@ -442,7 +443,7 @@ class BalancedReplay:
     def add(self, row: torch.Tensor) -> None:
         """A new online transition, at the running-max priority."""
         self.priority[self.buffer.size] = self.max_priority
-        self.refresh_block_mass(torch.tensor([self.buffer.size], device=self.priority.device))
+        self.refresh_block_mass(self.buffer.filled.view(1))  # the new row's index, already on the device
         self.buffer.add(row)
 
     def sample_prioritized(self, n: int) -> torch.Tensor:
@@ -814,27 +815,6 @@ class OPT:
 # ---------------------------------------------------------------------------------------------------
 
 
-class Metrics:
-    """Accumulates detached device tensors under their tags; `flush` moves the means to the host in one transfer."""
-
-    def __init__(self, writer: SummaryWriter):
-        self.writer, self.sums, self.counts = writer, {}, {}
-
-    def add(self, *results: dict[str, torch.Tensor]) -> None:
-        for metrics in results:
-            for key, value in metrics.items():
-                self.sums[key] = self.sums.get(key, 0) + value
-                self.counts[key] = self.counts.get(key, 0) + 1
-
-    def flush(self, step: int) -> None:
-        if not self.sums:
-            return
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.sums.values()]).cpu().tolist()
-        for (key, count), value in zip(self.counts.items(), values, strict=True):
-            self.writer.add_scalar(key, value / count, step)
-        self.sums, self.counts = {}, {}
-
-
 def save_checkpoint(path: Path, agent: OPT, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:
     """One self-contained dict, written atomically; `state` adds what --resume needs (checkpoint.pt)."""
     checkpoint = {
@@ -979,15 +959,14 @@ def replay_update(agent: OPT, replay: BalancedReplay, args: Args, actor_step: bo
     return results
 
 
-def finetune_step(agent: OPT, update: FastUpdate, kappa: float, args: Args) -> list[dict[str, torch.Tensor]]:
+def finetune_step(agent: OPT, update: FastUpdate, kappa: float, args: Args, metrics: Metrics) -> None:
     """The UTD fine-tuning updates of one env step (`update`: replay_update as the phase built it); counted here,
-    for policy_freq and SPOT's lambda."""
-    results = []
+    for policy_freq and SPOT's lambda. Each update's metrics are taken before the next call, which may overwrite
+    them (a replayed CUDA graph writes the same output tensors)."""
     for _ in range(args.updates_per_step):
         agent.set_schedule(kappa)
         agent.finetune_updates += 1
-        results.append(update(agent.finetune_updates % args.policy_freq == 0))
-    return results
+        metrics.add(update(agent.finetune_updates % args.policy_freq == 0))
 
 
 def online_phase(
@@ -1014,6 +993,7 @@ def online_phase(
         if not set_env_state(env, resume["env"]):
             (obs, _), episode_return = env.reset(), 0.0
     start, update = time.perf_counter(), None  # the update step is built once Q_on and the density network exist
+    clock = UpdateClock(agent.device, update_time)  # update time: CUDA events on a GPU, no sync per step
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         finetuning = step > args.n_tau
@@ -1037,14 +1017,14 @@ def online_phase(
         if finetuning:
             kappa = kappa_at(step - args.n_tau - 1, args.kappa_start, args.kappa_end, args.kappa_steps)
             update = update or FastUpdate(partial(replay_update, agent, replay, args), args.compile, args.cudagraphs)
-            tic = time.perf_counter()
-            metrics.add(*finetune_step(agent, update, kappa, args))
-            updates, update_time = updates + args.updates_per_step, update_time + time.perf_counter() - tic
+            with clock:
+                finetune_step(agent, update, kappa, args, metrics)
+            updates += args.updates_per_step
             if updates - logged_at >= args.log_freq or step == args.online_steps:
                 logged_at = updates
                 metrics.flush(step)
                 writer.add_scalar("charts/kappa", kappa, step)
-                writer.add_scalar("charts/UPS", updates / update_time, step)
+                writer.add_scalar("charts/UPS", updates / clock.seconds(), step)
                 writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
                 if args.backbone == "spot":
                     writer.add_scalar("losses/spot_lambda", agent.spot_lambda(agent.finetune_updates), step)
@@ -1058,7 +1038,7 @@ def online_phase(
                 online_pretraining(agent, replay, writer, args)
             agent.start_finetuning()
         if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
-            loop = (updates, logged_at, update_time, episode_return)
+            loop = (updates, logged_at, clock.seconds(), episode_return)
             save("online", step, metrics=metrics, replay=replay.state_dict(), obs=obs, loop=loop)
 
 

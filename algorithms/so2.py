@@ -80,6 +80,7 @@ from utils.checkpoint import (
     set_rng_state,
 )
 from utils.fast import FastUpdate, check_fast_flags
+from utils.metrics import Metrics
 
 
 @dataclass
@@ -501,27 +502,6 @@ class SO2:
 # ---------------------------------------------------------------------------------------------------
 # Logging, checkpoints, evaluation
 # ---------------------------------------------------------------------------------------------------
-
-
-class Metrics:
-    """Accumulates detached device tensors under their tags; `flush` moves the means to the host in one transfer."""
-
-    def __init__(self, writer: SummaryWriter):
-        self.writer, self.sums, self.counts = writer, {}, {}
-
-    def add(self, *results: dict[str, torch.Tensor]) -> None:
-        for metrics in results:
-            for key, value in metrics.items():
-                self.sums[key] = self.sums.get(key, 0) + value
-                self.counts[key] = self.counts.get(key, 0) + 1
-
-    def flush(self, step: int) -> None:
-        if not self.sums:
-            return
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.sums.values()]).cpu().tolist()
-        for (key, count), value in zip(self.counts.items(), values, strict=True):
-            self.writer.add_scalar(key, value / count, step)
-        self.sums, self.counts = {}, {}
 
 
 def save_checkpoint(path: Path, agent: SO2, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# Everything a GPU check needs, in one command of at most 9 minutes (the sum of the step limits), every
-# result under OUTDIR:
+# Everything a GPU check needs, in one command of at most 8.2 minutes (the sum of the step limits, the wheel install's
+# included; only the smoke dataset is made beside the other steps), every result under OUTDIR:
 #
 #     bash benchmark/gpu_check.sh OUTDIR            # on the GPU machine (CUDA tests, speed, smoke runs)
 #     bash benchmark/gpu_check.sh OUTDIR --quick    # a 1-minute rehearsal of the same steps (CI runs it on the CPU)
 #
-# 1. the CUDA tests (each update under torch.cuda.set_sync_debug_mode("error")) -> cuda_tests.txt
-# 2. benchmark/speed.py for all five scripts on the device, hopper sizes, eager and cudagraphs
-#    -> speed_<device>.{md,json}; then compile and compile+cudagraphs for SO2 and OPT (compiling all five
-#    would not fit) -> compile/speed_<device>.{md,json}
-# 3. SO2 and OPT learning smoke runs (about 2 minutes, side by side; on CUDA each also with --cudagraphs) on a
-#    tiny local dataset -> smoke.txt and smoke_runs.tar.gz (their TensorBoard events and args.json)
-# plus env.txt (versions, device) and log.txt (all output). Without CUDA it says so and runs the same steps
-# on the CPU (the CUDA tests then skip). gymnasium, mujoco, minari and tyro are installed from .whl/ where the
-# machine lacks them (the device machine has Python 3.12 and torch but none of these): fetch them here with
-# `bash benchmark/gpu_wheels.sh` and carry .whl with the call. A step that fails is recorded, and the next
-# steps still run; the exit status is that of the first failed step.
+# 1. the CUDA tests (FastUpdate replays of every script's phase steps, under torch.cuda.set_sync_debug_mode
+#    ("error"))
+# 2. benchmark/speed.py for all five scripts on the device, hopper sizes, eager and cudagraphs, with the scripts'
+#    determinism settings and without, -> speed_<device>.{md,json}; then compile and compile+cudagraphs for SO2
+#    and OPT, and eager with TF32 matmuls for SO2, -> extra/speed_<device>.{md,json}; each written row by row
+# 3. SO2 and OPT learning smoke runs (side by side; on CUDA each also with --cudagraphs) on a small local
+#    dataset -> smoke_runs.tar.gz (their TensorBoard events, args.json, logs and a summary, smoke.txt)
+# plus env.txt (versions, device) and log.txt (all output, the CUDA tests' included): at most 7 files in both
+# branches (the device returns 8). Without CUDA it says so and runs the same steps on the CPU (the CUDA tests then
+# skip, speed measures eager only). gymnasium, mujoco, minari and tyro are installed from .whl/ where the machine
+# lacks them (the device machine has Python 3.12 and torch but none of these): fetch them here with
+# `bash benchmark/gpu_wheels.sh` and carry .whl with the call. A step that fails is recorded, and the next steps
+# still run; the exit status is that of the first failed step.
 set -uo pipefail
 if [ $# -lt 1 ] || [ "${1:0:1}" = "-" ] || { [ $# -eq 2 ] && [ "$2" != "--quick" ]; } || [ $# -gt 2 ]; then
     echo "usage: bash benchmark/gpu_check.sh OUTDIR [--quick]" >&2
@@ -43,7 +45,7 @@ if ! $PYTHON -c "import gymnasium, mujoco, minari, tyro" 2>/dev/null; then
         echo "error: gymnasium/mujoco/minari/tyro are missing and there is no .whl/: run bash benchmark/gpu_wheels.sh" >&2
         exit 2
     fi
-    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    timeout 60 $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 2
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -59,33 +61,49 @@ cat "$OUTDIR/env.txt"
 [ "$DEVICE" = cpu ] && echo "no CUDA device: the same steps on the CPU (the CUDA tests skip)"
 
 if [ -n "$QUICK" ]; then
-    SPEED=(--offline-iterations 2 --online-iterations 1 --tiny-iterations 5 --algorithms opt) TESTS=(tests/test_enoto.py -k cuda)
+    SPEED=(--offline-iterations 2 --online-iterations 1 --tiny-iterations 5) TESTS=(tests/test_cuda.py -k so2)
     TINY=(--hidden-dim 32 --batch-size 32 --offline-steps 50 --online-steps 60 --eval-freq 30)
     SMOKE_SO2=("${TINY[@]}" --warmup-steps 20 --num-critics 2 --mixed-batch-size 64 --updates-per-step 2)
     SMOKE_OPT=("${TINY[@]}" --n-tau 20 --n-pretrain 10)
-    DATA_STEPS=2000 LIMIT=120
+    DATA_STEPS=2000 LIMIT=120 SPEED_ALGORITHMS=(opt)
 else
+    # Sized from CPU dispatch floors (eager, tiny nets: ~10 ms per SO2 online env step of 10 updates, ~12.5 ms per
+    # OPT one, a few ms per offline update) to end in about half of LIMIT with four processes sharing the GPU.
     SPEED=() TESTS=(tests -m cuda)
-    SMOKE_SO2=(--offline-steps 20000 --online-steps 4000 --warmup-steps 1000 --num-critics 10 --eval-freq 1000)
-    SMOKE_OPT=(--offline-steps 30000 --online-steps 6000 --n-tau 1000 --n-pretrain 2000 --eval-freq 1000)
-    DATA_STEPS=50000 LIMIT=120
-fi
-
-step "CUDA tests" 100 "$OUTDIR/cuda_tests.txt" $PYTHON -m pytest -q -p no:cacheprovider "${TESTS[@]}"
-if [ "$DEVICE" = cuda ]; then
-    step "speed" 90 /dev/null $PYTHON benchmark/speed.py --device cuda --configs hopper --modes eager cudagraphs \
-        --out "$OUTDIR" "${SPEED[@]}"
-    step "speed, compiled" 120 /dev/null $PYTHON benchmark/speed.py --device cuda --configs hopper \
-        --modes compile compile+cudagraphs --algorithms so2 opt --out "$OUTDIR/compile" "${SPEED[@]}"
-else  # the CPU rehearsal: eager only (a compilation takes minutes here; tests/test_fast.py covers compile)
-    step "speed" 100 /dev/null $PYTHON benchmark/speed.py --device cpu --configs hopper --out "$OUTDIR" "${SPEED[@]}"
+    SMOKE_SO2=(--offline-steps 5000 --online-steps 3000 --warmup-steps 500 --num-critics 10 --eval-freq 1000)
+    SMOKE_OPT=(--offline-steps 10000 --online-steps 3000 --n-tau 500 --n-pretrain 1000 --eval-freq 1000)
+    DATA_STEPS=50000 LIMIT=140 SPEED_ALGORITHMS=(so2 enoto baq off2on opt)
 fi
 
 export MINARI_DATASETS_PATH=$(mktemp -d) O2O_OFFLINE=1
 RUNS=$(mktemp -d)
 trap 'rm -rf "$MINARI_DATASETS_PATH" "$RUNS"' EXIT
-step "smoke dataset" 90 /dev/null $PYTHON -m utils.make_dataset --env-id Hopper-v5 --dataset-id mujoco/hopper/medium-v0 \
-    --steps "$DATA_STEPS" --no-progress
+# the smoke dataset is made on the side while the tests and the speed steps use the GPU
+timeout 90 $PYTHON -m utils.make_dataset --env-id Hopper-v5 --dataset-id mujoco/hopper/medium-v0 \
+    --steps "$DATA_STEPS" --no-progress >"$RUNS/dataset.log" 2>&1 &
+dataset=$!
+
+step "CUDA tests" 90 /dev/null $PYTHON -m pytest -v -p no:cacheprovider "${TESTS[@]}"  # a line per test
+if [ "$DEVICE" = cuda ]; then
+    step "speed" 80 /dev/null $PYTHON benchmark/speed.py --device cuda --configs hopper --modes eager cudagraphs \
+        --deterministic on off --algorithms "${SPEED_ALGORITHMS[@]}" --out "$OUTDIR" "${SPEED[@]}"
+    step "speed, compiled" 90 /dev/null $PYTHON benchmark/speed.py --device cuda --configs hopper \
+        --modes compile compile+cudagraphs --algorithms so2 opt --out "$OUTDIR/extra" "${SPEED[@]}"
+    step "speed, TF32" 30 /dev/null $PYTHON benchmark/speed.py --device cuda --configs hopper --modes eager \
+        --matmul high --algorithms so2 --out "$OUTDIR/extra" --append "${SPEED[@]}"
+else  # the CPU rehearsal: eager only (a compilation takes minutes here; tests/test_fast.py covers compile)
+    step "speed" 80 /dev/null $PYTHON benchmark/speed.py --device cpu --configs hopper --out "$OUTDIR" \
+        --algorithms "${SPEED_ALGORITHMS[@]}" "${SPEED[@]}"
+    step "speed, second table" 80 /dev/null $PYTHON benchmark/speed.py --device cpu --configs hopper \
+        --out "$OUTDIR/extra" --algorithms "${SPEED_ALGORITHMS[@]}" "${SPEED[@]}"
+    step "speed, appended" 80 /dev/null $PYTHON benchmark/speed.py --device cpu --configs hopper \
+        --out "$OUTDIR/extra" --append --algorithms "${SPEED_ALGORITHMS[@]}" "${SPEED[@]}"
+fi
+
+wait $dataset
+code=$?
+echo "== smoke dataset: exit $code"
+[ $code -ne 0 ] && { cat "$RUNS/dataset.log"; [ $status -eq 0 ] && status=$code; }
 COMMON=(--env-id hopper-medium --run-dir "$RUNS" --no-progress --eval-episodes 5)
 VARIANTS=("")
 [ "$DEVICE" = cuda ] && VARIANTS+=(cudagraphs)
@@ -105,7 +123,7 @@ for i in "${!pids[@]}"; do
     echo "== smoke run ${names[$i]}: exit $code"
     [ $code -ne 0 ] && [ $status -eq 0 ] && status=$code
 done
-$PYTHON - "$RUNS" >"$OUTDIR/smoke.txt" <<'EOF'
+$PYTHON - "$RUNS" >"$RUNS/smoke.txt" <<'EOF'
 import sys
 from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -118,7 +136,7 @@ for run in sorted(p for p in Path(sys.argv[1]).iterdir() if p.is_dir()):
 for log in sorted(Path(sys.argv[1]).glob("*.log")):
     print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-5:]))
 EOF
-cat "$OUTDIR/smoke.txt"
+cat "$RUNS/smoke.txt"
 (cd "$RUNS" && tar -czf "$OUTDIR/smoke_runs.tar.gz" --exclude='*.pt' .)
 echo "gpu_check: exit $status; results in $OUTDIR"
 exit $status

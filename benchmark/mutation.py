@@ -29,6 +29,7 @@ SAMPLER_BOUND = (
     "fast path: the sampler's bound is the host-side size (a CUDA graph would freeze it)",
     "torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]",
     "torch.randint(0, self.size, (n,), device=self.storage.device)]",
+    "utils/buffers.py",
 )
 # ENOTO and Off2On fit and apply the dataset's state statistics with the same lines.
 STATE_STATISTICS = (
@@ -45,10 +46,12 @@ PRIORITY_BOUND = (
     "fast path: the prioritized draw is clamped by the host-side size",
     "torch.minimum(block * SAMPLER_BLOCK + offset, self.buffer.filled - 1)",
     "(block * SAMPLER_BLOCK + offset).clamp_(max=self.buffer.size - 1)",
+    "utils/buffers.py",
 )
 
-# script -> [(mechanism, text in algorithms/<script>.py, its replacement)]
-MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
+# script -> [(mechanism, text, its replacement[, file])]: the text is in algorithms/<script>.py unless a file (shared
+# code in utils/) is named; either way the script's tests must catch the edit.
+MUTATIONS: dict[str, list[tuple[str, ...]]] = {
     "so2": [
         (
             "resume: the mixed pool is not restored",
@@ -553,8 +556,8 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "fine-tuning: the actor every update instead of every policy_freq",
-            "results.append(update(agent.finetune_updates % args.policy_freq == 0))",
-            "results.append(update(True))",
+            "metrics.add(update(agent.finetune_updates % args.policy_freq == 0))",
+            "metrics.add(update(True))",
         ),
         (
             "evaluation: exploration noise",
@@ -732,11 +735,16 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "fast path: the priority draw reads the host-side size",
-            "draws = torch.rand(n, dtype=torch.float64, device=device) * self.cumulative[last]",
-            "draws = torch.rand(n, dtype=torch.float64, device=device) * self.cumulative[self.buffer.size - 1]",
+            "total = self.cumulative.index_select(0, last.view(1))",
+            "total = self.cumulative[self.buffer.size - 1]",
         ),
     ],
 }
+
+
+def edited_file(script: str, file: list[str]) -> str:
+    """Where an edit's text is: the named shared file, else the script."""
+    return file[0] if file else f"algorithms/{script}.py"
 
 
 def scratch_copy(source: Path, destination: Path) -> Path:
@@ -779,12 +787,12 @@ def main() -> None:
     rows = ["| script | mechanism switched off | result | seconds |", "| --- | --- | --- | ---: |"]
     done = args.skip_done.read_text() if args.skip_done else ""
     for script in args.scripts:
-        for mechanism, old, new in MUTATIONS[script]:
+        for mechanism, old, new, *file in MUTATIONS[script]:
             if f"| {script} | {mechanism} |" in done:
                 continue
             with tempfile.TemporaryDirectory() as scratch:
                 repo = scratch_copy(args.repo, Path(scratch))
-                path = repo / "algorithms" / f"{script}.py"
+                path = repo / edited_file(script, file)
                 text = path.read_text()
                 if text.count(old) != 1:
                     result, seconds = f"stale ({text.count(old)} matches)", 0.0

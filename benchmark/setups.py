@@ -1,10 +1,12 @@
 """What benchmark/speed.py times for each script: its paper-default agent on random device-resident data.
 
-Each `SETUPS[name](task, obs_dim, act_dim, device, tiny=False, mode="eager")` returns the callables to time,
-wrapped as the script's phases wrap them (`mode`: eager, compile, cudagraphs or compile+cudagraphs):
+Each `SETUPS[name](task, obs_dim, act_dim, device, tiny=False, mode="eager", **flags)` returns the callables to
+time, wrapped as the script's phases wrap them (`mode`: eager, compile, cudagraphs or compile+cudagraphs; `flags`:
+fields of the script's Args, e.g. `replay="uniform"`, so that every update path a flag selects can be run):
 - `offline`: one offline update; `hand_over`: the script's hand-over, called once before the online steps;
 - `online`: the updates of one online environment step, with a row added first so the online buffer grows
   as in a run; `online_updates`: how many gradient updates that is;
+- `act` (ENOTO): the online action choice, which ends in the one host transfer an env step needs (the action);
 - `reference`: a bare forward + backward of the critic ensemble on the batch;
 - `other_phases` (OPT): further update steps, timed after the hand-over; `label`: the config's name.
 `tiny` shrinks networks and batches to show the overhead floor. The buffers hold the papers' sizes (1M rows).
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from utils.fast import FastUpdate
+from utils.metrics import Metrics
 
 DATASET_ROWS = 10**6
 
@@ -51,22 +54,26 @@ def forward_backward(critic: torch.nn.Module, batch) -> callable:
     return reference
 
 
-def so2(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager") -> dict:
+def so2(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager", **flags):
     """EDAC with 50 critics on hopper, 10 elsewhere; one online step is 10 critic updates + the actor update."""
     module, fast = script("so2"), fast_flags(mode)
     num_critics = 2 if tiny else (50 if task == "hopper" else 10)
     sizes = {"hidden_dim": 8, "batch_size": 8, "mixed_batch_size": 24} if tiny else {}
-    args = module.Args(num_critics=num_critics, **fast, **sizes)
+    args = module.Args(**{"num_critics": num_critics, **fast, **sizes, **flags})
     agent = module.SO2(obs_dim, act_dim, num_critics, args, device)
     pool_rows, online_rows = (1000, 1000) if tiny else (DATASET_ROWS, 100_000)
     pool = random_buffer(module, pool_rows, pool_rows, obs_dim, act_dim, device)
     online = random_buffer(module, online_rows, online_rows // 2, obs_dim, act_dim, device)
     batch = pool.split(pool.sample_rows(args.batch_size + args.mixed_batch_size))
-    offline = FastUpdate(partial(module.offline_step, agent, pool, args, 1.0), **fast)
+    eta = 1.0 if args.eta is None else args.eta
+    offline = FastUpdate(partial(module.offline_step, agent, pool, args, eta), **fast)
     block = FastUpdate(partial(module.online_updates, agent, online, pool, args), **fast)
 
     def online_step():
-        online.add(online.storage[online.position - 1 : online.position].clone())
+        row = online.storage[online.position - 1 : online.position].clone()
+        online.add(row)
+        if args.sampling == "so2":
+            pool.add(row)
         results = block(module.actor_steps(agent, args))
         agent.critic_updates += args.updates_per_step
         return results
@@ -81,10 +88,12 @@ def so2(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool 
     }
 
 
-def enoto(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager") -> dict:
+def enoto(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager", **flags):
     """CQL-N with 10 critics; one online step is the UCB action choice and one update."""
     module, fast = script("enoto"), fast_flags(mode)
-    args = module.Args(num_critics=2, hidden_dim=8, batch_size=8, **fast) if tiny else module.Args(**fast)
+    sizes = {"num_critics": 2, "hidden_dim": 8, "batch_size": 8} if tiny else {}
+    args = module.Args(**sizes, **fast, **flags)
+    module.apply_preset(args)
     agent = module.ENOTO(obs_dim, act_dim, args, device)
     dataset_rows, online_rows = (1000, 1000) if tiny else (DATASET_ROWS, 250_000)
     dataset = random_buffer(module, dataset_rows, dataset_rows, obs_dim, act_dim, device)
@@ -94,7 +103,6 @@ def enoto(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: boo
     online_update = FastUpdate(partial(module.replay_update, agent, online, args), **fast)
 
     def online_step():
-        agent.explore(obs, head=0)
         online.add(online.storage[online.position - 1 : online.position].clone())
         return online_update()
 
@@ -102,19 +110,18 @@ def enoto(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: boo
         "label": f"N={args.num_critics}",
         "offline": offline,
         "hand_over": agent.hand_over,
+        "act": lambda: agent.explore(obs, head=1 % args.num_critics),
         "online": online_step,
         "online_updates": 1,
         "reference": forward_backward(agent.critic, batch),
     }
 
 
-def baq(
-    task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager", backbone="cql"
-) -> dict:
+def baq(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager", **flags):
     """The CQL (or IQL) backbone; one online step is the new row's priority, the prioritized draw and the update."""
     module, fast = script("baq"), fast_flags(mode)
     sizes = {"hidden_dim": 8, "batch_size": 8} if tiny else {}
-    args = module.Args(backbone=backbone, **sizes, **fast)
+    args = module.Args(**sizes, **fast, **flags)
     agent = module.BAQ(obs_dim, act_dim, args, device)
     rows = 1000 if tiny else DATASET_ROWS
     dataset = random_buffer(module, rows, rows, obs_dim, act_dim, device)
@@ -131,7 +138,7 @@ def baq(
         return online()
 
     return {
-        "label": backbone,
+        "label": args.backbone,
         "offline": offline,
         "hand_over": agent.hand_over,
         "online": online_step,
@@ -140,11 +147,12 @@ def baq(
     }
 
 
-def off2on(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager") -> dict:
+def off2on(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager", **flags):
     """5 CQL agents (after the BC warm start); one online step is the density step, the draw, the update, the
     priority write (UTD 1)."""
     module, fast = script("off2on"), fast_flags(mode)
-    args = module.Args(num_agents=2, hidden_dim=8, batch_size=8, **fast) if tiny else module.Args(**fast)
+    sizes = {"num_agents": 2, "hidden_dim": 8, "batch_size": 8} if tiny else {}
+    args = module.Args(**{**sizes, **fast, **flags})
     agent = module.Off2On(obs_dim, act_dim, args, device)
     rows = 1000 if tiny else DATASET_ROWS
     dataset = random_buffer(module, rows, rows, obs_dim, act_dim, device)
@@ -167,11 +175,12 @@ def off2on(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bo
     }
 
 
-def opt(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager") -> dict:
+def opt(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool = False, mode="eager", **flags):
     """TD3+BC offline; one fine-tuning env step is 5 updates of both critics with density steps, prioritized
     draws and priority writes; `other_phases` times one second-order Eq. 3 pre-training update."""
     module, fast = script("opt"), fast_flags(mode)
-    args = module.Args(hidden_dim=8, batch_size=8, **fast) if tiny else module.Args(**fast)
+    sizes = {"hidden_dim": 8, "batch_size": 8} if tiny else {}
+    args = module.Args(**sizes, **fast, **flags)
     module.resolve_args(args, f"{task}-medium", task)
     agent = module.OPT(obs_dim, act_dim, args, device)
     rows = 1000 if tiny else DATASET_ROWS
@@ -190,7 +199,8 @@ def opt(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool 
 
     def hand_over():
         agent.hand_over()
-        agent.start_online_critic()
+        if args.new_critic:
+            agent.start_online_critic()
         agent.start_finetuning()
 
     def pretrain_update():
@@ -199,7 +209,9 @@ def opt(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool 
 
     def online_step():
         replay.add(dataset.storage[replay.num_online : replay.num_online + 1])
-        return module.finetune_step(agent, finetune, 0.5, args)
+        metrics = Metrics(None)
+        module.finetune_step(agent, finetune, 0.5, args, metrics)
+        return metrics.sums
 
     return {
         "label": f"UTD {args.updates_per_step}",
@@ -208,8 +220,46 @@ def opt(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: bool 
         "online": online_step,
         "online_updates": args.updates_per_step,
         "reference": forward_backward(agent.q_off, batch),
-        "other_phases": {"online pre-training (Eq. 3)": pretrain_update},
+        "other_phases": {"online pre-training (Eq. 3)": pretrain_update} if args.online_pretraining else {},
     }
 
 
 SETUPS = {"so2": so2, "enoto": enoto, "baq": baq, "off2on": off2on, "opt": opt}
+
+# Every flag value that changes what an update step runs (the defaults are the first of each script), for the
+# sync sweeps: tests/test_sync.py on the meta device, tests/test_cuda.py under CUDA graphs.
+VARIANTS = [
+    ("so2", {}),
+    ("so2", {"sampling": "uniform"}),
+    ("so2", {"per_member_target": False}),
+    ("so2", {"online_auto_alpha": True}),
+    ("so2", {"target_noise": 0.0}),
+    ("so2", {"eta": 0.0}),
+    ("enoto", {}),
+    *[("enoto", {"q_target": rule}) for rule in ("min", "mean", "rem", "random_min_pair")],
+    *[("enoto", {"exploration": mode}) for mode in ("none", "bootstrap", "oac")],
+    *[("enoto", {"sunrise_weight": weight}) for weight in ("batch", "off")],
+    *[("enoto", {"preset": preset}) for preset in ("official", "cql_sac", "cql_cql")],
+    ("baq", {}),
+    ("baq", {"use_priority": False}),
+    ("baq", {"use_weight": False}),
+    ("baq", {"backbone": "iql"}),
+    ("baq", {"backbone": "iql", "use_priority": False, "use_weight": False}),
+    ("off2on", {}),
+    ("off2on", {"replay": "uniform"}),
+    ("off2on", {"replay": "online_only"}),
+    ("off2on", {"num_agents": 1}),
+    ("opt", {}),
+    ("opt", {"backbone": "spot"}),
+    ("opt", {"new_critic": False}),
+    ("opt", {"online_pretraining": False}),
+    ("opt", {"meta_first_order": True, "meta_weight": "none"}),
+    ("opt", {"replay": "uniform"}),
+    ("opt", {"replay": "online_only"}),
+    ("opt", {"layer_norm": True}),
+    ("opt", {"new_critic": False, "online_pretraining": False, "n_tau": 0, "replay": "uniform"}),  # plain TD3
+]
+
+
+def variant_id(name: str, flags: dict) -> str:
+    return "-".join([name, *(f"{key}={value}" for key, value in flags.items())])

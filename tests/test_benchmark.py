@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -217,6 +219,7 @@ def test_every_speed_setup_runs_with_tiny_networks(name):
     hooks["offline"]()
     hooks["reference"]()
     hooks["hand_over"]()
+    hooks.get("act", lambda: None)()
     hooks["online"]()
     for phase in hooks.get("other_phases", {}).values():
         phase()
@@ -257,6 +260,38 @@ def test_speed_script_runs_one_configuration(tmp_path):
         assert np.isfinite(row[key]) and row[key] > 0
     assert row["online_updates_per_s"] == pytest.approx(10 * row["online_env_steps_per_s"])
     assert "| so2 | halfcheetah (N=10) | eager |" in (tmp_path / "speed_cpu.md").read_text()
+
+
+def test_speed_keeps_the_rows_that_worked_when_one_setup_fails(tmp_path, monkeypatch):
+    """A setup that raises costs its own row: the others are measured and written, the failure is reported in the
+    table and the JSON, and the exit status says so."""
+    from benchmark import speed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("captured a host sync")
+
+    def cheap(config, obs_dim, act_dim, device, tiny=False, mode="eager", **flags):
+        counter = torch.zeros(())
+        step = lambda: counter.add_(1)
+        return {"label": "cheap", "offline": step, "hand_over": lambda: None, "online": step, "online_updates": 2,
+                "reference": step}  # fmt: skip
+
+    monkeypatch.setattr(speed, "SETUPS", {"broken": broken, "cheap": cheap})
+    argv = ["--device", "cpu", "--algorithms", "broken", "cheap", "--configs", "hopper", "--out", str(tmp_path)]
+    argv += ["--offline-iterations", "2", "--online-iterations", "2", "--tiny-iterations", "2"]
+    assert speed.main(argv) == 1
+    measured = json.loads((tmp_path / "speed_cpu.json").read_text())
+    (row,) = measured["rows"]
+    assert row["algorithm"] == "cheap"
+    assert row["online_updates_per_s"] == pytest.approx(2 * row["online_env_steps_per_s"])
+    (failure,) = measured["failures"]
+    assert failure["algorithm"] == "broken" and failure["error"] == "RuntimeError: captured a host sync"
+    table = (tmp_path / "speed_cpu.md").read_text()
+    assert "| cheap | hopper (cheap) | eager | yes | highest |" in table and "FAILED: broken hopper eager" in table
+
+    assert speed.main([*argv[:3], *argv[4:], "--append", "--matmul", "high"]) == 0  # --append keeps the rows
+    rows = json.loads((tmp_path / "speed_cpu.json").read_text())["rows"]
+    assert [(row["algorithm"], row["matmul"]) for row in rows] == [("cheap", "highest"), ("cheap", "high")]
 
 
 RESUMABLE_SCRIPT = """
@@ -347,10 +382,28 @@ def test_gpu_check_refuses_bad_arguments_and_rehearses_on_the_cpu(tmp_path):
     result = subprocess.run(quick, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "no CUDA device: the same steps on the CPU" in result.stdout
-    names = {path.name for path in (tmp_path / "out").iterdir()}
-    assert {"env.txt", "log.txt", "cuda_tests.txt", "speed_cpu.md", "smoke.txt", "smoke_runs.tar.gz"} <= names
-    smoke = (tmp_path / "out" / "smoke.txt").read_text()
+    files = sorted(str(path.relative_to(tmp_path / "out")) for path in (tmp_path / "out").rglob("*") if path.is_file())
+    # The CUDA branch writes the same files (speed_cuda for speed_cpu): the device returns at most 8
+    expected = ["env.txt", "extra/speed_cpu.json", "extra/speed_cpu.md", "log.txt", "smoke_runs.tar.gz"]
+    assert files == sorted([*expected, "speed_cpu.json", "speed_cpu.md"]) and len(files) <= 8
+    assert len(json.loads((tmp_path / "out" / "extra" / "speed_cpu.json").read_text())["rows"]) == 2  # appended
+    with tarfile.open(tmp_path / "out" / "smoke_runs.tar.gz") as archive:
+        smoke = archive.extractfile("./smoke.txt").read().decode()
     assert "so2__1" in smoke and "opt__1" in smoke and "eval/normalized_score [(0," in smoke
+    assert "== CUDA tests: exit 0" in (tmp_path / "out" / "log.txt").read_text()
+
+
+def test_gpu_check_fits_its_one_device_call():
+    """On CUDA the step limits (the wheel install's included) add up to under 8.5 of the device's 10 minutes per
+    call, which leaves the machine's start and the transfers inside the session's 15 minutes."""
+    text = (REPO / "benchmark" / "gpu_check.sh").read_text()
+    cuda_branch = text[text.index('if [ "$DEVICE" = cuda ]; then') : text.index("else  # the CPU rehearsal")]
+    limits = [int(re.search(r"timeout (\d+) \$PYTHON -m pip install", text).group(1))]
+    limits.append(int(re.search(r'step "CUDA tests" (\d+)', text).group(1)))
+    limits += [int(limit) for limit in re.findall(r'step "[^"]+" (\d+)', cuda_branch)]
+    full = text[text.index("else\n    # Sized from") : text.index("export MINARI_DATASETS_PATH")]
+    limits.append(int(re.search(r"LIMIT=(\d+)", full).group(1)))  # the smoke runs, side by side
+    assert len(limits) == 6 and sum(limits) <= 510, limits
 
 
 def test_every_mutation_edit_still_matches_its_script_once():
@@ -358,6 +411,8 @@ def test_every_mutation_edit_still_matches_its_script_once():
     from benchmark import mutation
 
     edits = [(script, *edit) for script, listed in mutation.MUTATIONS.items() for edit in listed]
-    sources = {script: (REPO / "algorithms" / f"{script}.py").read_text() for script in mutation.MUTATIONS}
-    stale = [(script, name) for script, name, old, new in edits if sources[script].count(old) != 1 or old == new]
+    stale = []
+    for script, name, old, new, *file in edits:
+        if (REPO / mutation.edited_file(script, file)).read_text().count(old) != 1 or old == new:
+            stale.append((script, name))
     assert len(edits) > 100 and stale == []

@@ -254,3 +254,11 @@ def test_state_normalization_makes_a_run_blind_to_a_shift_of_every_observation(
     obs = data.observations[0]
     policies = [module.policy_from_checkpoint(checkpoint) for checkpoint in (plain, moved)]
     np.testing.assert_allclose(policies[1](obs + 50), policies[0](obs), atol=1e-3)
+
+
+@pytest.mark.parametrize("spec", ["{", "{}", '{"id": "Hopper-v5"}', "[1, 2]"])
+def test_a_malformed_env_spec_is_one_line(spec):
+    from utils import make_env
+
+    with pytest.raises(UserError, match="the dataset's env spec cannot be read"):
+        make_env(spec, 0)

@@ -250,3 +250,26 @@ def test_resume_keeps_every_flag_of_the_run(minari_root, tmp_path, stopped_run):
     assert (args.online_steps, args.hidden_dim, args.seed) == (saved["online_steps"], 16, saved["seed"])
     with pytest.raises(UserError, match="that run is finished"):
         module.main(module.Args(resume=str(run_path)))
+
+
+def test_rng_streams_come_back_from_a_checkpoint_loaded_onto_another_device(tmp_path):
+    """--resume loads checkpoint.pt with map_location=<the run's device>; torch's RNG states must reach
+    set_rng_state as CPU byte tensors whatever that device is (on CUDA a moved ByteTensor is refused). Checked with
+    map_location="meta", where a tensor moved there has no data left at all."""
+    from utils.checkpoint import rng_state, set_rng_state
+
+    torch.manual_seed(3)
+    random.seed(3)
+    torch.save({"rng": rng_state()}, tmp_path / "state.pt")
+    expected = (torch.rand(4), random.random())
+    torch.manual_seed(99)
+    random.seed(99)
+    set_rng_state(torch.load(tmp_path / "state.pt", map_location="meta", weights_only=False)["rng"])
+    drawn = (torch.rand(4), random.random())
+    assert torch.equal(drawn[0], expected[0]) and drawn[1] == expected[1]
+
+    # a checkpoint of the earlier format (torch's state as a tensor) still resumes
+    legacy = rng_state() | {"torch": torch.get_rng_state()}
+    expected = torch.rand(4)
+    set_rng_state(legacy)
+    assert torch.equal(torch.rand(4), expected)

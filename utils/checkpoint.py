@@ -42,18 +42,24 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG stream; torch's as numpy arrays, which torch.load(map_location=...) leaves where they are."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state().numpy()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [generator.numpy() for generator in torch.cuda.get_rng_state_all()]
     return state
+
+
+def host_bytes(state) -> torch.Tensor:
+    """An RNG state as the CPU ByteTensor torch wants, from numpy or from a tensor that a map_location moved."""
+    return torch.as_tensor(state).to("cpu", torch.uint8)
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(host_bytes(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([host_bytes(generator) for generator in state["cuda"]])
 
 
 def _time_limits(env: gym.Env):

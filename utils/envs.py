@@ -47,7 +47,11 @@ def make_env(env_spec: str, seed: int) -> gym.Env:
 
     The env is reset once with `seed`, so later plain `reset()` calls continue a seeded stream.
     """
-    spec = parse_env_spec(env_spec)
+    try:
+        spec = parse_env_spec(env_spec)
+    except Exception as err:  # broken JSON, a missing key, a value of the wrong type
+        reason = f"{type(err).__name__}: {err}"
+        raise UserError(f"the dataset's env spec cannot be read ({reason}): {env_spec[:200]}") from err
     task = task_of_env_id(spec.id)
     kwargs = {"max_episode_steps": HORIZON_OVERRIDES[task]} if task in HORIZON_OVERRIDES else {}
     try:
