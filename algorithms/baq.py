@@ -6,57 +6,28 @@ behaviour-cloning model pi_BC scores every transition by how far its action is f
 score (i) down-weights the TD regression of BC-divergent pairs, w = exp(-mean((pi_BC(s) - a)^2) / k_q), in
 CQL (Eq. 7) or in IQL's V and Q losses (Eq. 8-9), and (ii) sets the replay priority
 rho = (||pi_BC(s) - a||_2 / k_rho + 1)^alpha over one buffer of offline and online data (Eq. 10).
+No public code exists; every constant the paper leaves open is a decision of the card, kept as a flag. Those
+that change results:
+- k_q = max(m_off, m_probe) / ln 2 (offline and pretrained-policy median MSEs to pi_BC), k_rho = the median
+  offline L2 distance, alpha = 1; `--k-q`, `--k-rho` override.
+- Eq. 10 applies to every transition, offline data included; new transitions get their own rho (not the max
+  priority); priorities never change; no importance-sampling correction.
+- The weight multiplies the CQL TD term only (Eq. 7); backbones as CORL's CQL and IQL (IQL: actor lr
+  cosine-decayed offline, a constant 3e-4 online).
+Not implemented: the `--is-beta` importance-sampling ablation. Every decision and deviation, the logged tags and
+the results on our data: docs/baq.md.
 
-No public code exists; every constant the paper leaves open is a decision of the card, kept as a flag:
-- pi_BC: deterministic MLP 2 x 256 with tanh output, MSE, Adam 3e-4, 100k steps on 95% of the data, the
-  other 5% give offline/bc_val_mse (x = BC step); frozen afterwards. BAQ changes nothing offline.
-- k_q = max(m_off, m_probe) / ln 2, m_off the median offline MSE to pi_BC, m_probe the median MSE of the
-  pretrained policy's exploration actions on 10k offline states: half of both get w >= 0.5. k_rho = the
-  median offline L2 distance, alpha = 1 (offline median -> rho = 2). `--k-q`, `--k-rho` override.
-- Eq. 10 applies to every transition, offline data included, computed once at the hand-over; new
-  transitions get their own rho at insertion (not the max priority). Priorities never change, so the
-  sampler is an append-only float64 prefix sum searched with `searchsorted`. i.i.d. draws, no
-  importance-sampling correction (the paper has none; it would undo the intended bias).
-- The weight multiplies the CQL TD term only (Eq. 7; the text says "penalty", the equation and Sec. 5.5
-  say TD), as a plain mean; actor, temperature and conservative term stay unweighted.
-- Backbones as CORL: CQL with 3 x 256 networks, orthogonal init, learnable log-std scale and offset,
-  weight 10 in both phases, no entropy backup, lr 3e-5 (actor, alpha) / 3e-4; IQL with expectile 0.7,
-  beta 3, exp-advantage clamp 100, 2 x 256 networks, Gaussian actor with tanh mean and a state-independent
-  log-std, rewards x 1000 / (max - min episode return), actor lr cosine-decayed offline and a constant
-  3e-4 online (CORL's schedule would leave it at ~0; Adam is not reset).
-- States are normalised with the dataset's mean and std (+1e-3) everywhere, pi_BC included; actions are
-  clipped to [-1, 1]. One buffer holds all offline and online data (no eviction), one update per env step,
-  no warm-up, 30k online steps. Bootstrapping uses `terminated` only.
-- Evaluation every 10k offline / 5k online steps, 10 deterministic episodes. eval/q_bias and q_rank_tau use
-  the twin minimum (in the trained reward scale); no backup has an entropy term, so like is compared with like.
-- The CQL actor's log pi uses the exact tanh correction 2 (log 2 - u - softplus(-2u)), as CORL's TanhTransform.
-- Minari data and v5 environments are not D4RL: scores are not comparable with the paper's tables.
-Not implemented: the `--is-beta` importance-sampling ablation (the card keeps it for ablation only).
-
-Fast path: `--compile` compiles the update steps and the acting policy (torch.compile); `--cudagraphs` (CUDA)
-captures each update step, minibatch draw included, in a CUDA graph and replays it (utils.fast.FastUpdate).
-Both off by default: neither has been measured on a GPU yet. IQL's cosine actor lr is a device tensor that the schedule
-rewrites between updates.
 Usage: python algorithms/baq.py --env-id hopper-medium --backbone iql
-Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
-evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
-episode in progress continues exactly, another env's restarts from a fresh reset.
-Own tags: offline/bc_loss, offline/bc_val_mse, offline/cql_loss, offline/value_loss, charts/k_q, charts/k_rho,
-charts/m_off, charts/m_probe (at step 0), charts/w_mean, charts/w_min, charts/w_mean_online,
-charts/w_mean_offline, charts/offline_share (dataset rows in a batch), losses/cql_loss, losses/value_loss.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
-import os
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -66,50 +37,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
-from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
-from utils.checkpoint import (
-    CHECKPOINT,
-    atomic_save,
-    load_for_resume,
-    resume_state,
-    rewind_events,
-    set_env_state,
-    set_rng_state,
-)
-from utils.fast import FastUpdate, check_fast_flags
+from utils import OfflineData, UserError, evaluate, load_dataset
+from utils.buffers import ReplayBuffer, transition_rows
+from utils.checkpoint import set_env_state
+from utils.fast import FastUpdate
 from utils.metrics import Metrics, UpdateClock
+from utils.optim import adam, soft_update, zero_grad
+from utils.run import Run, RunArgs, check_bounds
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     # experiment
     exp_name: str = "baq"
     """name of the experiment, part of the run name"""
-    seed: int = 1
-    """seed of python, numpy, torch and the environments"""
-    torch_deterministic: bool = True
-    """deterministic torch kernels where torch has them (use_deterministic_algorithms, warn-only) and cuDNN"""
-    cuda: bool = True
-    """use the GPU when there is one (falls back to the CPU with a notice)"""
-    run_dir: str = "runs"
-    """folder that receives runs/<run name>/ (TensorBoard events, args.json, checkpoints)"""
-    save_model: bool = True
-    """write offline.pt after pretraining and final.pt at the end"""
-    progress: bool = True
-    """tqdm bars (off automatically when stdout is not a terminal)"""
-    compile: bool = False
-    """torch.compile the update steps and the acting policy (minutes of compilation first)"""
-    cudagraphs: bool = False
-    """capture each update step in a CUDA graph and replay it (CUDA only)"""
-    # data
-    env_id: str = "hopper-medium"
-    """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
-    pretrained: str | None = None
-    """an offline.pt (backbone and pi_BC) to start from; skips the offline phase"""
     # budgets
     offline_steps: int = 1_000_000
     """backbone gradient steps (CORL); 0 = no backbone pretraining (pi_BC is still trained)"""
@@ -163,15 +107,6 @@ class Args:
     """online evaluation every this many environment steps (and at step 0)"""
     offline_eval_freq: int = 10_000
     """offline evaluation every this many gradient steps (and at the end)"""
-    eval_episodes: int = 10
-    """deterministic episodes per evaluation"""
-    log_freq: int = 1_000
-    """write training metrics every this many updates"""
-    checkpoint_freq: int | None = None
-    """write checkpoint.pt (all state, for --resume) every this many updates offline / env steps online;
-    None = at every evaluation"""
-    resume: str | None = None
-    """continue the run in this folder from its checkpoint.pt; every other flag comes from its args.json"""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -288,50 +223,6 @@ class BehaviourModel(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-class ReplayBuffer:
-    """A device-resident ring buffer; one row = [obs, action, reward, next_obs, done, is_online]."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
-        self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
-        self.position = self.size = 0
-        self.filled = torch.zeros((), dtype=torch.long, device=device)  # size on the device, for the samplers
-
-    def add(self, rows: torch.Tensor) -> None:
-        """Append rows [n, width], overwriting the oldest once full (FIFO)."""
-        slots = (self.position + torch.arange(len(rows), device=rows.device)) % self.capacity
-        self.storage[slots] = rows
-        self.position = (self.position + len(rows)) % self.capacity
-        self.size = min(self.size + len(rows), self.capacity)
-        self.filled.fill_(self.size)
-
-    def sample_rows(self, n: int) -> torch.Tensor:
-        """n rows uniformly with replacement; the bound is a device tensor, so a growing buffer is one graph."""
-        return self.storage[torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]
-
-    def state_dict(self) -> dict:
-        return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.size, self.position = len(state["rows"]), state["position"]
-        self.storage[: self.size] = state["rows"].to(self.storage.device)
-        self.filled.fill_(self.size)
-
-    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """rows -> obs, action, reward, next_obs, done, is_online."""
-        obs, action, reward, next_obs, done, is_online = rows.split(
-            [self.obs_dim, self.act_dim, 1, self.obs_dim, 1, 1], -1
-        )
-        return obs, action, reward.squeeze(-1), next_obs, done.squeeze(-1), is_online.squeeze(-1)
-
-
-def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarray:
-    """Pack transitions (numpy, batched) into buffer rows, so adding them costs one host-device copy."""
-    n = len(obs)
-    columns = [obs, action, reward.reshape(n, 1), next_obs, done.reshape(n, 1), np.full((n, 1), float(is_online))]
-    return np.concatenate(columns, axis=1).astype(np.float32)
-
-
 class PriorityReplay:
     """Offline then online rows, each with its BC MSE (for w) and a static priority rho (Eq. 10).
 
@@ -424,23 +315,6 @@ def cql_gap(critic: Critic, actor: TanhGaussianActor, obs, next_obs, q_data: tor
 def expectile_loss(u: torch.Tensor, expectile: float, weight: torch.Tensor) -> torch.Tensor:
     """IQL's V loss (Eq. 8 with the BAQ weight): mean(w |tau - 1(u < 0)| u^2), u = Q - V."""
     return (weight * (expectile - (u < 0).float()).abs() * u.pow(2)).mean()
-
-
-def zero_grad(optimizer: torch.optim.Optimizer) -> None:
-    """optimizer.zero_grad(set_to_none=True), spelled out: torch.compile skips Optimizer.zero_grad (a graph break)."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            param.grad = None
-
-
-def adam(params, lr: float, capturable: bool) -> torch.optim.Adam:
-    """Fused Adam: one kernel for all parameters instead of one per tensor; capturable for --cudagraphs."""
-    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
-
-
-def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
-    with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
 class BAQ:
@@ -600,24 +474,6 @@ class BAQ:
 # ---------------------------------------------------------------------------------------------------
 # Logging, checkpoints, evaluation
 # ---------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, agent: BAQ, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:
-    """One self-contained dict, written atomically; `state` adds what --resume needs (checkpoint.pt)."""
-    checkpoint = {
-        "algorithm": "baq",
-        "args": asdict(args),
-        **agent.state_dict(),
-        "obs_dim": data.observations.shape[1],
-        "act_dim": data.actions.shape[1],
-        "phase": phase,
-        "step": step,
-        "dataset": data.name,
-        "env_spec": data.env_spec,
-        "eval_env_spec": data.eval_env_spec,
-        **state,
-    }
-    atomic_save(checkpoint, path)
 
 
 def policy_from_checkpoint(checkpoint: dict):
@@ -822,15 +678,8 @@ def online_phase(
 
 def check_args(args: Args) -> None:
     """Refuse settings the phases cannot run with, naming the flag to change."""
-    if args.checkpoint_freq is not None and args.checkpoint_freq < 1:
-        raise UserError(f"--checkpoint-freq must be >= 1, got {args.checkpoint_freq}")
-    for name in ("offline_steps", "online_steps", "bc_steps"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    positive = ("hidden_dim", "cql_samples", "probe_states", "eval_freq", "offline_eval_freq", "log_freq")
-    for name in (*positive, "eval_episodes", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    positive = ("hidden_dim", "cql_samples", "probe_states", "eval_freq", "offline_eval_freq", "batch_size")
+    check_bounds(args, positive, ("offline_steps", "online_steps", "bc_steps"))
     if args.pretrained is None and args.bc_steps < 1:
         raise UserError("BAQ needs pi_BC: --bc-steps must be >= 1 unless --pretrained gives one")
     for name in ("k_q", "k_rho", "priority_alpha"):
@@ -841,61 +690,16 @@ def check_args(args: Args) -> None:
 
 
 def main(args: Args) -> Path:
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if args.torch_deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if args.cuda and device.type == "cpu":
-        print("CUDA is not available: running on the CPU", file=sys.stderr)
-    check_fast_flags(args.cudagraphs, device)
-    args.progress = args.progress and sys.stdout.isatty()
-
-    resume = None
-    if args.resume is not None:
-        resume, run_path = load_for_resume(args.resume, "baq", args, device)
-    checkpoint = None
-    if args.pretrained is not None and resume is None:
-        try:
-            checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
-            if checkpoint.get("algorithm") != "baq" or checkpoint.get("phase") != "offline":
-                raise ValueError("not a BAQ offline.pt")
-        except Exception as err:
-            raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
-        shape = (checkpoint["args"]["backbone"], checkpoint["args"]["hidden_dim"])  # the offline run's networks
-        if shape != (args.backbone, args.hidden_dim):
-            print(
-                f"--pretrained: using the checkpoint's --backbone {shape[0]} --hidden-dim {shape[1]}", file=sys.stderr
-            )
-        args.backbone, args.hidden_dim = shape
+    run = Run(args, "baq", "BAQ")
+    checkpoint = run.pretrained()
+    if checkpoint is not None:  # the offline run's networks
+        run.adopt({"backbone": checkpoint["args"]["backbone"], "hidden_dim": checkpoint["args"]["hidden_dim"]})
     check_args(args)
     data = load_dataset(args.env_id)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    if checkpoint is not None:
-        check_pretrained_dataset(checkpoint, data, args.pretrained)
-    if resume is not None:
-        check_pretrained_dataset(resume, data, args.resume)
-        rewind_events(run_path, resume["events"])  # the steps logged after the checkpoint are logged again
-    else:
-        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_path = Path(args.run_dir) / run_name
-        run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    writer = SummaryWriter(str(run_path))
-    # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
-    # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
-    # The evaluation episodes run in lockstep in eval_episodes envs, one batched policy call per step.
-    env = make_env(data.eval_env_spec, args.seed)
-    eval_env = [make_env(data.eval_env_spec, args.seed + 100 + i) for i in range(args.eval_episodes)]
-    agent = BAQ(obs_dim, act_dim, args, device)
-
-    def save(phase: str, step: int, metrics: Metrics, **state) -> None:
-        """checkpoint.pt: the agent, the phase's loop state, RNG streams, the env, the event file sizes."""
-        state |= resume_state(writer, run_path, env) | {"metrics": (metrics.sums, metrics.counts)}
-        save_checkpoint(run_path / CHECKPOINT, agent, args, data, phase, step, bc_val_mse=bc_val_mse, **state)
+    writer, env, eval_env = run.open(data, checkpoint)
+    agent, resume = BAQ(obs_dim, act_dim, args, run.device), run.resume
+    save = run.saver(agent, lambda: {"bc_val_mse": bc_val_mse})
 
     resumed_online = resume is not None and resume["phase"] == "online"
     if resumed_online:  # the hand-over first, so the saved online optimiser settings replace its changes
@@ -904,12 +708,12 @@ def main(args: Args) -> Path:
         if loaded is not None:
             agent.load_state_dict(loaded)
     rows = prepare_data(agent, data, args, fit_statistics=checkpoint is None and resume is None)
-    dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
-    dataset.add(torch.from_numpy(rows).to(device))
+    dataset = ReplayBuffer(len(data), obs_dim, act_dim, run.device)
+    dataset.add(torch.from_numpy(rows).to(run.device))
     del rows
     bc_val_mse = (checkpoint or resume or {}).get("bc_val_mse")
     if resume is not None:
-        set_rng_state(resume["rng"])
+        run.restore_rng()
     elif checkpoint is None:
         bc_val_mse = bc_phase(agent, dataset, writer, args)
         save("offline", 0, Metrics(writer))  # pi_BC done: a kill from here on resumes without repeating it
@@ -917,29 +721,19 @@ def main(args: Args) -> Path:
         if args.offline_steps > 0:
             offline_phase(agent, data, dataset, eval_env, writer, args, save, resume)
         if args.save_model:
-            save_checkpoint(
-                run_path / "offline.pt", agent, args, data, "offline", args.offline_steps, bc_val_mse=bc_val_mse
-            )
+            run.write("offline.pt", agent, "offline", args.offline_steps, bc_val_mse=bc_val_mse)
     agent.bc_model.requires_grad_(False).eval()  # frozen from here on, trained here or loaded
-    if args.online_steps > 0:
-        if resumed_online:
-            k_q, k_rho = resume["k_q"], resume["k_rho"]
-            replay = PriorityReplay(len(data) + args.online_steps, obs_dim, act_dim, device)
-        else:
-            agent.hand_over()
-            replay, k_q, k_rho = calibrate(agent, dataset, args.online_steps, writer, args)
-        del dataset  # its rows now live in the priority replay
-        online_phase(
-            agent, data, replay, k_q, k_rho, env, eval_env, writer, args, save, resume if resumed_online else None
-        )
-        if args.save_model:
-            save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps, k_q=k_q, k_rho=k_rho)
-    elif args.save_model:
-        save_checkpoint(run_path / "final.pt", agent, args, data, "online", 0)
-    (run_path / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; final.pt is what remains
-    writer.close()
-    print(f"run written to {run_path}")
-    return run_path
+    if args.online_steps == 0:
+        return run.finish(agent, 0)
+    if resumed_online:
+        k_q, k_rho = resume["k_q"], resume["k_rho"]
+        replay = PriorityReplay(len(data) + args.online_steps, obs_dim, act_dim, run.device)
+    else:
+        agent.hand_over()
+        replay, k_q, k_rho = calibrate(agent, dataset, args.online_steps, writer, args)
+    del dataset  # its rows now live in the priority replay
+    online_phase(agent, data, replay, k_q, k_rho, env, eval_env, writer, args, save, resume if resumed_online else None)
+    return run.finish(agent, args.online_steps, k_q=k_q, k_rho=k_rho)
 
 
 if __name__ == "__main__":

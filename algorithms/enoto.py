@@ -1,68 +1,34 @@
 """ENOTO: Improving Offline-to-Online Reinforcement Learning with Q-Ensembles.
 
-Zhao, Hao, Ma, Liu, Zheng, Meng, IJCAI 2024, arXiv 2306.06871 (v1: "E2O"). This is ENOTO-CQL: CQL-N
-pretraining (N = 10 critics, min-over-N target), then at the switch the CQL term is dropped and the same
-networks keep training as SAC-N with the WeightedMinPair target, the SUNRISE uncertainty-weighted Bellman
-backup (T = 10) and SUNRISE UCB action selection (lambda = 10), on a fresh online buffer.
+Zhao, Hao, Ma, Liu, Zheng, Meng, IJCAI 2024, arXiv 2306.06871 (v1: "E2O"); numbers from the official code
+(TJU-DRL-LAB/AI-Optimizer, E2O, a d3rlpy v1 fork). This is ENOTO-CQL: CQL-N pretraining (N = 10 critics,
+min-over-N target), then at the switch the CQL term is dropped and the same networks keep training as SAC-N with
+the WeightedMinPair target, the SUNRISE uncertainty-weighted Bellman backup (T = 10) and SUNRISE UCB action
+selection (lambda = 10), on a fresh online buffer. The decisions that change results:
+- Offline CQL(H) exactly as d3rlpy (importance-sampled logsumexp, weight 5, gap averaged and TD loss summed over
+  critics, a deterministic entropy-free backup); updates in d3rlpy's order: temperature, critics, actor, targets.
+- Hand-over: networks, targets, temperature and Adam states are kept; only the CQL term goes; the dataset is not
+  used online.
+- The SUNRISE weight is per sample (SUNRISE's definition); the official code's one weight per batch is
+  `--sunrise-weight batch`, and `--preset official` is what the released pipeline ran.
+- States are standardised with the dataset's statistics (CORL's CQL); `--no-normalize-states` feeds raw states
+  as the official code does, on which CQL collapses on our hopper data.
+Not implemented: ENOTO-LAPO, the paper's AntMaze variant. Ablations: `--q-target`, `--exploration`,
+`--sunrise-weight`, `--keep-cql-online`, `--online-backup`; baselines: `--preset cql_sac|cql_cql`.
+Every decision and deviation, the logged tags and the results on our data: docs/enoto.md.
 
-Numbers follow the official code (TJU-DRL-LAB/AI-Optimizer, E2O, a d3rlpy v1 fork); the card lists the
-sources. Decisions where the paper is silent or the sources disagree:
-- Offline CQL(H) exactly as d3rlpy: importance-sampled logsumexp over 10 uniform, 10 pi(s) and 10 pi(s')
-  actions, weight 5 with the Lagrange multiplier fixed at 1, the gap AVERAGED over critics while the TD
-  loss is SUMMED over critics; deterministic backup min_i Q'_i(s', tanh mu(s')) without entropy. The
-  constant threshold (-5) is not subtracted: it changes the logged value, not a gradient.
-- Updates run in d3rlpy's order, each on the parameters the previous one left: temperature, critics,
-  actor, targets. The temperature loss is d3rlpy's -alpha (log pi - |A|) (alpha, not log alpha, in front).
-- Hand-over: the last offline networks, target networks, temperature and all Adam states are kept; only
-  the CQL term goes (`--pretrained` continues those Adam states at the learning rates of the --*-lr flags).
-  The online buffer starts empty and the dataset is not used online (official code).
-- SUNRISE weight per sample, w = sigmoid(-T std_i Q'_i(s', a')) + 0.5 (SUNRISE's definition); the official
-  code's one scalar per batch is `--sunrise-weight batch`. std is the population std (correction 0).
-- UCB: N candidates from the one actor, scored by mean + lambda std of the current critics; it also acts
-  during the 1000 steps before the first update. No bootstrap masks (the official buffer has none).
-- Variants for the paper's ablations: `--q-target min|mean|rem|random_min_pair|weighted_min_pair` (REM and
-  RandomMinPair draw once per update, for any N), `--exploration none|sunrise|bootstrap|oac`,
-  `--sunrise-weight per_sample|batch|off`, `--keep-cql-online`, `--online-backup sac|cql`.
-- Presets (PRESETS): `--preset official` is what the released E2O pipeline ran (policy sampling, no UCB,
-  one SUNRISE weight per batch); `--preset cql_sac` is the paper's CQL -> SAC baseline (2 critics, min
-  target, no weights, policy sampling); `--preset cql_cql` is CQL -> CQL (the same, with the CQL term and
-  CQL's deterministic, entropy-free backup kept online). The defaults stay the card's.
-- Evaluation every 10k offline / 5k online steps (official: 1k), 10 deterministic episodes.
-  eval/q_bias and eval/q_rank_tau use the ensemble minimum (what the actor maximises); online it is a soft Q
-  (entropy terms in its targets) set against the plain discounted return, which shows as positive bias.
-- log pi(a|s) uses the exact tanh correction 2 (log 2 - u - softplus(-2u)), as d3rlpy; the common
-  log(1 - tanh(u)^2 + 1e-6) is off by several nats once |u| > 7, which saturated CQL policies reach.
-- AntMaze: the training reward is (r - 0.5) * 4 in both phases (the fork's CQL setting), evaluation uses r.
-- States are standardised with the dataset's mean and std (+1e-3), in both phases, as in CORL's CQL
-  (`--no-normalize-states`: raw states, as the official code feeds them). On our hopper-sac-medium data CQL
-  with 2 critics at these defaults scores 1.3-5.8 over 10k updates on raw states and 84-100 from 5k updates on
-  standardised ones (benchmark/results/protocol-cpu/diagnostics/README.md; one seed).
-Not implemented: ENOTO-LAPO, the paper's AntMaze variant (no public code; AntMaze runs use the CQL backbone
-and will score lower than the paper's LAPO numbers). Minari data and v5 environments are not D4RL: scores
-are not comparable with the paper's curves.
-
-Fast path: `--compile` compiles the update steps and the acting policy (torch.compile); `--cudagraphs` (CUDA)
-captures each update step, minibatch draw included, in a CUDA graph and replays it (utils.fast.FastUpdate).
-Both off by default: neither has been measured on a GPU yet.
 Usage: python algorithms/enoto.py --env-id hopper-medium
-Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
-evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
-episode in progress continues exactly, another env's restarts from a fresh reset.
-Own tags: offline/cql_loss, offline/q_std, offline/alpha, offline/alpha_loss, offline/entropy,
-losses/q_std (ensemble std of Q(s, a)), losses/alpha_loss, losses/entropy, charts/sunrise_weight (mean w).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
-import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -72,50 +38,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
-from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
-from utils.checkpoint import (
-    CHECKPOINT,
-    atomic_save,
-    load_for_resume,
-    resume_state,
-    rewind_events,
-    set_env_state,
-    set_rng_state,
-)
-from utils.fast import FastUpdate, check_fast_flags
+from utils import OfflineData, UserError, evaluate, load_dataset
+from utils.buffers import ReplayBuffer, transition_rows
+from utils.checkpoint import set_env_state
+from utils.fast import FastUpdate
 from utils.metrics import Metrics
+from utils.optim import adam, soft_update, zero_grad
+from utils.run import Run, RunArgs, check_bounds
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     # experiment
     exp_name: str = "enoto"
     """name of the experiment, part of the run name"""
-    seed: int = 1
-    """seed of python, numpy, torch and the environments"""
-    torch_deterministic: bool = True
-    """deterministic torch kernels where torch has them (use_deterministic_algorithms, warn-only) and cuDNN"""
-    cuda: bool = True
-    """use the GPU when there is one (falls back to the CPU with a notice)"""
-    run_dir: str = "runs"
-    """folder that receives runs/<run name>/ (TensorBoard events, args.json, checkpoints)"""
-    save_model: bool = True
-    """write offline.pt after pretraining and final.pt at the end"""
-    progress: bool = True
-    """tqdm bars (off automatically when stdout is not a terminal)"""
-    compile: bool = False
-    """torch.compile the update steps and the acting policy (minutes of compilation first)"""
-    cudagraphs: bool = False
-    """capture each update step in a CUDA graph and replay it (CUDA only)"""
     # data
-    env_id: str = "hopper-medium"
-    """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
-    pretrained: str | None = None
-    """an offline.pt to start from; skips the offline phase"""
     normalize_states: bool = True
     """standardise states with the dataset's mean and std (CORL's CQL); off = raw states (official code)"""
     # budgets
@@ -174,15 +114,6 @@ class Args:
     """online evaluation every this many environment steps (and at step 0)"""
     offline_eval_freq: int = 10_000
     """offline evaluation every this many gradient steps (and at the end)"""
-    eval_episodes: int = 10
-    """deterministic episodes per evaluation"""
-    log_freq: int = 1_000
-    """write training metrics every this many updates"""
-    checkpoint_freq: int | None = None
-    """write checkpoint.pt (all state, for --resume) every this many updates offline / env steps online;
-    None = at every evaluation"""
-    resume: str | None = None
-    """continue the run in this folder from its checkpoint.pt; every other flag comes from its args.json"""
 
 
 # One flag for what the official pipeline ran and for the paper's baselines (2 critics: standard CQL).
@@ -285,50 +216,6 @@ class Actor(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-class ReplayBuffer:
-    """A device-resident ring buffer; one row = [obs, action, reward, next_obs, done, is_online]."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
-        self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
-        self.position = self.size = 0
-        self.filled = torch.zeros((), dtype=torch.long, device=device)  # size on the device, for the samplers
-
-    def add(self, rows: torch.Tensor) -> None:
-        """Append rows [n, width], overwriting the oldest once full (FIFO)."""
-        slots = (self.position + torch.arange(len(rows), device=rows.device)) % self.capacity
-        self.storage[slots] = rows
-        self.position = (self.position + len(rows)) % self.capacity
-        self.size = min(self.size + len(rows), self.capacity)
-        self.filled.fill_(self.size)
-
-    def sample_rows(self, n: int) -> torch.Tensor:
-        """n rows uniformly with replacement; the bound is a device tensor, so a growing buffer is one graph."""
-        return self.storage[torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]
-
-    def state_dict(self) -> dict:
-        return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.size, self.position = len(state["rows"]), state["position"]
-        self.storage[: self.size] = state["rows"].to(self.storage.device)
-        self.filled.fill_(self.size)
-
-    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """rows -> obs, action, reward, next_obs, done, is_online."""
-        obs, action, reward, next_obs, done, is_online = rows.split(
-            [self.obs_dim, self.act_dim, 1, self.obs_dim, 1, 1], -1
-        )
-        return obs, action, reward.squeeze(-1), next_obs, done.squeeze(-1), is_online.squeeze(-1)
-
-
-def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarray:
-    """Pack transitions (numpy, batched) into buffer rows, so adding them costs one host-device copy."""
-    n = len(obs)
-    columns = [obs, action, reward.reshape(n, 1), next_obs, done.reshape(n, 1), np.full((n, 1), float(is_online))]
-    return np.concatenate(columns, axis=1).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Losses and updates
 # ---------------------------------------------------------------------------------------------------
@@ -393,23 +280,6 @@ def oac_shift(grad: torch.Tensor, variance: torch.Tensor, delta: float) -> torch
     return (
         math.sqrt(2 * delta) * variance * grad / (grad.pow(2) * variance).sum(-1, keepdim=True).sqrt().clamp_min(1e-12)
     )
-
-
-def zero_grad(optimizer: torch.optim.Optimizer) -> None:
-    """optimizer.zero_grad(set_to_none=True), spelled out: torch.compile skips Optimizer.zero_grad (a graph break)."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            param.grad = None
-
-
-def adam(params, lr: float, capturable: bool) -> torch.optim.Adam:
-    """Fused Adam: one kernel for all parameters instead of one per tensor; capturable for --cudagraphs."""
-    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
-
-
-def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
-    with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
 class ENOTO:
@@ -568,6 +438,7 @@ class ENOTO:
             "alpha_optimizer": self.alpha_optimizer.state_dict(),
             "obs_mean": self.obs_mean,
             "obs_std": self.obs_std,
+            "num_critics": self.critic.num_critics,
         }
 
     def load_state_dict(self, checkpoint: dict) -> None:
@@ -590,25 +461,6 @@ def training_reward(reward: np.ndarray, task: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # Logging, checkpoints, evaluation
 # ---------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, agent: ENOTO, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:
-    """One self-contained dict, written atomically; `state` adds what --resume needs (checkpoint.pt)."""
-    checkpoint = {
-        "algorithm": "enoto",
-        "args": asdict(args),
-        **agent.state_dict(),
-        "obs_dim": data.observations.shape[1],
-        "act_dim": data.actions.shape[1],
-        "num_critics": agent.critic.num_critics,
-        "phase": phase,
-        "step": step,
-        "dataset": data.name,
-        "env_spec": data.env_spec,
-        "eval_env_spec": data.eval_env_spec,
-        **state,
-    }
-    atomic_save(checkpoint, path)
 
 
 def policy_from_checkpoint(checkpoint: dict):
@@ -745,113 +597,53 @@ def online_phase(
 
 def check_args(args: Args) -> None:
     """Refuse settings the phases cannot run with, naming the flag to change."""
-    if args.checkpoint_freq is not None and args.checkpoint_freq < 1:
-        raise UserError(f"--checkpoint-freq must be >= 1, got {args.checkpoint_freq}")
-    for name in ("offline_steps", "online_steps", "warmup_steps"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    positive = ("num_critics", "hidden_dim", "cql_samples", "eval_freq", "offline_eval_freq", "batch_size")
+    check_bounds(args, positive, ("offline_steps", "online_steps", "warmup_steps"))
     if args.online_steps and args.online_steps <= args.warmup_steps:
         raise UserError(f"--online-steps {args.online_steps} leaves nothing after the warm-up; lower --warmup-steps")
     if args.q_target in ("weighted_min_pair", "random_min_pair") and args.num_critics < 2:
         raise UserError(f"--q-target {args.q_target} needs --num-critics >= 2")
-    positive = ("num_critics", "hidden_dim", "cql_samples", "eval_freq", "offline_eval_freq", "log_freq")
-    for name in (*positive, "eval_episodes", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
 def main(args: Args) -> Path:
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if args.torch_deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if args.cuda and device.type == "cpu":
-        print("CUDA is not available: running on the CPU", file=sys.stderr)
-    check_fast_flags(args.cudagraphs, device)
-    args.progress = args.progress and sys.stdout.isatty()
-
-    resume = None
-    if args.resume is not None:
-        resume, run_path = load_for_resume(args.resume, "enoto", args, device)
+    run = Run(args, "enoto", "ENOTO")
     apply_preset(args)
-    checkpoint = None
-    if args.pretrained is not None and resume is None:
-        try:
-            checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
-            if checkpoint.get("algorithm") != "enoto" or checkpoint.get("phase") != "offline":
-                raise ValueError("not an ENOTO offline.pt")
-            if "obs_mean" not in checkpoint:
-                raise ValueError("written by an earlier version without state statistics; pretrain again")
-        except Exception as err:
-            raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
-        # the networks come from the offline run (official code re-reads its params)
-        shape = (checkpoint["num_critics"], checkpoint["args"]["hidden_dim"])
-        if shape != (args.num_critics, args.hidden_dim):
-            print(
-                f"--pretrained: using the checkpoint's --num-critics {shape[0]} --hidden-dim {shape[1]}",
-                file=sys.stderr,
-            )
-        args.num_critics, args.hidden_dim = shape
+    checkpoint = run.pretrained(needs_statistics=True)
+    if checkpoint is not None:  # the networks come from the offline run (official code re-reads its params)
+        run.adopt({"num_critics": checkpoint["num_critics"], "hidden_dim": checkpoint["args"]["hidden_dim"]})
         args.normalize_states = checkpoint["args"]["normalize_states"]  # the inputs its networks were trained on
     check_args(args)
     data = load_dataset(args.env_id)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    if checkpoint is not None:
-        check_pretrained_dataset(checkpoint, data, args.pretrained)
-    if resume is not None:
-        check_pretrained_dataset(resume, data, args.resume)
-        rewind_events(run_path, resume["events"])  # the steps logged after the checkpoint are logged again
-    else:
-        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_path = Path(args.run_dir) / run_name
-        run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    writer = SummaryWriter(str(run_path))
-    # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
-    # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
-    # The evaluation episodes run in lockstep in eval_episodes envs, one batched policy call per step.
-    env = make_env(data.eval_env_spec, args.seed)
-    eval_env = [make_env(data.eval_env_spec, args.seed + 100 + i) for i in range(args.eval_episodes)]
-    agent = ENOTO(obs_dim, act_dim, args, device)
+    writer, env, eval_env = run.open(data, checkpoint)
+    agent = ENOTO(obs_dim, act_dim, args, run.device)
+    resume = run.resume
     if resume is None and checkpoint is None and args.normalize_states:  # else load_state_dict brings them
         agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3
 
-    def save(phase: str, step: int, metrics: Metrics, **state) -> None:
-        """checkpoint.pt: the agent, the phase's loop state, RNG streams, the env, the event file sizes."""
-        state |= resume_state(writer, run_path, env) | {"metrics": (metrics.sums, metrics.counts)}
-        save_checkpoint(run_path / CHECKPOINT, agent, args, data, phase, step, **state)
-
+    save = run.saver(agent)
     resumed_online = resume is not None and resume["phase"] == "online"
     if resume is not None:  # after the hand-over's changes, so the saved online optimiser states replace them
         if resumed_online:
             agent.hand_over()
         agent.load_state_dict(resume)
-        set_rng_state(resume["rng"])
+        run.restore_rng()
     if checkpoint is not None:
         agent.load_state_dict(checkpoint)
     elif args.offline_steps > 0 and not resumed_online:
         columns = (agent.normalize(data.observations), data.actions, training_reward(data.rewards, data.task))
         rows = transition_rows(*columns, agent.normalize(data.next_observations), data.terminals, False)
-        dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
-        dataset.add(torch.from_numpy(rows).to(device))
+        dataset = ReplayBuffer(len(data), obs_dim, act_dim, run.device)
+        dataset.add(torch.from_numpy(rows).to(run.device))
         del rows
         offline_phase(agent, data, dataset, eval_env, writer, args, save, resume)
         del dataset  # the online phase does not use the offline data
         if args.save_model:
-            save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
+            run.write("offline.pt", agent, "offline", args.offline_steps)
     if args.online_steps > 0:
         agent.hand_over()  # only drops the CQL term: the same after a resumed hand-over
         online_phase(agent, data, env, eval_env, writer, args, save, resume if resumed_online else None)
-    if args.save_model:
-        save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps)
-    (run_path / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; final.pt is what remains
-    writer.close()
-    print(f"run written to {run_path}")
-    return run_path
+    return run.finish(agent, args.online_steps)
 
 
 if __name__ == "__main__":

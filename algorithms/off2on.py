@@ -5,66 +5,29 @@ twin critics each), trained together as one batched ensemble. Online: SAC withou
 ensemble: the actors act as one Gaussian matching the first two moments of their mixture (Eq. 5), the
 critic is the mean of the members' twin minima, and the replay is balanced: offline and online data share
 one prioritized buffer sampled in proportion to w(s, a)^(1/T), a density ratio d_on / d_off learned with
-the Jensen-Shannon variational loss (Eq. 4).
+the Jensen-Shannon variational loss (Eq. 4). The official code (shlee94/Off2OnRL) holds only the fine-tuning
+phase. The decisions that change results:
+- Offline: the official CQL defaults for gym MuJoCo (CQL(H), weight 5, 40k BC warm-start steps, 1M steps).
+- Hand-over (official): target copies, fresh Adam at 3e-4, a new alpha = 1, a fresh density network; the dataset
+  enters at priority 1, new transitions at the running max, which starts where the first block of K = 1000
+  online steps holds a share f = 0.75 of the mass.
+- Online (official): blocks of 1000 env steps, each followed by 1000 updates (the first by 5 x 1000).
+- States are standardised with the dataset's statistics (CORL's CQL); `--no-normalize-states` feeds raw states
+  as the official code does, on which CQL collapses on our hopper data.
+Not done: the pixel-based manipulation experiments. Ablations: `--replay uniform|online_only`, `--num-agents`.
+Every decision and deviation, the logged tags and the results on our data: docs/off2on.md.
 
-The official code (shlee94/Off2OnRL) holds only the fine-tuning phase; the card lists the sources.
-Decisions where the paper is silent or the sources disagree:
-- Offline CQL settings are the official CQL defaults for gym MuJoCo: CQL(H), weight 5, no Lagrange,
-  importance-sampled logsumexp over 10 uniform, 10 pi(s) and 10 pi(s') actions, target without entropy,
-  40k steps of BC warm start for the actor, lr 1e-4 (actor, alpha) / 3e-4 (critics), 2 x 256 networks,
-  1M steps. Each member has its own initialisation, minibatch indices and temperature; the summed losses
-  of independent members give each member exactly its own gradients, so this equals N separate runs.
-- Hand-over (official): targets = copies of the critics, fresh Adam at 3e-4 for everything, one new
-  temperature alpha = 1, a fresh density network; all dataset transitions enter the prioritized buffer
-  at priority 1, and new transitions at the running-max priority, which starts at M f / ((1 - f) K) so
-  the first block of K = 1000 online steps holds a share f = 0.75 of the mass (README command).
-- Online schedule (official): blocks of 1000 env steps with the stochastic ensemble policy, each followed
-  by 1000 updates (the first block by 5 x 1000); no random warm-up. Episodes run on across blocks.
-- Priorities p = clamp(w^(1/T) / mean_offline-minibatch(w^(1/T)), 1e-3, 1e3), T = 5, written only for the
-  RL batch, from the pre-update density network; no importance-sampling correction (official).
-- Sampler: a float64 priority vector on the device with the masses of its blocks of 128 rows; a stratified
-  draw searches the block prefix sums, then the rows of its block (the same distribution as the official
-  sum tree, O(capacity / 128 + 128 B) per batch instead of a cumsum over the capacity). It holds the
-  dataset and every online step, so nothing is evicted; the density network's online minibatch comes from
-  the newest 250k online steps (the FIFO).
-- Dataset transitions that end in a time limit are kept with done = 0 (Minari stores their next state;
-  the official D4RL loader skipped them). Bootstrapping uses `terminated` only.
-- Evaluation every 10k offline / 5k online steps with 10 deterministic episodes of tanh(mean) (official:
-  every 1k steps). eval/q_bias and eval/q_rank_tau use the mean of the members' twin minima; online it is a
-  soft Q (entropy terms in its targets) set against the plain discounted return, which shows as bias.
-- log pi(a|s) uses the exact tanh correction 2 (log 2 - u - softplus(-2u)); the official rlkit code adds
-  1e-6 inside log(1 - tanh(u)^2), which differs only where |u| > 7.
-- States are standardised with the dataset's mean and std (+1e-3), as in CORL's CQL (`--no-normalize-states`:
-  raw states, as the official code feeds them). On our hopper-sac-medium data one CQL agent at these defaults
-  collapses on raw states (normalized score 2.6-3.3 over 10k updates; also with CORL's lr, weight and no BC)
-  and reaches 86-100 by 10k updates on standardised ones (benchmark/results/protocol-cpu/diagnostics/README.md;
-  2 seeds, each run twice, hopper only). The density network sees the same standardised states.
-- Minari data and v5 environments are not D4RL: scores are not comparable with the paper's curves.
-Not done: the paper's pixel-based manipulation experiments; per-member offline evaluation.
-
-Fast path: `--compile` compiles the update steps and the acting policy (torch.compile); `--cudagraphs` (CUDA)
-captures each update step, minibatch draw included, in a CUDA graph and replays it (utils.fast.FastUpdate).
-Both off by default: neither has been measured on a GPU yet.
 Usage: python algorithms/off2on.py --env-id hopper-medium
-Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
-evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
-episode in progress continues exactly, another env's restarts from a fresh reset.
-Own tags: offline/cql_loss, offline/alpha, charts/offline_share (dataset rows in the RL batch, Fig. 4a),
-charts/density_online, charts/density_offline (mean w on the online / offline minibatch),
-charts/density_dead (fraction of w = 0), charts/p_new (running-max priority), losses/density_loss.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
-import os
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -74,50 +37,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
-from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
-from utils.checkpoint import (
-    CHECKPOINT,
-    atomic_save,
-    load_for_resume,
-    resume_state,
-    rewind_events,
-    set_env_state,
-    set_rng_state,
-)
-from utils.fast import FastUpdate, check_fast_flags
+from utils import OfflineData, UserError, evaluate, load_dataset
+from utils.buffers import BlockPriorityReplay, ReplayBuffer, transition_rows
+from utils.checkpoint import set_env_state
+from utils.fast import FastUpdate
 from utils.metrics import Metrics, UpdateClock
+from utils.optim import adam, soft_update, zero_grad
+from utils.run import Run, RunArgs, check_bounds
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     # experiment
     exp_name: str = "off2on"
     """name of the experiment, part of the run name"""
-    seed: int = 1
-    """seed of python, numpy, torch and the environments"""
-    torch_deterministic: bool = True
-    """deterministic torch kernels where torch has them (use_deterministic_algorithms, warn-only) and cuDNN"""
-    cuda: bool = True
-    """use the GPU when there is one (falls back to the CPU with a notice)"""
-    run_dir: str = "runs"
-    """folder that receives runs/<run name>/ (TensorBoard events, args.json, checkpoints)"""
-    save_model: bool = True
-    """write offline.pt after pretraining and final.pt at the end"""
-    progress: bool = True
-    """tqdm bars (off automatically when stdout is not a terminal)"""
-    compile: bool = False
-    """torch.compile the update steps and the acting policy (minutes of compilation first)"""
-    cudagraphs: bool = False
-    """capture each update step in a CUDA graph and replay it (CUDA only)"""
     # data
-    env_id: str = "hopper-medium"
-    """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
-    pretrained: str | None = None
-    """an offline.pt to start from; skips the offline phase"""
     normalize_states: bool = True
     """standardise states with the dataset's mean and std (CORL's CQL); off = raw states (official code)"""
     # budgets
@@ -165,15 +102,6 @@ class Args:
     """online evaluation every this many environment steps (and at step 0)"""
     offline_eval_freq: int = 10_000
     """offline evaluation every this many gradient steps (and at the end)"""
-    eval_episodes: int = 10
-    """deterministic episodes per evaluation"""
-    log_freq: int = 1_000
-    """write training metrics every this many updates"""
-    checkpoint_freq: int | None = None
-    """write checkpoint.pt (all state, for --resume) every this many updates offline / env steps online;
-    None = at every evaluation"""
-    resume: str | None = None
-    """continue the run in this folder from its checkpoint.pt; every other flag comes from its args.json"""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -295,143 +223,15 @@ class DensityNet(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-class ReplayBuffer:
-    """A device-resident ring buffer; one row = [obs, action, reward, next_obs, done, is_online]."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
-        self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
-        self.position = self.size = 0
-        self.filled = torch.zeros((), dtype=torch.long, device=device)  # size on the device, for the samplers
-
-    def add(self, rows: torch.Tensor) -> None:
-        """Append rows [n, width], overwriting the oldest once full (FIFO)."""
-        slots = (self.position + torch.arange(len(rows), device=rows.device)) % self.capacity
-        self.storage[slots] = rows
-        self.position = (self.position + len(rows)) % self.capacity
-        self.size = min(self.size + len(rows), self.capacity)
-        self.filled.fill_(self.size)
-
-    def sample_rows(self, n: int) -> torch.Tensor:
-        """n rows uniformly with replacement; the bound is a device tensor, so a growing buffer is one graph."""
-        return self.storage[torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]
-
-    def state_dict(self) -> dict:
-        return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.size, self.position = len(state["rows"]), state["position"]
-        self.storage[: self.size] = state["rows"].to(self.storage.device)
-        self.filled.fill_(self.size)
-
-    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """rows -> obs, action, reward, next_obs, done, is_online."""
-        obs, action, reward, next_obs, done, is_online = rows.split(
-            [self.obs_dim, self.act_dim, 1, self.obs_dim, 1, 1], -1
-        )
-        return obs, action, reward.squeeze(-1), next_obs, done.squeeze(-1), is_online.squeeze(-1)
-
-
-def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarray:
-    """Pack transitions (numpy, batched) into buffer rows, so adding them costs one host-device copy."""
-    n = len(obs)
-    columns = [obs, action, reward.reshape(n, 1), next_obs, done.reshape(n, 1), np.full((n, 1), float(is_online))]
-    return np.concatenate(columns, axis=1).astype(np.float32)
-
-
-# Rows per block of the two-level prefix sums of the priority sampler: a draw of n rows costs about
-# capacity / SAMPLER_BLOCK + n * SAMPLER_BLOCK operations instead of a cumsum over the whole capacity.
-SAMPLER_BLOCK = 128
-
-
-class BalancedReplay:
-    """Rows 0..M-1 hold the dataset, then every online step in order; float64 priorities beside them.
-
-    The prioritized RL batch is drawn proportionally to priority with one uniform draw in each of B equal
-    slices of the total mass (stratified, as the official sum tree), by two-level prefix sums on the device.
-    The density network's minibatches are uniform over the dataset and over the newest online steps.
-    """
+class BalancedReplay(BlockPriorityReplay):
+    """Rows 0..M-1 hold the dataset, then every online step in order (utils.buffers.BlockPriorityReplay). The
+    running-max priority starts where the first block of K new rows holds a share f of the mass (official code);
+    the density network's minibatches are uniform over the dataset and over the newest online steps (its FIFO)."""
 
     def __init__(self, dataset_rows: torch.Tensor, online_steps: int, args: Args, obs_dim: int, act_dim: int):
-        device = dataset_rows.device
-        self.num_offline, self.fifo_size = len(dataset_rows), args.online_buffer_size
-        self.buffer = ReplayBuffer(self.num_offline + online_steps, obs_dim, act_dim, device)
-        self.buffer.add(dataset_rows)
-        blocks = -(-self.buffer.capacity // SAMPLER_BLOCK)  # padded to whole blocks; the padding has priority 0
-        self.priority = torch.zeros(blocks * SAMPLER_BLOCK, dtype=torch.float64, device=device)
-        self.priority[: self.num_offline] = 1.0
-        self.block_mass = self.priority.view(blocks, SAMPLER_BLOCK).sum(1)
-        f = args.init_online_fraction  # the first block of K new rows then holds a share f of the mass
-        initial = self.num_offline * f / ((1 - f) * args.block_steps)
-        self.max_priority = torch.tensor(initial, dtype=torch.float64, device=device)
-
-    @property
-    def num_online(self) -> int:
-        return self.buffer.size - self.num_offline
-
-    def add(self, row: torch.Tensor) -> None:
-        """A new online transition, at the running-max priority."""
-        self.priority[self.buffer.size] = self.max_priority
-        self.refresh_block_mass(self.buffer.filled.view(1))  # the new row's index, already on the device
-        self.buffer.add(row)
-
-    def sample_prioritized(self, n: int) -> torch.Tensor:
-        """Stratified draws in two searches: the block of each target in the prefix sums of the block masses,
-        then the row in the prefix sums of that block alone. O(blocks + n * SAMPLER_BLOCK), not O(capacity)."""
-        block_cumulative, device = self.block_mass.cumsum(0), self.priority.device
-        strata = torch.arange(n, device=device, dtype=torch.float64)
-        targets = (strata + torch.rand(n, device=device, dtype=torch.float64)) * (block_cumulative[-1] / n)
-        block = torch.searchsorted(block_cumulative, targets, right=True).clamp_(max=len(block_cumulative) - 1)
-        residual = targets - (block_cumulative[block] - self.block_mass[block])
-        within = self.priority.view(-1, SAMPLER_BLOCK)[block].cumsum(1)
-        offset = torch.searchsorted(within, residual.unsqueeze(1), right=True).squeeze(1).clamp_(max=SAMPLER_BLOCK - 1)
-        return torch.minimum(block * SAMPLER_BLOCK + offset, self.buffer.filled - 1)
-
-    def refresh_block_mass(self, index: torch.Tensor) -> None:
-        """Recompute (not increment, so no rounding drifts in) the mass of the blocks that hold `index`."""
-        block = torch.div(index, SAMPLER_BLOCK, rounding_mode="floor")
-        self.block_mass[block] = self.priority.view(-1, SAMPLER_BLOCK)[block].sum(1)
-
-    def sample_uniform(self, low, high, n: int) -> torch.Tensor:
-        """Uniform in [low, high); the bounds may be device tensors (no Python int that changes per step)."""
-        return low + torch.randint(0, 2**62, (n,), device=self.priority.device) % (high - low)
-
-    def sample_offline(self, n: int) -> torch.Tensor:
-        return self.sample_uniform(0, self.num_offline, n)
-
-    def sample_fifo(self, n: int) -> torch.Tensor:
-        """Uniform over the newest `online_buffer_size` online steps (the official online FIFO)."""
-        newest = torch.clamp(self.buffer.filled - self.num_offline, max=self.fifo_size)
-        return self.sample_uniform(self.buffer.filled - newest, self.buffer.filled, n)
-
-    def sample_rl(self, mode: str, n: int) -> torch.Tensor:
-        if mode == "balanced":
-            return self.sample_prioritized(n)
-        if mode == "uniform":
-            return self.sample_uniform(0, self.buffer.filled, n)
-        return self.sample_fifo(n)
-
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.buffer.split(self.buffer.storage[index])
-
-    def set_priorities(self, index: torch.Tensor, priorities: torch.Tensor) -> None:
-        """Duplicated indices carry equal values (same transition, same network), so write order is moot."""
-        self.priority[index] = priorities.double()
-        self.refresh_block_mass(index)
-        # In place, so a captured graph keeps writing the tensor add() reads; spelled as an indexed write because
-        # torch.compile (2.13, CPU) drops a copy_ into a 0-dim tensor here
-        self.max_priority[...] = torch.maximum(self.max_priority, self.priority[index].max())
-
-    def state_dict(self) -> dict:
-        state = {name: getattr(self, name).to("cpu", copy=True) for name in ("block_mass", "max_priority")}
-        priority = self.priority[: self.buffer.size].to("cpu", copy=True)
-        return state | {"buffer": self.buffer.state_dict(), "priority": priority}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.buffer.load_state_dict(state["buffer"])
-        self.priority[: self.buffer.size] = state["priority"].to(self.priority.device)
-        self.block_mass.copy_(state["block_mass"])
-        self.max_priority.copy_(state["max_priority"])
+        f = args.init_online_fraction
+        initial = len(dataset_rows) * f / ((1 - f) * args.block_steps)
+        super().__init__(dataset_rows, online_steps, obs_dim, act_dim, initial, args.online_buffer_size)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -472,23 +272,6 @@ def priorities(w: torch.Tensor, w_offline: torch.Tensor, temperature: float) -> 
     """w^(1/T), self-normalised by the offline minibatch's mean of w^(1/T), clamped to [1e-3, 1e3]."""
     scaled = w.pow(1 / temperature)
     return (scaled / (w_offline.pow(1 / temperature).mean() + 1e-10)).clamp(1e-3, 1e3)
-
-
-def zero_grad(optimizer: torch.optim.Optimizer) -> None:
-    """optimizer.zero_grad(set_to_none=True), spelled out: torch.compile skips Optimizer.zero_grad (a graph break)."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            param.grad = None
-
-
-def adam(params, lr: float, capturable: bool) -> torch.optim.Adam:
-    """Fused Adam: one kernel for all parameters instead of one per tensor; capturable for --cudagraphs."""
-    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
-
-
-def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
-    with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
 def per_critic(x: torch.Tensor) -> torch.Tensor:
@@ -651,7 +434,8 @@ class Off2On:
         }
         if self.density is not None:
             state |= {"density": self.density.state_dict(), "density_optimizer": self.density_optimizer.state_dict()}
-        return state | {"obs_mean": self.obs_mean, "obs_std": self.obs_std, "offline_updates": self.offline_updates}
+        statistics = {"obs_mean": self.obs_mean, "obs_std": self.obs_std, "num_agents": self.actor.num_agents}
+        return state | statistics | {"offline_updates": self.offline_updates}
 
     def load_state_dict(self, checkpoint: dict) -> None:
         """Everything state_dict holds (for --resume; --pretrained takes the networks and state statistics only)."""
@@ -667,25 +451,6 @@ class Off2On:
 # ---------------------------------------------------------------------------------------------------
 # Logging, checkpoints, evaluation
 # ---------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, agent: Off2On, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:
-    """One self-contained dict, written atomically; `state` adds what --resume needs (checkpoint.pt)."""
-    checkpoint = {
-        "algorithm": "off2on",
-        "args": asdict(args),
-        **agent.state_dict(),
-        "obs_dim": data.observations.shape[1],
-        "act_dim": data.actions.shape[1],
-        "num_agents": agent.actor.num_agents,
-        "phase": phase,
-        "step": step,
-        "dataset": data.name,
-        "env_spec": data.env_spec,
-        "eval_env_spec": data.eval_env_spec,
-        **state,
-    }
-    atomic_save(checkpoint, path)
 
 
 def policy_from_checkpoint(checkpoint: dict):
@@ -763,7 +528,7 @@ def replay_update(agent: Off2On, replay: BalancedReplay, args: Args) -> dict[str
     """Draw the RL batch (and, for balanced replay, the density minibatches), update, write priorities."""
     index = replay.sample_rl(args.replay, args.batch_size)
     if args.replay == "balanced":
-        online_batch = replay.batch(replay.sample_fifo(args.batch_size))
+        online_batch = replay.batch(replay.sample_online(args.batch_size))
         offline_batch = replay.batch(replay.sample_offline(args.batch_size))
         results, new_priorities = agent.online_update(replay.batch(index), online_batch, offline_batch)
         replay.set_priorities(index, new_priorities)
@@ -835,78 +600,28 @@ def online_phase(
 
 def check_args(args: Args) -> None:
     """Refuse settings the phases cannot run with, naming the flag to change."""
-    if args.checkpoint_freq is not None and args.checkpoint_freq < 1:
-        raise UserError(f"--checkpoint-freq must be >= 1, got {args.checkpoint_freq}")
-    for name in ("offline_steps", "online_steps", "bc_steps"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    positive = ("num_agents", "hidden_dim", "cql_samples", "block_steps", "first_block_multiplier", "eval_freq")
+    positive += ("offline_eval_freq", "batch_size", "online_buffer_size")
+    check_bounds(args, positive, ("offline_steps", "online_steps", "bc_steps"))
     if 0 < args.online_steps < args.block_steps:
         raise UserError(f"--online-steps {args.online_steps} is shorter than one block; lower --block-steps")
     if not 0 < args.init_online_fraction < 1:
         raise UserError(f"--init-online-fraction must lie in (0, 1), got {args.init_online_fraction}")
-    positive = ("num_agents", "hidden_dim", "cql_samples", "block_steps", "first_block_multiplier", "eval_freq")
-    for name in (*positive, "offline_eval_freq", "log_freq", "eval_episodes", "batch_size", "online_buffer_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.priority_temperature <= 0:
         raise UserError(f"--priority-temperature must be > 0, got {args.priority_temperature}")
 
 
 def main(args: Args) -> Path:
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if args.torch_deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if args.cuda and device.type == "cpu":
-        print("CUDA is not available: running on the CPU", file=sys.stderr)
-    check_fast_flags(args.cudagraphs, device)
-    args.progress = args.progress and sys.stdout.isatty()
-
-    resume = None
-    if args.resume is not None:
-        resume, run_path = load_for_resume(args.resume, "off2on", args, device)
-    checkpoint = None
-    if args.pretrained is not None and resume is None:
-        try:
-            checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
-            if checkpoint.get("algorithm") != "off2on" or checkpoint.get("phase") != "offline":
-                raise ValueError("not an Off2On offline.pt")
-            if "obs_mean" not in checkpoint:
-                raise ValueError("written by an earlier version without state statistics; pretrain again")
-        except Exception as err:
-            raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
-        shape = (checkpoint["num_agents"], checkpoint["args"]["hidden_dim"])
-        if shape != (args.num_agents, args.hidden_dim):
-            print(
-                f"--pretrained: using the checkpoint's --num-agents {shape[0]} --hidden-dim {shape[1]}", file=sys.stderr
-            )
-        args.num_agents, args.hidden_dim = shape
-        args.normalize_states = checkpoint["args"]["normalize_states"]  # the inputs its networks were trained on
+    run = Run(args, "off2on", "Off2On")
+    checkpoint = run.pretrained(needs_statistics=True)
+    if checkpoint is not None:  # the offline run's networks and the inputs they were trained on
+        run.adopt({"num_agents": checkpoint["num_agents"], "hidden_dim": checkpoint["args"]["hidden_dim"]})
+        args.normalize_states = checkpoint["args"]["normalize_states"]
     check_args(args)
     data = load_dataset(args.env_id)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    if checkpoint is not None:
-        check_pretrained_dataset(checkpoint, data, args.pretrained)
-    if resume is not None:
-        check_pretrained_dataset(resume, data, args.resume)
-        rewind_events(run_path, resume["events"])  # the steps logged after the checkpoint are logged again
-    else:
-        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_path = Path(args.run_dir) / run_name
-        run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    writer = SummaryWriter(str(run_path))
-    # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
-    # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
-    # The evaluation episodes run in lockstep in eval_episodes envs, one batched policy call per step.
-    env = make_env(data.eval_env_spec, args.seed)
-    eval_env = [make_env(data.eval_env_spec, args.seed + 100 + i) for i in range(args.eval_episodes)]
-    agent = Off2On(obs_dim, act_dim, args, device)
-
+    writer, env, eval_env = run.open(data, checkpoint)
+    agent, resume = Off2On(obs_dim, act_dim, args, run.device), run.resume
     loaded = resume or checkpoint  # a loaded run brings the state statistics its networks were trained with
     if loaded is not None:
         agent.obs_mean, agent.obs_std = loaded["obs_mean"], loaded["obs_std"]
@@ -914,40 +629,31 @@ def main(args: Args) -> Path:
         agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3
     states = agent.normalize(data.observations), agent.normalize(data.next_observations)
     rows = transition_rows(states[0], data.actions, data.rewards, states[1], data.terminals, False)
-    dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
-    dataset.add(torch.from_numpy(rows).to(device))
+    dataset = ReplayBuffer(len(data), obs_dim, act_dim, run.device)
+    dataset.add(torch.from_numpy(rows).to(run.device))
     del rows
 
-    def save(phase: str, step: int, metrics: Metrics, **state) -> None:
-        """checkpoint.pt: the agent, the phase's loop state, RNG streams, the env, the event file sizes."""
-        state |= resume_state(writer, run_path, env) | {"metrics": (metrics.sums, metrics.counts)}
-        save_checkpoint(run_path / CHECKPOINT, agent, args, data, phase, step, **state)
-
+    save = run.saver(agent)
     resumed_online = resume is not None and resume["phase"] == "online"
     if resume is not None:  # after the hand-over's fresh optimisers, so the saved online states replace them
         if resumed_online:
             agent.hand_over()
         agent.load_state_dict(resume)
-        set_rng_state(resume["rng"])
+        run.restore_rng()
     if checkpoint is not None:
         agent.actor.load_state_dict(checkpoint["actor"])
         agent.critic.load_state_dict(checkpoint["critic"])
     elif args.offline_steps > 0 and not resumed_online:
         offline_phase(agent, data, dataset, eval_env, writer, args, save, resume)
         if args.save_model:
-            save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
+            run.write("offline.pt", agent, "offline", args.offline_steps)
     if args.online_steps > 0:
         if not resumed_online:
             agent.hand_over()
         replay = BalancedReplay(dataset.storage, args.online_steps, args, obs_dim, act_dim)
         del dataset  # its rows now live in the balanced replay
         online_phase(agent, data, replay, env, eval_env, writer, args, save, resume if resumed_online else None)
-    if args.save_model:
-        save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps)
-    (run_path / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; final.pt is what remains
-    writer.close()
-    print(f"run written to {run_path}")
-    return run_path
+    return run.finish(agent, args.online_steps)
 
 
 if __name__ == "__main__":

@@ -8,69 +8,27 @@ trained for N_pretrain = 50k updates with the meta-adaptation loss of Eq. 3,
 on offline and online minibatches, while nothing else changes; (iii) fine-tuning: TD3 (or SPOT) updates of
 both critics on balanced replay (Off2On's density-ratio priorities), the actor maximising Eq. 4,
 (1 - kappa) Q1_off + kappa Q1_on, with kappa raised linearly. The online budget (300k) includes N_tau.
+The official code (LGAI-Research/opt) was not available. The decisions that change results:
+- Eq. 3 is second order (torch.func), c = stopgrad(min(L_off, L_on) / L_on) (an unofficial re-implementation's
+  weight; unverified); Q_on's own targets and the frozen actor target make y.
+- kappa per dataset (App. H, T15): random 1 -> 1, replay-type 0.1 -> 0.9, other MuJoCo 0.3 -> 0.9 over 150k.
+- New rows of the balanced replay start at a running-max priority where the N_tau rows hold a share f = 0.75 of
+  the mass (Off2On's rule; the card's "current max priority" from 1 left batches ~97% offline).
+Not done: the RLPD and IQL backbones, the PT-Bon ablation, the final 100-episode AntMaze evaluation. Ablations:
+--no-new-critic, --no-online-pretraining, --meta-first-order, --meta-weight none, --replay uniform|online_only;
+the paper's TD3 baseline: --no-new-critic --no-online-pretraining --n-tau 0 --replay uniform.
+Every decision and deviation, the logged tags and the results on our data: docs/opt.md.
 
-The official code (LGAI-Research/opt) was not available; the card lists its second-hand sources. Decisions:
-- Eq. 3: second order (the inner gradient is differentiated, torch.func), alpha_in = 3e-4 as a plain SGD
-  step, and c = stopgrad(min(L_off, L_on) / L_on) (an unofficial re-implementation reports this weight;
-  unverified). `--meta-first-order` drops the Hessian term, `--meta-weight none` uses c = 1 (Eq. 3 as
-  printed), `--meta-inner-lr 0` gives the paper's Eq. 10 ablation. Both twins are adapted; Q_on's own
-  targets and the frozen actor target make y; Q_on targets move every 2nd pre-training update.
-- The N_tau window explores with N(0, 0.1) like fine-tuning (`--no-ntau-noise`: deterministic).
-- kappa counts fine-tuning env steps from 0 (kappa_start at the first fine-tuning step), constant within
-  the UTD loop. Defaults by dataset (App. H, T15): random 1 -> 1; replay-type 0.1 -> 0.9 over 150k; other
-  MuJoCo levels (Minari: simple, medium, expert) 0.3 -> 0.9 over 150k; AntMaze 0.1 -> 0.9 over 100k
-  (large-diverse 200k); Adroit 0.1 -> 0.9 over 250k. With kappa = 1, Q_off is still trained (Alg. 1).
-- TD3+BC normalises states with the dataset mean and std (+1e-3) in every phase; SPOT does not (CORL).
-  TD3+BC keeps its Adam states online; SPOT resets actor and Q_off Adam and switches to the online
-  discount (AntMaze 0.995) before the N_tau window (CORL). Q_on keeps its pre-training Adam.
-- SPOT as CORL: VAE 750-750, latent 2|A|, KL weight 0.5, 100k steps at 1e-3; lambda by task (AntMaze
-  0.25 / 0.05 / 0.025, Adroit 1), cooled online to lambda_end (0.2 AntMaze, 0.5 otherwise) over 300k
-  fine-tuning updates; actor lr 1e-4, heads U(+-1e-3) (actor) / U(+-3e-3) (critics), UTD 1. Online SPOT
-  actor loss = -(Q_k / mean|Q_k|) + lambda_t * neg ELBO (the paper writes only the TD3 form). LayerNorm
-  after each hidden ReLU on Adroit. AntMaze trains on r - 1 and is scored on r. Values for tasks outside
-  the card's table (SPOT on MuJoCo) are ours: lambda 1, lambda_end 0.5.
-- Balanced replay as Off2On's official code, but B_BR holds every offline and online row (no eviction),
-  and the density network's online minibatch is uniform over all online rows. New rows enter at the
-  running-max priority, which starts as Off2On's code starts it, at M f / ((1 - f) N_tau), so that the
-  N_tau rows hold a share f = 0.75 (Off2On's default) of the mass when fine-tuning starts. The card says
-  only "the current max priority": a start at 1, the offline priority, left the 25k N_tau rows 2.4% of
-  the mass of a 1M-row dataset and batches ~97% offline at the hand-over. Both critics share one target a'.
-- Bootstrapping uses `terminated` only. Evaluation every 10k offline / 5k online steps (also in the N_tau
-  window, where the curve must stay flat), 10 deterministic episodes. eval/q_bias and eval/q_rank_tau use
-  Q_off's twin minimum, eval/q_bias_on and eval/q_rank_tau_on Q_on's.
-- Minari data and v5 environments are not D4RL: scores are not comparable with the paper's tables.
-Not done: the RLPD and IQL backbones (App. A.2-A.3), the PT-Bon ablation (Q_on pre-trained on B_on only),
-the card's optional --skip-unused-critic (D6), the final 100-episode AntMaze evaluation (use --eval-episodes
-100). SPOT has only run on MuJoCo data here: no AntMaze or Adroit dataset can be downloaded on this machine.
-
-Fast path: `--compile` compiles the update steps and the acting policy (torch.compile); `--cudagraphs` (CUDA)
-captures each update step, minibatch draw included, in a CUDA graph and replays it (utils.fast.FastUpdate).
-Both off by default: neither has been measured on a GPU yet. Eq. 3 (a double backward) stays eager under
---compile and is captured under --cudagraphs; kappa and SPOT's lambda reach the updates as device tensors.
 Usage: python algorithms/opt.py --env-id hopper-medium
-Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
-evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
-episode in progress continues exactly, another env's restarts from a fresh reset.
-Ablations: --no-new-critic (Eq. 3 on Q_off, no Q_on), --no-online-pretraining (Q_on randomly initialised),
---kappa-start 0.5 --kappa-end 0.5 (fixed kappa), --replay uniform (or online_only). Plain TD3 fine-tuning
-(the paper's TD3 baseline): --no-new-critic --no-online-pretraining --n-tau 0 --replay uniform.
-Own tags: offline/bc_loss, offline/vae_loss (x = VAE step); pretrain/offline_loss, pretrain/online_loss
-(L_off, L_on at the adapted parameters), pretrain/meta_weight (c), pretrain/UPS (x = pre-training update);
-losses/qf_on_loss, losses/qf_on_values, losses/density_loss, losses/spot_lambda, charts/kappa,
-charts/offline_share, charts/density_online, charts/density_offline, charts/p_new, eval/q_bias_on,
-eval/q_rank_tau_on.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import json
-import os
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -80,50 +38,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
-from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
-from utils.checkpoint import (
-    CHECKPOINT,
-    atomic_save,
-    load_for_resume,
-    resume_state,
-    rewind_events,
-    set_env_state,
-    set_rng_state,
-)
-from utils.fast import FastUpdate, check_fast_flags
+from utils import OfflineData, UserError, evaluate, load_dataset
+from utils.buffers import BlockPriorityReplay, ReplayBuffer, transition_rows
+from utils.checkpoint import set_env_state
+from utils.fast import FastUpdate
 from utils.metrics import Metrics, UpdateClock
+from utils.optim import adam, soft_update, zero_grad
+from utils.run import Run, RunArgs, check_bounds
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     # experiment
     exp_name: str = "opt"
     """name of the experiment, part of the run name"""
-    seed: int = 1
-    """seed of python, numpy, torch and the environments"""
-    torch_deterministic: bool = True
-    """deterministic torch kernels where torch has them (use_deterministic_algorithms, warn-only) and cuDNN"""
-    cuda: bool = True
-    """use the GPU when there is one (falls back to the CPU with a notice)"""
-    run_dir: str = "runs"
-    """folder that receives runs/<run name>/ (TensorBoard events, args.json, checkpoints)"""
-    save_model: bool = True
-    """write offline.pt after pretraining and final.pt at the end"""
-    progress: bool = True
-    """tqdm bars (off automatically when stdout is not a terminal)"""
-    compile: bool = False
-    """torch.compile the update steps and the acting policy (minutes of compilation first)"""
-    cudagraphs: bool = False
-    """capture each update step in a CUDA graph and replay it (CUDA only)"""
-    # data
-    env_id: str = "hopper-medium"
-    """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
-    pretrained: str | None = None
-    """an offline.pt to start from; skips the offline phase"""
     # budgets
     offline_steps: int = 1_000_000
     """backbone gradient steps (paper 4.1); 0 = no pretraining"""
@@ -203,15 +134,6 @@ class Args:
     """online evaluation every this many environment steps (and at step 0)"""
     offline_eval_freq: int = 10_000
     """offline evaluation every this many gradient steps (and at the end)"""
-    eval_episodes: int = 10
-    """deterministic episodes per evaluation"""
-    log_freq: int = 1_000
-    """write training metrics every this many updates"""
-    checkpoint_freq: int | None = None
-    """write checkpoint.pt (all state, for --resume) every this many updates offline / env steps online;
-    None = at every evaluation"""
-    resume: str | None = None
-    """continue the run in this folder from its checkpoint.pt; every other flag comes from its args.json"""
 
 
 ADROIT = ("pen", "door", "hammer", "relocate")
@@ -365,142 +287,15 @@ class DensityNet(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-class ReplayBuffer:
-    """A device-resident ring buffer; one row = [obs, action, reward, next_obs, done, is_online]."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
-        self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
-        self.position = self.size = 0
-        self.filled = torch.zeros((), dtype=torch.long, device=device)  # size on the device, for the samplers
-
-    def add(self, rows: torch.Tensor) -> None:
-        """Append rows [n, width], overwriting the oldest once full (FIFO)."""
-        slots = (self.position + torch.arange(len(rows), device=rows.device)) % self.capacity
-        self.storage[slots] = rows
-        self.position = (self.position + len(rows)) % self.capacity
-        self.size = min(self.size + len(rows), self.capacity)
-        self.filled.fill_(self.size)
-
-    def sample_rows(self, n: int) -> torch.Tensor:
-        """n rows uniformly with replacement; the bound is a device tensor, so a growing buffer is one graph."""
-        return self.storage[torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]
-
-    def state_dict(self) -> dict:
-        return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.size, self.position = len(state["rows"]), state["position"]
-        self.storage[: self.size] = state["rows"].to(self.storage.device)
-        self.filled.fill_(self.size)
-
-    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """rows -> obs, action, reward, next_obs, done, is_online."""
-        obs, action, reward, next_obs, done, is_online = rows.split(
-            [self.obs_dim, self.act_dim, 1, self.obs_dim, 1, 1], -1
-        )
-        return obs, action, reward.squeeze(-1), next_obs, done.squeeze(-1), is_online.squeeze(-1)
-
-
-def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarray:
-    """Pack transitions (numpy, batched) into buffer rows, so adding them costs one host-device copy."""
-    n = len(obs)
-    columns = [obs, action, reward.reshape(n, 1), next_obs, done.reshape(n, 1), np.full((n, 1), float(is_online))]
-    return np.concatenate(columns, axis=1).astype(np.float32)
-
-
-# Rows per block of the two-level prefix sums of the priority sampler: a draw of n rows costs about
-# capacity / SAMPLER_BLOCK + n * SAMPLER_BLOCK operations instead of a cumsum over the whole capacity.
-SAMPLER_BLOCK = 128
-
-
-class BalancedReplay:
-    """B_off then B_on in one buffer (rows 0..M-1 the dataset, then every online step in order) = B_BR.
-
-    Sized for the whole online budget, so no offline row is ever overwritten (card D8). Beside the rows a
-    float64 priority vector: the prioritized batch is drawn proportionally to priority with one uniform
-    draw in each of B equal slices of the total mass (stratified, as the sum tree of Off2On's code), by
-    two-level prefix sums on the device. B_off and B_on minibatches are uniform over their rows.
-    """
+class BalancedReplay(BlockPriorityReplay):
+    """B_off then B_on in one buffer = B_BR (utils.buffers.BlockPriorityReplay), sized for the whole online budget,
+    so no offline row is ever overwritten (card D8). The running-max priority starts where the N_tau rows hold a
+    share f of the mass (Off2On's rule for its first block); B_off and B_on minibatches are uniform."""
 
     def __init__(self, dataset_rows: torch.Tensor, online_steps: int, args: Args, obs_dim: int, act_dim: int):
-        device = dataset_rows.device
-        self.num_offline = len(dataset_rows)
-        self.buffer = ReplayBuffer(self.num_offline + online_steps, obs_dim, act_dim, device)
-        self.buffer.add(dataset_rows)
-        blocks = -(-self.buffer.capacity // SAMPLER_BLOCK)  # padded to whole blocks; the padding has priority 0
-        self.priority = torch.zeros(blocks * SAMPLER_BLOCK, dtype=torch.float64, device=device)
-        self.priority[: self.num_offline] = 1.0
-        self.block_mass = self.priority.view(blocks, SAMPLER_BLOCK).sum(1)
-        f = args.init_online_fraction  # the N_tau rows (Off2On: its first block) then hold a share f of the mass
-        initial = self.num_offline * f / ((1 - f) * max(args.n_tau, 1))
-        self.max_priority = torch.tensor(initial, dtype=torch.float64, device=device)
-
-    @property
-    def num_online(self) -> int:
-        return self.buffer.size - self.num_offline
-
-    def add(self, row: torch.Tensor) -> None:
-        """A new online transition, at the running-max priority."""
-        self.priority[self.buffer.size] = self.max_priority
-        self.refresh_block_mass(self.buffer.filled.view(1))  # the new row's index, already on the device
-        self.buffer.add(row)
-
-    def sample_prioritized(self, n: int) -> torch.Tensor:
-        """Stratified draws in two searches: the block of each target in the prefix sums of the block masses,
-        then the row in the prefix sums of that block alone. O(blocks + n * SAMPLER_BLOCK), not O(capacity)."""
-        block_cumulative, device = self.block_mass.cumsum(0), self.priority.device
-        strata = torch.arange(n, device=device, dtype=torch.float64)
-        targets = (strata + torch.rand(n, device=device, dtype=torch.float64)) * (block_cumulative[-1] / n)
-        block = torch.searchsorted(block_cumulative, targets, right=True).clamp_(max=len(block_cumulative) - 1)
-        residual = targets - (block_cumulative[block] - self.block_mass[block])
-        within = self.priority.view(-1, SAMPLER_BLOCK)[block].cumsum(1)
-        offset = torch.searchsorted(within, residual.unsqueeze(1), right=True).squeeze(1).clamp_(max=SAMPLER_BLOCK - 1)
-        return torch.minimum(block * SAMPLER_BLOCK + offset, self.buffer.filled - 1)
-
-    def refresh_block_mass(self, index: torch.Tensor) -> None:
-        """Recompute (not increment, so no rounding drifts in) the mass of the blocks that hold `index`."""
-        block = torch.div(index, SAMPLER_BLOCK, rounding_mode="floor")
-        self.block_mass[block] = self.priority.view(-1, SAMPLER_BLOCK)[block].sum(1)
-
-    def sample_uniform(self, low, high, n: int) -> torch.Tensor:
-        """Uniform in [low, high); the bounds may be device tensors (no Python int that changes per step)."""
-        return low + torch.randint(0, 2**62, (n,), device=self.priority.device) % (high - low)
-
-    def sample_offline(self, n: int) -> torch.Tensor:
-        return self.sample_uniform(0, self.num_offline, n)
-
-    def sample_online(self, n: int) -> torch.Tensor:
-        return self.sample_uniform(self.num_offline, self.buffer.filled, n)
-
-    def sample_rl(self, mode: str, n: int) -> torch.Tensor:
-        if mode == "balanced":
-            return self.sample_prioritized(n)
-        if mode == "uniform":
-            return self.sample_uniform(0, self.buffer.filled, n)
-        return self.sample_online(n)
-
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.buffer.split(self.buffer.storage[index])
-
-    def set_priorities(self, index: torch.Tensor, priorities: torch.Tensor) -> None:
-        """Duplicated indices carry equal values (same transition, same network), so write order is moot."""
-        self.priority[index] = priorities.double()
-        self.refresh_block_mass(index)
-        # In place, so a captured graph keeps writing the tensor add() reads; spelled as an indexed write because
-        # torch.compile (2.13, CPU) drops a copy_ into a 0-dim tensor here
-        self.max_priority[...] = torch.maximum(self.max_priority, self.priority[index].max())
-
-    def state_dict(self) -> dict:
-        state = {name: getattr(self, name).to("cpu", copy=True) for name in ("block_mass", "max_priority")}
-        priority = self.priority[: self.buffer.size].to("cpu", copy=True)
-        return state | {"buffer": self.buffer.state_dict(), "priority": priority}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.buffer.load_state_dict(state["buffer"])
-        self.priority[: self.buffer.size] = state["priority"].to(self.priority.device)
-        self.block_mass.copy_(state["block_mass"])
-        self.max_priority.copy_(state["max_priority"])
+        f = args.init_online_fraction
+        initial = len(dataset_rows) * f / ((1 - f) * max(args.n_tau, 1))
+        super().__init__(dataset_rows, online_steps, obs_dim, act_dim, initial)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -559,23 +354,6 @@ def priorities(w: torch.Tensor, w_offline: torch.Tensor, temperature: float) -> 
     """w^(1/T), self-normalised by the offline minibatch's mean of w^(1/T), clamped to [1e-3, 1e3]."""
     scaled = w.pow(1 / temperature)
     return (scaled / (w_offline.pow(1 / temperature).mean() + 1e-10)).clamp(1e-3, 1e3)
-
-
-def zero_grad(optimizer: torch.optim.Optimizer) -> None:
-    """optimizer.zero_grad(set_to_none=True), spelled out: torch.compile skips Optimizer.zero_grad (a graph break)."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            param.grad = None
-
-
-def adam(params, lr: float, capturable: bool) -> torch.optim.Adam:
-    """Fused Adam: one kernel for all parameters instead of one per tensor; capturable for --cudagraphs."""
-    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
-
-
-def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
-    with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -815,24 +593,6 @@ class OPT:
 # ---------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, agent: OPT, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:
-    """One self-contained dict, written atomically; `state` adds what --resume needs (checkpoint.pt)."""
-    checkpoint = {
-        "algorithm": "opt",
-        "args": asdict(args),
-        **agent.state_dict(),
-        "obs_dim": data.observations.shape[1],
-        "act_dim": data.actions.shape[1],
-        "phase": phase,
-        "step": step,
-        "dataset": data.name,
-        "env_spec": data.env_spec,
-        "eval_env_spec": data.eval_env_spec,
-        **state,
-    }
-    atomic_save(checkpoint, path)
-
-
 def policy_from_checkpoint(checkpoint: dict):
     """The deterministic actor of a checkpoint as raw obs -> action (used by utils.make_dataset)."""
     args = Args(**{**checkpoint["args"], "pretrained": None})
@@ -1044,15 +804,9 @@ def online_phase(
 
 def check_args(args: Args) -> None:
     """Refuse settings the phases cannot run with, naming the flag to change."""
-    if args.checkpoint_freq is not None and args.checkpoint_freq < 1:
-        raise UserError(f"--checkpoint-freq must be >= 1, got {args.checkpoint_freq}")
     positive = ("hidden_dim", "policy_freq", "updates_per_step", "spot_cool_steps", "eval_freq", "offline_eval_freq")
-    for name in (*positive, "log_freq", "eval_episodes", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("offline_steps", "online_steps", "n_tau", "n_pretrain", "vae_steps", "kappa_steps"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    budgets = ("offline_steps", "online_steps", "n_tau", "n_pretrain", "vae_steps", "kappa_steps")
+    check_bounds(args, (*positive, "batch_size"), budgets)
     if args.online_steps > 0 and args.n_tau >= args.online_steps:
         raise UserError(
             f"--n-tau {args.n_tau} leaves no fine-tuning in --online-steps {args.online_steps}; lower --n-tau"
@@ -1069,30 +823,9 @@ def check_args(args: Args) -> None:
 
 
 def main(args: Args) -> Path:
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if args.torch_deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if args.cuda and device.type == "cpu":
-        print("CUDA is not available: running on the CPU", file=sys.stderr)
-    check_fast_flags(args.cudagraphs, device)
-    args.progress = args.progress and sys.stdout.isatty()
-
-    resume = None
-    if args.resume is not None:
-        resume, run_path = load_for_resume(args.resume, "opt", args, device)
-    checkpoint = None
-    if args.pretrained is not None and resume is None:
-        try:
-            checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
-            if checkpoint.get("algorithm") != "opt" or checkpoint.get("phase") != "offline":
-                raise ValueError("not an OPT offline.pt")
-        except Exception as err:
-            raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
+    run = Run(args, "opt", "OPT")
+    checkpoint = run.pretrained()
+    if checkpoint is not None:
         trained = checkpoint["args"]
         if args.backbone not in ("auto", trained["backbone"]):
             raise UserError(
@@ -1104,28 +837,9 @@ def main(args: Args) -> Path:
     resolve_args(args, data.name, data.task)
     check_args(args)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    if checkpoint is not None:
-        check_pretrained_dataset(checkpoint, data, args.pretrained)
-    if resume is not None:
-        check_pretrained_dataset(resume, data, args.resume)
-        rewind_events(run_path, resume["events"])  # the steps logged after the checkpoint are logged again
-    else:
-        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_path = Path(args.run_dir) / run_name
-        run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    writer = SummaryWriter(str(run_path))
-    # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
-    # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
-    # The evaluation episodes run in lockstep in eval_episodes envs, one batched policy call per step.
-    env = make_env(data.eval_env_spec, args.seed)
-    eval_env = [make_env(data.eval_env_spec, args.seed + 100 + i) for i in range(args.eval_episodes)]
-    agent = OPT(obs_dim, act_dim, args, device)
-
-    def save(phase: str, step: int, metrics: Metrics, **state) -> None:
-        """checkpoint.pt: the agent, the phase's loop state, RNG streams, the env, the event file sizes."""
-        state |= resume_state(writer, run_path, env) | {"metrics": (metrics.sums, metrics.counts)}
-        save_checkpoint(run_path / CHECKPOINT, agent, args, data, phase, step, **state)
+    writer, env, eval_env = run.open(data, checkpoint)
+    agent, resume = OPT(obs_dim, act_dim, args, run.device), run.resume
+    save = run.saver(agent)
 
     resumed_online = resume is not None and resume["phase"] == "online"
     if resumed_online:  # the hand-over first, so the saved online optimiser states replace what it made
@@ -1134,11 +848,11 @@ def main(args: Args) -> Path:
         if loaded is not None:
             agent.load_state_dict(loaded)
     rows = prepare_data(agent, data, fit_statistics=checkpoint is None and resume is None and args.normalize_states)
-    dataset = ReplayBuffer(len(data), obs_dim, act_dim, device)
-    dataset.add(torch.from_numpy(rows).to(device))
+    dataset = ReplayBuffer(len(data), obs_dim, act_dim, run.device)
+    dataset.add(torch.from_numpy(rows).to(run.device))
     del rows
     if resume is not None:
-        set_rng_state(resume["rng"])
+        run.restore_rng()
     elif checkpoint is None and args.backbone == "spot":
         vae_phase(agent, dataset, writer, args)
     if agent.vae is not None:
@@ -1147,19 +861,14 @@ def main(args: Args) -> Path:
         if args.offline_steps > 0:
             offline_phase(agent, data, dataset, eval_env, writer, args, save, resume)
         if args.save_model:
-            save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
+            run.write("offline.pt", agent, "offline", args.offline_steps)
     if args.online_steps > 0:
         if not resumed_online:
             agent.hand_over()
         replay = BalancedReplay(dataset.storage, args.online_steps, args, obs_dim, act_dim)
         del dataset  # its rows now live in B_BR
         online_phase(agent, data, replay, env, eval_env, writer, args, save, resume if resumed_online else None)
-    if args.save_model:
-        save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps)
-    (run_path / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; final.pt is what remains
-    writer.close()
-    print(f"run written to {run_path}")
-    return run_path
+    return run.finish(agent, args.online_steps)
 
 
 if __name__ == "__main__":

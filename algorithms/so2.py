@@ -1,62 +1,28 @@
 """SO2: A Perspective of Q-value Estimation on Offline-to-Online Reinforcement Learning.
 
-Zhang, Liu, Li et al., AAAI 2024, arXiv 2312.07685. Offline: EDAC (SAC-N with the ensemble-gradient
-diversity term). Online: SAC with a large Q-ensemble, the Perturbed Value Update (target-policy smoothing
-noise on the next action of the Bellman target), 10 critic updates per environment step, per-member
-targets, and the official code's replay (256 online + 2304 from a dataset pool that online data flows into).
+Zhang, Liu, Li et al., AAAI 2024, arXiv 2312.07685, following the official `code` branch (opendilab/SO2).
+Offline: EDAC (SAC-N with the ensemble-gradient diversity term). Online: SAC with the large Q-ensemble, the
+Perturbed Value Update (clipped Gaussian noise on the next action of the Bellman target), 10 critic updates per
+env step, per-member targets, on the official replay (256 online rows + 2304 from a pool of the dataset that the
+online data flows into). The decisions that change results:
+- EDAC is implemented here (the official code loads EDAC checkpoints): 3M steps, N = 50 critics on hopper and
+  10 elsewhere, eta = 5 for halfcheetah/walker2d-medium-expert and 1 elsewhere.
+- One actor update per 10 critic updates (official code; the paper's Algorithm 1 updates it every iteration).
+- Hand-over: fresh Adam at 1e-3, alpha fixed at 0.2, target critics = copies of the critics; a 5k-step warm-up
+  without updates, counted inside the 100k online budget.
+- Bootstrapping on `terminated` only; critic loss summed over members offline (EDAC), averaged online (code).
+Every decision and deviation, the logged tags and the results on our data: docs/so2.md.
 
-This follows the official `code` branch (opendilab/SO2), which is the one that reproduces the paper; the
-algorithm card lists every source. Decisions where the paper is silent or the sources disagree:
-- Offline: the official code loads EDAC checkpoints and does not pretrain, so EDAC is implemented here:
-  3M steps, N = 50 critics for hopper and 10 otherwise, eta = 5 for halfcheetah/walker2d-medium-expert
-  and 1 elsewhere (also for random / simple / expert data, for which no source gives a value).
-- Online target per ensemble member with the entropy term of the un-noised next action (paper Eq. 3,
-  official code), not EDAC's min over the ensemble; the actor still maximises the ensemble minimum.
-- One actor update per 10 critic updates (official code; the paper's Algorithm 1 updates it in every
-  iteration): `--actor-update-freq`; set it to `--updates-per-step` for the N_upc ablation.
-- sigma = 0.3 is a standard deviation (the paper says "variance"; the code uses it as a std).
-- Hand-over: fresh Adam at 1e-3, alpha fixed at 0.2, target critics = copies of the critics, the mixed
-  pool = the shuffled dataset; a 5k-step warm-up with the pretrained stochastic policy and no updates,
-  counted inside the 100k online budget (the code counts to 150k; the paper reports 100k).
-- Bootstrapping uses `terminated` only (the official env stored time-limit ends as terminal for hopper
-  and walker2d). Evaluation: every 1,000 env steps, 10 deterministic episodes (the code: 8 episodes
-  every 100 env steps). log sigma is clamped to [-5, 2] in both phases (the code's online head: [-20, 2]).
-- Minibatches are drawn with replacement (the code samples without; negligible, much faster on GPU).
-- Critic loss: summed over members offline (EDAC; eta is calibrated against it), averaged online (code).
-  offline/qf_loss and losses/qf_loss both log the per-member mean, so the curve does not jump at the switch.
-- eval/q_bias and eval/q_rank_tau use the ensemble minimum as the Q estimate (what the actor maximises). It is
-  a soft Q (its targets hold -alpha log pi of later steps) set against the plain discounted return of the
-  deterministic evaluation policy, so the entropy bonus shows as positive bias. q_rank_tau is the paper's
-  mean Kendall tau over 10 windows within each episode (utils.evaluate).
-- log pi(a|s) uses log(1 - tanh(u)^2 + 1e-6), as the official code (DI-engine) does; it departs from the
-  exact form only where |u| > 7, and SO2's results were produced with it.
-- Minari data and v5 environments are not D4RL: scores are not comparable with the paper's tables.
-Speed: all minibatches of one environment step come from one gather per buffer, Adam is fused and target
-updates are one foreach lerp, so 10 updates cost about 5x one, not 10x (tiny nets on the CPU: 5.7 ms per step
-with 1 update, 28.4 ms with 10; measured with benchmark/speed.py at commit 773a4f2).
-
-Fast path: `--compile` compiles the update steps and the acting policy (torch.compile); `--cudagraphs` (CUDA)
-captures each update step, minibatch draw included, in a CUDA graph and replays it (utils.fast.FastUpdate).
-Both off by default: neither has been measured on a GPU yet. One graph is the whole env step: 10 critic
-updates and the actor update. EDAC's diversity term (a double backward) stays eager under --compile.
 Usage: python algorithms/so2.py --env-id hopper-medium
-Resume: `--checkpoint-freq N` writes checkpoint.pt (all state, buffers included; default: at every
-evaluation) and `--resume RUN_DIR` continues that run in place, each TensorBoard step once; a MuJoCo
-episode in progress continues exactly, another env's restarts from a fresh reset.
-Own tags: offline/diversity_loss, offline/alpha_loss, offline/entropy, losses/entropy,
-charts/offline_share (offline rows in a batch), charts/pvu_noise (mean |epsilon| of the target noise).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import json
-import os
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -65,50 +31,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
-from utils import OfflineData, UserError, check_pretrained_dataset, evaluate, load_dataset, make_env
-from utils.checkpoint import (
-    CHECKPOINT,
-    atomic_save,
-    load_for_resume,
-    resume_state,
-    rewind_events,
-    set_env_state,
-    set_rng_state,
-)
-from utils.fast import FastUpdate, check_fast_flags
+from utils import OfflineData, UserError, evaluate, load_dataset
+from utils.buffers import ReplayBuffer, transition_rows
+from utils.checkpoint import set_env_state
+from utils.fast import FastUpdate
 from utils.metrics import Metrics
+from utils.optim import adam, soft_update, zero_grad
+from utils.run import Run, RunArgs, check_bounds
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     # experiment
     exp_name: str = "so2"
     """name of the experiment, part of the run name"""
-    seed: int = 1
-    """seed of python, numpy, torch and the environments"""
-    torch_deterministic: bool = True
-    """deterministic torch kernels where torch has them (use_deterministic_algorithms, warn-only) and cuDNN"""
-    cuda: bool = True
-    """use the GPU when there is one (falls back to the CPU with a notice)"""
-    run_dir: str = "runs"
-    """folder that receives runs/<run name>/ (TensorBoard events, args.json, checkpoints)"""
-    save_model: bool = True
-    """write offline.pt after pretraining and final.pt at the end"""
-    progress: bool = True
-    """tqdm bars (off automatically when stdout is not a terminal)"""
-    compile: bool = False
-    """torch.compile the update steps and the acting policy (minutes of compilation first)"""
-    cudagraphs: bool = False
-    """capture each update step in a CUDA graph and replay it (CUDA only; the whole env step's block online)"""
-    # data
-    env_id: str = "hopper-medium"
-    """dataset: D4RL-style name (hopper-medium) or Minari id; see README's name table"""
-    pretrained: str | None = None
-    """an offline.pt to start from; skips the offline phase"""
     # budgets
     offline_steps: int = 3_000_000
     """EDAC gradient steps (EDAC scripts/sac.py: 3000 epochs x 1000); 0 = no pretraining"""
@@ -158,15 +97,6 @@ class Args:
     """online evaluation every this many environment steps (and at step 0)"""
     offline_eval_freq: int = 50_000
     """offline evaluation every this many gradient steps (and at the end)"""
-    eval_episodes: int = 10
-    """deterministic episodes per evaluation"""
-    log_freq: int = 1_000
-    """write training metrics every this many updates"""
-    checkpoint_freq: int | None = None
-    """write checkpoint.pt (all state, for --resume) every this many updates offline / env steps online;
-    None = at every evaluation"""
-    resume: str | None = None
-    """continue the run in this folder from its checkpoint.pt; every other flag comes from its args.json"""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,50 +175,6 @@ class Actor(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-class ReplayBuffer:
-    """A device-resident ring buffer; one row = [obs, action, reward, next_obs, done, is_online]."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
-        self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 3, device=device)
-        self.position = self.size = 0
-        self.filled = torch.zeros((), dtype=torch.long, device=device)  # size on the device, for the samplers
-
-    def add(self, rows: torch.Tensor) -> None:
-        """Append rows [n, width], overwriting the oldest once full (FIFO)."""
-        slots = (self.position + torch.arange(len(rows), device=rows.device)) % self.capacity
-        self.storage[slots] = rows
-        self.position = (self.position + len(rows)) % self.capacity
-        self.size = min(self.size + len(rows), self.capacity)
-        self.filled.fill_(self.size)
-
-    def sample_rows(self, n: int) -> torch.Tensor:
-        """n rows uniformly with replacement; the bound is a device tensor, so a growing buffer is one graph."""
-        return self.storage[torch.randint(0, 2**62, (n,), device=self.storage.device) % self.filled]
-
-    def state_dict(self) -> dict:
-        return {"rows": self.storage[: self.size].to("cpu", copy=True), "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.size, self.position = len(state["rows"]), state["position"]
-        self.storage[: self.size] = state["rows"].to(self.storage.device)
-        self.filled.fill_(self.size)
-
-    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """rows -> obs, action, reward, next_obs, done, is_online."""
-        obs, action, reward, next_obs, done, is_online = rows.split(
-            [self.obs_dim, self.act_dim, 1, self.obs_dim, 1, 1], -1
-        )
-        return obs, action, reward.squeeze(-1), next_obs, done.squeeze(-1), is_online.squeeze(-1)
-
-
-def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarray:
-    """Pack transitions (numpy, batched) into buffer rows, so adding them costs one host-device copy."""
-    n = len(obs)
-    columns = [obs, action, reward.reshape(n, 1), next_obs, done.reshape(n, 1), np.full((n, 1), float(is_online))]
-    return np.concatenate(columns, axis=1).astype(np.float32)
-
-
 def sample_so2(online: ReplayBuffer, pool: ReplayBuffer, n_online: int, n_pool: int, updates: int) -> torch.Tensor:
     """Official code: each minibatch is n_online rows from the online buffer plus n_pool from the mixed pool.
 
@@ -335,23 +221,6 @@ def diversity_loss(critic: Critic, obs: torch.Tensor, action: torch.Tensor) -> t
     gram = torch.einsum("ibd,jbd->bij", grads, grads)
     off_diagonal = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
     return off_diagonal.mean() / (n - 1)
-
-
-def zero_grad(optimizer: torch.optim.Optimizer) -> None:
-    """optimizer.zero_grad(set_to_none=True), spelled out: torch.compile skips Optimizer.zero_grad (a graph break)."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            param.grad = None
-
-
-def adam(params, lr: float, capturable: bool) -> torch.optim.Adam:
-    """Fused Adam: one kernel for all parameters instead of one per tensor; capturable for --cudagraphs."""
-    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
-
-
-def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
-    with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
 class SO2:
@@ -488,6 +357,7 @@ class SO2:
             "critic_optimizer": self.critic_optimizer.state_dict(),
             "alpha_optimizer": self.alpha_optimizer.state_dict(),
             "critic_updates": self.critic_updates,
+            "num_critics": self.critic.num_critics,
         }
 
     def load_state_dict(self, checkpoint: dict) -> None:
@@ -502,25 +372,6 @@ class SO2:
 # ---------------------------------------------------------------------------------------------------
 # Logging, checkpoints, evaluation
 # ---------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, agent: SO2, args: Args, data: OfflineData, phase: str, step: int, **state) -> None:
-    """One self-contained dict, written atomically; `state` adds what --resume needs (checkpoint.pt)."""
-    checkpoint = {
-        "algorithm": "so2",
-        "args": asdict(args),
-        **agent.state_dict(),
-        "obs_dim": data.observations.shape[1],
-        "act_dim": data.actions.shape[1],
-        "num_critics": agent.critic.num_critics,
-        "phase": phase,
-        "step": step,
-        "dataset": data.name,
-        "env_spec": data.env_spec,
-        "eval_env_spec": data.eval_env_spec,
-        **state,
-    }
-    atomic_save(checkpoint, path)
 
 
 def policy_from_checkpoint(checkpoint: dict):
@@ -675,11 +526,8 @@ def online_phase(
 
 def check_args(args: Args, data: OfflineData) -> tuple[int, float]:
     """Resolve the per-dataset defaults and refuse budgets the phases cannot run with."""
-    if args.checkpoint_freq is not None and args.checkpoint_freq < 1:
-        raise UserError(f"--checkpoint-freq must be >= 1, got {args.checkpoint_freq}")
-    for name in ("offline_steps", "online_steps", "warmup_steps"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    positive = ("updates_per_step", "actor_update_freq", "eval_freq", "offline_eval_freq", "batch_size")
+    check_bounds(args, positive, ("offline_steps", "online_steps", "warmup_steps", "mixed_batch_size"))
     num_critics = args.num_critics or (50 if data.task == "hopper" else 10)
     medium_expert = data.name in ("halfcheetah-medium-expert", "walker2d-medium-expert")
     eta = args.eta if args.eta is not None else (5.0 if medium_expert else 1.0)
@@ -687,112 +535,47 @@ def check_args(args: Args, data: OfflineData) -> tuple[int, float]:
         raise UserError(f"--online-steps {args.online_steps} leaves nothing after the warm-up; lower --warmup-steps")
     if eta > 0 and num_critics < 2:
         raise UserError("the EDAC diversity term needs --num-critics >= 2; or set --eta 0 (SAC-N)")
-    positive = (
-        "updates_per_step",
-        "actor_update_freq",
-        "eval_freq",
-        "offline_eval_freq",
-        "log_freq",
-        "eval_episodes",
-        "batch_size",
-    )
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.mixed_batch_size < 0:
-        raise UserError(f"--mixed-batch-size must be >= 0, got {args.mixed_batch_size}")
     return num_critics, eta
 
 
 def main(args: Args) -> Path:
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if args.torch_deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if args.cuda and device.type == "cpu":
-        print("CUDA is not available: running on the CPU", file=sys.stderr)
-    check_fast_flags(args.cudagraphs, device)
-    args.progress = args.progress and sys.stdout.isatty()
-
-    resume = None
-    if args.resume is not None:
-        resume, run_path = load_for_resume(args.resume, "so2", args, device)
-    checkpoint = None
-    if args.pretrained is not None and resume is None:
-        try:
-            checkpoint = torch.load(args.pretrained, map_location=device, weights_only=False)
-            if checkpoint.get("algorithm") != "so2" or checkpoint.get("phase") != "offline":
-                raise ValueError("not an SO2 offline.pt")
-        except Exception as err:
-            raise UserError(f"--pretrained {args.pretrained} cannot be used ({type(err).__name__}: {err})") from err
-        shape = (checkpoint["num_critics"], checkpoint["args"]["hidden_dim"])  # the networks of the offline run
-        if args.num_critics not in (None, shape[0]) or args.hidden_dim != shape[1]:
-            print(
-                f"--pretrained: using the checkpoint's --num-critics {shape[0]} --hidden-dim {shape[1]}",
-                file=sys.stderr,
-            )
-        args.num_critics, args.hidden_dim = shape
+    run = Run(args, "so2", "SO2")
+    checkpoint = run.pretrained()
+    if checkpoint is not None:  # the networks of the offline run
+        run.adopt({"num_critics": checkpoint["num_critics"], "hidden_dim": checkpoint["args"]["hidden_dim"]})
     data = load_dataset(args.env_id)
     num_critics, eta = check_args(args, data)
-    if checkpoint is not None:
-        check_pretrained_dataset(checkpoint, data, args.pretrained)
-    if resume is not None:
-        check_pretrained_dataset(resume, data, args.resume)
-        rewind_events(run_path, resume["events"])  # the steps logged after the checkpoint are logged again
-    else:
-        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_path = Path(args.run_dir) / run_name
-        run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    writer = SummaryWriter(str(run_path))
-    # Online training runs in the evaluation env spec too (AntMaze: the fixed goal it is scored on; the
-    # data env draws a new, unobserved goal per episode), as a separate instance with its own seed.
-    # The evaluation episodes run in lockstep in eval_episodes envs, one batched policy call per step.
-    env = make_env(data.eval_env_spec, args.seed)
-    eval_env = [make_env(data.eval_env_spec, args.seed + 100 + i) for i in range(args.eval_episodes)]
+    writer, env, eval_env = run.open(data, checkpoint)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    agent = SO2(obs_dim, act_dim, num_critics, args, device)
+    agent = SO2(obs_dim, act_dim, num_critics, args, run.device)
 
     # The dataset lives on the device in shuffled order: the offline sampler, and then the mixed pool.
     order = np.random.permutation(len(data))
     columns = (data.observations, data.actions, data.rewards, data.next_observations, data.terminals)
     rows = transition_rows(*(column[order] for column in columns), False)
-    pool = ReplayBuffer(len(data), obs_dim, act_dim, device)
-    pool.add(torch.from_numpy(rows).to(device))
+    pool = ReplayBuffer(len(data), obs_dim, act_dim, run.device)
+    pool.add(torch.from_numpy(rows).to(run.device))
     del rows
 
-    def save(phase: str, step: int, metrics: Metrics, **state) -> None:
-        """checkpoint.pt: the agent, the phase's loop state, RNG streams, the env, the event file sizes."""
-        state |= resume_state(writer, run_path, env) | {"metrics": (metrics.sums, metrics.counts)}
-        save_checkpoint(run_path / CHECKPOINT, agent, args, data, phase, step, **state)
-
+    save, resume = run.saver(agent), run.resume
     resumed_online = resume is not None and resume["phase"] == "online"
     if resume is not None:  # after the hand-over's fresh optimisers, so the saved online states replace them
         if resumed_online:
             agent.hand_over()
         agent.load_state_dict(resume)
-        set_rng_state(resume["rng"])
+        run.restore_rng()
     if checkpoint is not None:
         agent.actor.load_state_dict(checkpoint["actor"])
         agent.critic.load_state_dict(checkpoint["critic"])
     elif args.offline_steps > 0 and not resumed_online:
         offline_phase(agent, data, pool, eval_env, writer, args, eta, save, resume)
         if args.save_model:
-            save_checkpoint(run_path / "offline.pt", agent, args, data, "offline", args.offline_steps)
+            run.write("offline.pt", agent, "offline", args.offline_steps)
     if args.online_steps > 0:
         if not resumed_online:
             agent.hand_over()
         online_phase(agent, data, pool, env, eval_env, writer, args, save, resume if resumed_online else None)
-    if args.save_model:
-        save_checkpoint(run_path / "final.pt", agent, args, data, "online", args.online_steps)
-    (run_path / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; final.pt is what remains
-    writer.close()
-    print(f"run written to {run_path}")
-    return run_path
+    return run.finish(agent, args.online_steps)
 
 
 if __name__ == "__main__":

@@ -204,13 +204,14 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "resume: the RNG streams are not restored",
-            '        set_rng_state(resume["rng"])\n',
+            "        run.restore_rng()\n",
             "        pass\n",
         ),
         (
             "resume: the events after the checkpoint are not cut off",
-            '        rewind_events(run_path, resume["events"])',
+            '        rewind_events(self.path, self.resume["events"])',
             "        pass",
+            "utils/run.py",
         ),
         (
             "resume: unflushed metrics are lost",
@@ -377,11 +378,12 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
             "balanced replay: new rows do not enter at the running max",
             "        self.priority[self.buffer.size] = self.max_priority\n",
             "        self.priority[self.buffer.size] = 1.0\n",
+            "utils/buffers.py",
         ),
         (
             "balanced replay: the running max starts at 1, not from --init-online-fraction",
-            "        self.max_priority = torch.tensor(initial, dtype=torch.float64, device=device)",
-            "        self.max_priority = torch.tensor(1.0, dtype=torch.float64, device=device)",
+            "        initial = len(dataset_rows) * f / ((1 - f) * args.block_steps)",
+            "        initial = 1.0",
         ),
         (
             "priorities: the temperature is not applied",
@@ -467,8 +469,8 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "density: the online minibatch from all online rows, not the newest (FIFO)",
-            "newest = torch.clamp(self.buffer.filled - self.num_offline, max=self.fifo_size)",
-            "newest = self.buffer.filled - self.num_offline",
+            "super().__init__(dataset_rows, online_steps, obs_dim, act_dim, initial, args.online_buffer_size)",
+            "super().__init__(dataset_rows, online_steps, obs_dim, act_dim, initial)",
         ),
         (
             "twin minimum: the first twin only",
@@ -495,8 +497,8 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "balanced replay: the running max starts at 1, not from --init-online-fraction",
-            "        self.max_priority = torch.tensor(initial, dtype=torch.float64, device=device)",
-            "        self.max_priority = torch.tensor(1.0, dtype=torch.float64, device=device)",
+            "        initial = len(dataset_rows) * f / ((1 - f) * max(args.n_tau, 1))",
+            "        initial = 1.0",
         ),
         (
             "Eq. 4: kappa is ignored (Q_off only)",
@@ -624,6 +626,7 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
             "fast path: the running max priority is written by copy_, which torch.compile drops on a 0-dim tensor",
             "self.max_priority[...] = torch.maximum(self.max_priority, self.priority[index].max())",
             "self.max_priority.copy_(torch.maximum(self.max_priority, self.priority[index].max()))",
+            "utils/buffers.py",
         ),
     ],
     "baq": [

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from algorithms import off2on
+from utils.buffers import SAMPLER_BLOCK
 
 
 def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
@@ -55,7 +56,7 @@ def main() -> None:
     dataset_rows = torch.zeros(1, 2 * obs_dim + act_dim + 3, device=device).expand(args.rows, -1)
     replay = off2on.BalancedReplay(dataset_rows, 0, off2on.Args(), obs_dim, act_dim)
     replay.priority[: args.rows] = torch.rand(args.rows, device=device, dtype=torch.float64) * 10 + 1e-3
-    replay.block_mass = replay.priority.view(-1, off2on.SAMPLER_BLOCK).sum(1)
+    replay.block_mass = replay.priority.view(-1, SAMPLER_BLOCK).sum(1)
     index = torch.randint(0, args.rows, (args.batch,), device=device)
     new_priorities = torch.rand(args.batch, device=device)
 

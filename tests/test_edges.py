@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import utils.run
 from tests.conftest import scalars
 from utils import UserError, load_dataset
 
@@ -51,7 +52,7 @@ def test_online_training_runs_in_the_evaluation_env_spec(minari_root, tmp_path, 
         if len(specs) == 2:
             raise EnvsMade
 
-    monkeypatch.setattr(module, "make_env", record)
+    monkeypatch.setattr(utils.run, "make_env", record)  # where every script's run opens its envs
     previous = torch.are_deterministic_algorithms_enabled()
     try:
         with pytest.raises(EnvsMade):
@@ -221,7 +222,7 @@ def test_state_normalization_makes_a_run_blind_to_a_shift_of_every_observation(
     import gymnasium as gym
 
     module = importlib.import_module(f"algorithms.{script}")
-    data, make_env = load_dataset("hopper-expert"), module.make_env  # the env's own time limit: exact returns
+    data, make_env = load_dataset("hopper-expert"), utils.run.make_env  # the env's own time limit: exact returns
     sizes = {"hidden_dim": 16, "batch_size": 8, "eval_episodes": 1, "offline_steps": 30, "online_steps": 40}
     sizes |= {"eval_freq": 20, "offline_eval_freq": 30, "log_freq": 5, "cuda": False, "progress": False}
 
@@ -238,7 +239,7 @@ def test_state_normalization_makes_a_run_blind_to_a_shift_of_every_observation(
                 env.step = lambda action: (actions.append(np.array(action)), step(action))[1]
             return gym.wrappers.TransformObservation(env, lambda obs: obs + np.float32(shift), env.observation_space)
 
-        monkeypatch.setattr(module, "make_env", shifted_env)
+        monkeypatch.setattr(utils.run, "make_env", shifted_env)
         args = module.Args(env_id="hopper-expert", run_dir=str(tmp_path / str(shift)), **sizes | NORMALIZING[script])
         path = module.main(args)
         return torch.load(path / "final.pt", weights_only=False), scalars(path), np.array(actions)

@@ -14,6 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from algorithms import enoto
 from tests.conftest import REPO, assert_sgd_step, cli_error, no_host_sync, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
+from utils.run import save_checkpoint
 
 OBS, ACT = 4, 3
 
@@ -307,7 +308,7 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path, minari_root):
     dataset.add(torch.from_numpy(rows))
     for _ in range(3):
         agent.offline_update(dataset.split(dataset.sample_rows(16)))
-    enoto.save_checkpoint(tmp_path / "offline.pt", agent, args, data, "offline", 3)
+    save_checkpoint(tmp_path / "offline.pt", "enoto", agent, args, data, "offline", 3)
     loaded = enoto.ENOTO(11, 3, args, torch.device("cpu"))
     loaded.load_state_dict(torch.load(tmp_path / "offline.pt", weights_only=False))
     loaded.hand_over()

@@ -11,6 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 from algorithms import off2on, opt
 from tests.conftest import REPO, assert_sgd_step, cli_error, no_host_sync, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
+from utils.buffers import SAMPLER_BLOCK
 
 OBS, ACT = 4, 3
 
@@ -130,7 +131,7 @@ def test_offline_share_is_the_fraction_of_dataset_rows():
     fifo = make_replay(num_offline=10, online_steps=50, online_buffer_size=20)
     for _ in range(50):
         fifo.add(random_rows(1, True))
-    draws = torch.cat([fifo.sample_fifo(256) for _ in range(20)])
+    draws = torch.cat([fifo.sample_online(256) for _ in range(20)])
     assert draws.min().item() == 40 and draws.max().item() == 59  # the newest 20 online rows only
 
 
@@ -482,5 +483,5 @@ def test_two_level_sampler_draws_exactly_what_one_cumsum_draws(module):
         targets = (torch.arange(256, dtype=torch.float64) + torch.rand(256, dtype=torch.float64)) * cumulative[-1] / 256
         reference = torch.searchsorted(cumulative, targets, right=True).clamp_(max=replay.buffer.size - 1)
         assert torch.equal(fast, reference)
-    masses = replay.priority.view(-1, module.SAMPLER_BLOCK).sum(1)
+    masses = replay.priority.view(-1, SAMPLER_BLOCK).sum(1)
     assert torch.equal(replay.block_mass, masses)  # refreshed, never drifted

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, cli_error
-from utils import UserError
+from utils import UserError, run
 from utils.checkpoint import CHECKPOINT
 
 SCRIPTS = ("so2", "enoto", "baq", "off2on", "opt")
@@ -81,10 +81,10 @@ def networks(path: Path) -> dict[str, torch.Tensor]:
 def interrupt_after(module, monkeypatch, phase: str, step: int):
     """Stop the run at its first checkpoint after (phase, step), with the checkpoint.pt of (phase, step) put back:
     as if killed just before that later write, so the events logged in between are on disk and must go."""
-    save_checkpoint, kept = module.save_checkpoint, {}
+    save_checkpoint, kept = run.save_checkpoint, {}
 
-    def save_then_stop(path, agent, args, data, saved_phase, saved_step, **state):
-        save_checkpoint(path, agent, args, data, saved_phase, saved_step, **state)
+    def save_then_stop(path, algorithm, agent, args, data, saved_phase, saved_step, **state):
+        save_checkpoint(path, algorithm, agent, args, data, saved_phase, saved_step, **state)
         if path.name != CHECKPOINT:
             return
         if kept:
@@ -93,7 +93,7 @@ def interrupt_after(module, monkeypatch, phase: str, step: int):
         if (saved_phase, saved_step) == (phase, step):
             kept["bytes"] = path.read_bytes()
 
-    monkeypatch.setattr(module, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(run, "save_checkpoint", save_then_stop)
 
 
 # Odd steps, so that update counters driving every-2nd-step rules (TD3's policy delay) are odd there; online 25
