@@ -42,11 +42,11 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
 from utils.buffers import ReplayBuffer, transition_rows
-from utils.checkpoint import set_env_state
+from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics, UpdateClock
 from utils.optim import adam, soft_update, zero_grad
-from utils.run import Run, RunArgs, check_bounds
+from utils.run import Episodes, Run, RunArgs, check_bounds
 
 
 @dataclass
@@ -484,24 +484,12 @@ def policy_from_checkpoint(checkpoint: dict):
     return lambda obs: agent.policy(obs, deterministic=True)
 
 
-EVAL_TAGS = ("normalized_score", "episodic_return", "success_rate", "minari_normalized_score", "q_bias", "q_rank_tau")
-
-
 def log_evaluation(writer, agent: BAQ, env, args: Args, data: OfflineData, prefix: str, step: int, seed: int):
-    result = evaluate(
-        env,
-        lambda obs: agent.policy(obs, deterministic=True),
-        args.eval_episodes,
-        seed,
-        q_function=agent.q_min if prefix == "eval" else None,
-        gamma=args.gamma,
-        q_reward_fn=lambda reward: reward * agent.reward_scale,
-        minari_ref_scores=data.minari_ref_scores,
-    )
-    for key, value in result.items():
-        if key in EVAL_TAGS and not np.isnan(value):
-            writer.add_scalar(f"{prefix}/{key}", value, step)
-    return result
+    trained_reward = lambda reward: reward * agent.reward_scale
+    q = {"q_function": agent.q_min, "gamma": args.gamma, "q_reward_fn": trained_reward} if prefix == "eval" else {}
+    policy = lambda obs: agent.policy(obs, deterministic=True)
+    result = evaluate(env, policy, args.eval_episodes, seed, minari_ref_scores=data.minari_ref_scores, **q)
+    return write_scores(writer, result, prefix, step)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -629,21 +617,18 @@ def online_phase(
     metrics, device = Metrics(writer), agent.device
     if resume is None:
         log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-        obs, _ = env.reset(seed=args.seed)
-        episode_return, update_time, first = 0.0, 0.0, 1
+        update_time, first = 0.0, 1
     else:
         metrics.sums, metrics.counts = resume["metrics"]
         replay.load_state_dict(resume["replay"])
-        obs, episode_return, update_time = resume["obs"], resume["episode_return"], resume["update_time"]
-        first = resume["step"] + 1
-        if not set_env_state(env, resume["env"]):
-            (obs, _), episode_return = env.reset(), 0.0
+        update_time, first = resume["update_time"], resume["step"] + 1
+    episodes = Episodes(env, writer, args.seed, resume)
     start, clock = time.perf_counter(), UpdateClock(device, update_time)  # update time: CUDA events on a GPU
     update = FastUpdate(partial(online_update, agent, replay, k_q, args), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
-        action = np.clip(agent.policy(obs, deterministic=False), -1.0, 1.0)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
+        action = np.clip(agent.policy(episodes.obs, deterministic=False), -1.0, 1.0)
+        obs, reward, next_obs, terminated, _ = episodes.step(action, step)
         row = transition_rows(
             agent.normalize(obs)[None],
             action[None],
@@ -662,18 +647,12 @@ def online_phase(
             log_weights(writer, replay, k_q, step)
             writer.add_scalar("charts/UPS", step / clock.seconds(), step)  # updates per second of update time
             writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)  # per wall s
-        episode_return += float(reward)
-        obs = next_obs
-        if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
-            writer.add_scalar("charts/episodic_return", episode_return, step)
-            obs, _ = env.reset()
-            episode_return = 0.0
         if step % args.eval_freq == 0:
             result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
             bar.set_postfix(score=f"{result['normalized_score']:.1f}")
         if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
             state = {"replay": replay.state_dict(), "k_q": k_q, "k_rho": k_rho, "update_time": clock.seconds()}
-            save("online", step, metrics=metrics, obs=obs, episode_return=episode_return, **state)
+            save("online", step, metrics=metrics, **episodes.state(), **state)
 
 
 def check_args(args: Args) -> None:

@@ -43,11 +43,11 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
 from utils.buffers import ReplayBuffer, transition_rows
-from utils.checkpoint import set_env_state
+from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics
 from utils.optim import adam, soft_update, zero_grad
-from utils.run import Run, RunArgs, check_bounds
+from utils.run import Episodes, Run, RunArgs, check_bounds
 
 
 @dataclass
@@ -478,24 +478,12 @@ def policy_from_checkpoint(checkpoint: dict):
     return act
 
 
-EVAL_TAGS = ("normalized_score", "episodic_return", "success_rate", "minari_normalized_score", "q_bias", "q_rank_tau")
-
-
 def log_evaluation(writer, agent: ENOTO, env, args: Args, data: OfflineData, prefix: str, step: int, seed: int):
-    result = evaluate(
-        env,
-        lambda obs: agent.policy(obs, deterministic=True),
-        args.eval_episodes,
-        seed,
-        q_function=agent.q_min if prefix == "eval" else None,
-        gamma=args.gamma,
-        q_reward_fn=lambda reward: training_reward(reward, data.task),
-        minari_ref_scores=data.minari_ref_scores,
-    )
-    for key, value in result.items():
-        if key in EVAL_TAGS and not np.isnan(value):
-            writer.add_scalar(f"{prefix}/{key}", value, step)
-    return result
+    trained_reward = lambda reward: training_reward(reward, data.task)
+    q = {"q_function": agent.q_min, "gamma": args.gamma, "q_reward_fn": trained_reward} if prefix == "eval" else {}
+    policy = lambda obs: agent.policy(obs, deterministic=True)
+    result = evaluate(env, policy, args.eval_episodes, seed, minari_ref_scores=data.minari_ref_scores, **q)
+    return write_scores(writer, result, prefix, step)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -551,22 +539,19 @@ def online_phase(
     if resume is None:
         metrics, updates, first = Metrics(writer), 0, 1
         log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-        obs, _ = env.reset(seed=args.seed)
         head = random.randrange(agent.critic.num_critics)  # Bootstrapped DQN: one head per episode
-        episode_return = 0.0
     else:
         metrics, updates, first = Metrics(writer), resume["updates"], resume["step"] + 1
         metrics.sums, metrics.counts = resume["metrics"]
         online.load_state_dict(resume["online"])
-        obs, head, episode_return = resume["obs"], resume["head"], resume["episode_return"]
-        if not set_env_state(env, resume["env"]):
-            (obs, _), episode_return = env.reset(), 0.0
+        head = resume["head"]
+    episodes = Episodes(env, writer, args.seed, resume)
     start, update_start, first_update = time.perf_counter(), None, updates
     update = FastUpdate(partial(replay_update, agent, online, args), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
-        action = agent.explore(obs, head)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
+        action = agent.explore(episodes.obs, head)
+        obs, reward, next_obs, terminated, ended = episodes.step(action, step)
         trained_reward = training_reward(np.array([reward]), data.task)
         states = agent.normalize(np.stack([obs, next_obs]))
         row = transition_rows(states[:1], action[None], trained_reward, states[1:], np.array([terminated]), True)
@@ -579,18 +564,13 @@ def online_phase(
                 metrics.flush(step)
                 writer.add_scalar("charts/UPS", (updates - first_update) / (time.perf_counter() - update_start), step)
                 writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
-        episode_return += float(reward)
-        obs = next_obs
-        if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
-            writer.add_scalar("charts/episodic_return", episode_return, step)
-            obs, _ = env.reset()
+        if ended:
             head = random.randrange(agent.critic.num_critics)
-            episode_return = 0.0
         if step % args.eval_freq == 0:
             result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
             bar.set_postfix(score=f"{result['normalized_score']:.1f}")
         if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
-            state = {"online": online.state_dict(), "obs": obs, "head": head, "episode_return": episode_return}
+            state = {"online": online.state_dict(), "head": head, **episodes.state()}
             save("online", step, metrics=metrics, updates=updates, **state)
     return online
 

@@ -42,11 +42,11 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
 from utils.buffers import BlockPriorityReplay, ReplayBuffer, transition_rows
-from utils.checkpoint import set_env_state
+from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics, UpdateClock
 from utils.optim import adam, soft_update, zero_grad
-from utils.run import Run, RunArgs, check_bounds
+from utils.run import Episodes, Run, RunArgs, check_bounds
 
 
 @dataclass
@@ -470,23 +470,11 @@ def policy_from_checkpoint(checkpoint: dict):
     return act
 
 
-EVAL_TAGS = ("normalized_score", "episodic_return", "success_rate", "minari_normalized_score", "q_bias", "q_rank_tau")
-
-
 def log_evaluation(writer, agent: Off2On, env, args: Args, data: OfflineData, prefix: str, step: int, seed: int):
-    result = evaluate(
-        env,
-        lambda obs: agent.policy(obs, deterministic=True),
-        args.eval_episodes,
-        seed,
-        q_function=agent.q_ensemble if prefix == "eval" else None,
-        gamma=args.gamma,
-        minari_ref_scores=data.minari_ref_scores,
-    )
-    for key, value in result.items():
-        if key in EVAL_TAGS and not np.isnan(value):
-            writer.add_scalar(f"{prefix}/{key}", value, step)
-    return result
+    q = {"q_function": agent.q_ensemble, "gamma": args.gamma} if prefix == "eval" else {}
+    policy = lambda obs: agent.policy(obs, deterministic=True)
+    result = evaluate(env, policy, args.eval_episodes, seed, minari_ref_scores=data.minari_ref_scores, **q)
+    return write_scores(writer, result, prefix, step)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -551,32 +539,22 @@ def online_phase(
     metrics = Metrics(writer)
     if resume is None:
         log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-        obs, _ = env.reset(seed=args.seed)
-        loop = {"updates": 0, "logged_at": 0, "block_start": 0, "update_time": 0.0, "episode_return": 0.0}
-        first = 1
+        loop, first = {"updates": 0, "logged_at": 0, "block_start": 0, "update_time": 0.0}, 1
     else:
         metrics.sums, metrics.counts = resume["metrics"]
         replay.load_state_dict(resume["replay"])
-        obs, loop, first = resume["obs"], resume["loop"], resume["step"] + 1
-        if not set_env_state(env, resume["env"]):
-            (obs, _), loop["episode_return"] = env.reset(), 0.0
+        loop, first = resume["loop"], resume["step"] + 1
+    episodes, start = Episodes(env, writer, args.seed, resume), time.perf_counter()
     updates, logged_at, block_start = loop["updates"], loop["logged_at"], loop["block_start"]
-    episode_return, start = loop["episode_return"], time.perf_counter()
     clock = UpdateClock(agent.device, loop["update_time"])  # update time: CUDA events on a GPU, no sync per block
     update = FastUpdate(partial(replay_update, agent, replay, args), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
-        action = agent.policy(obs, deterministic=False)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
+        action = agent.policy(episodes.obs, deterministic=False)
+        obs, reward, next_obs, terminated, _ = episodes.step(action, step)
         states = agent.normalize(np.stack([obs, next_obs]))
         row = transition_rows(states[:1], action[None], np.array([reward]), states[1:], np.array([terminated]), True)
         replay.add(torch.from_numpy(row).to(agent.device))
-        episode_return += float(reward)
-        obs = next_obs
-        if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
-            writer.add_scalar("charts/episodic_return", episode_return, step)
-            obs, _ = env.reset()
-            episode_return = 0.0
         if step % args.block_steps == 0 or step == args.online_steps:
             multiplier = args.first_block_multiplier if block_start == 0 else 1
             block_updates, block_start = (step - block_start) * multiplier, step
@@ -593,9 +571,13 @@ def online_phase(
             result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
             bar.set_postfix(score=f"{result['normalized_score']:.1f}")
         if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
-            loop = {"updates": updates, "logged_at": logged_at, "block_start": block_start}
-            loop |= {"update_time": clock.seconds(), "episode_return": episode_return}
-            save("online", step, metrics=metrics, replay=replay.state_dict(), obs=obs, loop=loop)
+            loop = {
+                "updates": updates,
+                "logged_at": logged_at,
+                "block_start": block_start,
+                "update_time": clock.seconds(),
+            }
+            save("online", step, metrics=metrics, replay=replay.state_dict(), loop=loop, **episodes.state())
 
 
 def check_args(args: Args) -> None:

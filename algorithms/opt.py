@@ -43,11 +43,11 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
 from utils.buffers import BlockPriorityReplay, ReplayBuffer, transition_rows
-from utils.checkpoint import set_env_state
+from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics, UpdateClock
 from utils.optim import adam, soft_update, zero_grad
-from utils.run import Run, RunArgs, check_bounds
+from utils.run import Episodes, Run, RunArgs, check_bounds
 
 
 @dataclass
@@ -601,31 +601,16 @@ def policy_from_checkpoint(checkpoint: dict):
     return lambda obs: agent.policy(obs, noise=0.0)
 
 
-EVAL_TAGS = (
-    *("normalized_score", "episodic_return", "success_rate", "minari_normalized_score", "q_bias", "q_rank_tau"),
-    *("q_bias_on", "q_rank_tau_on"),  # the same diagnostics for Q_on
-)
-
-
 def log_evaluation(writer, agent: OPT, env, args: Args, data: OfflineData, prefix: str, step: int, seed: int):
-    online = prefix == "eval"
-    result = evaluate(
-        env,
-        lambda obs: agent.policy(obs, noise=0.0),
-        args.eval_episodes,
-        seed,
-        q_function=(lambda obs, action: agent.q_min(agent.q_off, obs, action)) if online else None,
-        gamma=agent.gamma,
-        q_reward_fn=lambda reward: training_reward(reward, data.task),
-        minari_ref_scores=data.minari_ref_scores,
-        extra_q_functions={"on": lambda obs, action: agent.q_min(agent.q_on, obs, action)}
-        if online and agent.q_on is not None
-        else None,
-    )
-    for key, value in result.items():
-        if key in EVAL_TAGS and not np.isnan(value):
-            writer.add_scalar(f"{prefix}/{key}", value, step)
-    return result
+    q = {}
+    if prefix == "eval":  # Q_off's twin minimum; Q_on's beside it as q_bias_on / q_rank_tau_on
+        q = {"q_function": lambda obs, action: agent.q_min(agent.q_off, obs, action), "gamma": agent.gamma}
+        q["q_reward_fn"] = lambda reward: training_reward(reward, data.task)
+        if agent.q_on is not None:
+            q["extra_q_functions"] = {"on": lambda obs, action: agent.q_min(agent.q_on, obs, action)}
+    policy = lambda obs: agent.policy(obs, noise=0.0)
+    result = evaluate(env, policy, args.eval_episodes, seed, minari_ref_scores=data.minari_ref_scores, **q)
+    return write_scores(writer, result, prefix, step)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -743,22 +728,19 @@ def online_phase(
         log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
         if args.n_tau == 0:
             agent.start_finetuning()
-        obs, _ = env.reset(seed=args.seed)
-        updates, logged_at, update_time, episode_return, first = 0, 0, 0.0, 0.0, 1
+        updates, logged_at, update_time, first = 0, 0, 0.0, 1
     else:
         metrics.sums, metrics.counts = resume["metrics"]
         replay.load_state_dict(resume["replay"])
-        obs, (updates, logged_at, update_time, episode_return) = resume["obs"], resume["loop"]
-        first = resume["step"] + 1
-        if not set_env_state(env, resume["env"]):
-            (obs, _), episode_return = env.reset(), 0.0
+        (updates, logged_at, update_time), first = resume["loop"], resume["step"] + 1
+    episodes = Episodes(env, writer, args.seed, resume)
     start, update = time.perf_counter(), None  # the update step is built once Q_on and the density network exist
     clock = UpdateClock(agent.device, update_time)  # update time: CUDA events on a GPU, no sync per step
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
         finetuning = step > args.n_tau
-        action = agent.policy(obs, args.exploration_noise if finetuning or args.ntau_noise else 0.0)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
+        action = agent.policy(episodes.obs, args.exploration_noise if finetuning or args.ntau_noise else 0.0)
+        obs, reward, next_obs, terminated, _ = episodes.step(action, step)
         row = transition_rows(
             agent.normalize(obs)[None],
             action[None],
@@ -768,12 +750,6 @@ def online_phase(
             True,
         )
         replay.add(torch.from_numpy(row).to(agent.device))  # into B_on and B_BR (the same rows)
-        episode_return += float(reward)
-        obs = next_obs
-        if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
-            writer.add_scalar("charts/episodic_return", episode_return, step)
-            obs, _ = env.reset()
-            episode_return = 0.0
         if finetuning:
             kappa = kappa_at(step - args.n_tau - 1, args.kappa_start, args.kappa_end, args.kappa_steps)
             update = update or FastUpdate(partial(replay_update, agent, replay, args), args.compile, args.cudagraphs)
@@ -798,8 +774,8 @@ def online_phase(
                 online_pretraining(agent, replay, writer, args)
             agent.start_finetuning()
         if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
-            loop = (updates, logged_at, clock.seconds(), episode_return)
-            save("online", step, metrics=metrics, replay=replay.state_dict(), obs=obs, loop=loop)
+            loop = (updates, logged_at, clock.seconds())
+            save("online", step, metrics=metrics, replay=replay.state_dict(), loop=loop, **episodes.state())
 
 
 def check_args(args: Args) -> None:

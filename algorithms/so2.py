@@ -36,11 +36,11 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
 from utils.buffers import ReplayBuffer, transition_rows
-from utils.checkpoint import set_env_state
+from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics
 from utils.optim import adam, soft_update, zero_grad
-from utils.run import Run, RunArgs, check_bounds
+from utils.run import Episodes, Run, RunArgs, check_bounds
 
 
 @dataclass
@@ -387,23 +387,11 @@ def policy_from_checkpoint(checkpoint: dict):
     return act
 
 
-EVAL_TAGS = ("normalized_score", "episodic_return", "success_rate", "minari_normalized_score", "q_bias", "q_rank_tau")
-
-
 def log_evaluation(writer, agent: SO2, env, args: Args, data: OfflineData, prefix: str, step: int, seed: int):
-    result = evaluate(
-        env,
-        lambda obs: agent.policy(obs, deterministic=True),
-        args.eval_episodes,
-        seed,
-        q_function=agent.q_min if prefix == "eval" else None,
-        gamma=args.gamma,
-        minari_ref_scores=data.minari_ref_scores,
-    )
-    for key, value in result.items():
-        if key in EVAL_TAGS and not np.isnan(value):
-            writer.add_scalar(f"{prefix}/{key}", value, step)
-    return result
+    q = {"q_function": agent.q_min, "gamma": args.gamma} if prefix == "eval" else {}  # the actor's min over N
+    policy = lambda obs: agent.policy(obs, deterministic=True)
+    result = evaluate(env, policy, args.eval_episodes, seed, minari_ref_scores=data.minari_ref_scores, **q)
+    return write_scores(writer, result, prefix, step)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -478,22 +466,19 @@ def online_phase(
     metrics = Metrics(writer)
     if resume is None:
         log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-        obs, _ = env.reset(seed=args.seed)
-        episode_return, logged_at, first = 0.0, 0, 1
+        logged_at, first = 0, 1
     else:
         metrics.sums, metrics.counts = resume["metrics"]
         online.load_state_dict(resume["online"])
         pool.load_state_dict(resume["pool"])
-        obs, episode_return, logged_at = resume["obs"], resume["episode_return"], resume["logged_at"]
-        first = resume["step"] + 1
-        if not set_env_state(env, resume["env"]):
-            (obs, _), episode_return = env.reset(), 0.0
+        logged_at, first = resume["logged_at"], resume["step"] + 1
+    episodes = Episodes(env, writer, args.seed, resume)
     start, update_start, first_update = time.perf_counter(), None, agent.critic_updates
     block = FastUpdate(partial(online_updates, agent, online, pool, args), args.compile, args.cudagraphs)
     bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
     for step in bar:
-        action = agent.policy(obs, deterministic=False)  # exploration = the stochastic policy, nothing else
-        next_obs, reward, terminated, truncated, _ = env.step(action)
+        action = agent.policy(episodes.obs, deterministic=False)  # exploration = the stochastic policy, nothing else
+        obs, reward, next_obs, terminated, _ = episodes.step(action, step)
         row = transition_rows(obs[None], action[None], np.array([reward]), next_obs[None], np.array([terminated]), True)
         row = torch.from_numpy(row).to(device)
         online.add(row)
@@ -509,18 +494,12 @@ def online_phase(
                 updates = agent.critic_updates - first_update
                 writer.add_scalar("charts/UPS", updates / (time.perf_counter() - update_start), step)
                 writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
-        episode_return += float(reward)
-        obs = next_obs
-        if terminated or truncated:  # a truncated step was stored as not done: it bootstraps
-            writer.add_scalar("charts/episodic_return", episode_return, step)
-            obs, _ = env.reset()
-            episode_return = 0.0
         if step % args.eval_freq == 0:
             result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
             bar.set_postfix(score=f"{result['normalized_score']:.1f}")
         if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
-            state = {"online": online.state_dict(), "pool": pool.state_dict(), "obs": obs}
-            save("online", step, metrics=metrics, episode_return=episode_return, logged_at=logged_at, **state)
+            state = {"online": online.state_dict(), "pool": pool.state_dict(), **episodes.state()}
+            save("online", step, metrics=metrics, logged_at=logged_at, **state)
     return online
 
 

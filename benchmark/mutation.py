@@ -161,8 +161,8 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "evaluation: stochastic actions",
-            "lambda obs: agent.policy(obs, deterministic=True),",
-            "lambda obs: agent.policy(obs, deterministic=False),",
+            "    policy = lambda obs: agent.policy(obs, deterministic=True)\n",
+            "    policy = lambda obs: agent.policy(obs, deterministic=False)\n",
         ),
         (
             "EDAC diversity: the action gradients are not normalised",
@@ -318,8 +318,8 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "evaluation: stochastic actions",
-            "lambda obs: agent.policy(obs, deterministic=True),",
-            "lambda obs: agent.policy(obs, deterministic=False),",
+            "    policy = lambda obs: agent.policy(obs, deterministic=True)\n",
+            "    policy = lambda obs: agent.policy(obs, deterministic=False)\n",
         ),
         (
             "AntMaze: the training reward is not shifted",
@@ -359,6 +359,11 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         SAMPLER_BOUND,
     ],
     "off2on": [
+        (
+            "CQL: the logsumexp without the importance-sampling densities",
+            "    values = q - log_density.repeat_interleave(2, 0).view(2 * n, samples, 3, batch)",
+            "    values = q",
+        ),
         (
             "resume: the balanced replay is not restored",
             '        replay.load_state_dict(resume["replay"])\n',
@@ -442,8 +447,8 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "evaluation: stochastic actions",
-            "lambda obs: agent.policy(obs, deterministic=True),",
-            "lambda obs: agent.policy(obs, deterministic=False),",
+            "    policy = lambda obs: agent.policy(obs, deterministic=True)\n",
+            "    policy = lambda obs: agent.policy(obs, deterministic=False)\n",
         ),
         (
             "schedule: the first block gets no extra updates",
@@ -480,6 +485,11 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         PRIORITY_BOUND,
     ],
     "opt": [
+        (
+            "Online Pre-Training: the online rows' targets from Q_off's target network, not Q_on's own",
+            "            y_online = self.td_target(critic_target, *online_batch[2:5])",
+            "            y_online = self.td_target(self.q_off_target, *online_batch[2:5])",
+        ),
         (
             "resume: the balanced replay is not restored",
             '        replay.load_state_dict(resume["replay"])\n',
@@ -563,8 +573,8 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "evaluation: exploration noise",
-            "        lambda obs: agent.policy(obs, noise=0.0),",
-            "        lambda obs: agent.policy(obs, noise=0.1),",
+            "    policy = lambda obs: agent.policy(obs, noise=0.0)\n",
+            "    policy = lambda obs: agent.policy(obs, noise=0.1)\n",
         ),
         (
             "hand-over: SPOT's Adam states are not reset",
@@ -708,8 +718,8 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "evaluation: stochastic actions",
-            "lambda obs: agent.policy(obs, deterministic=True),",
-            "lambda obs: agent.policy(obs, deterministic=False),",
+            "    policy = lambda obs: agent.policy(obs, deterministic=True)\n",
+            "    policy = lambda obs: agent.policy(obs, deterministic=False)\n",
         ),
         (
             "IQL: the advantage weight is not clamped",

@@ -92,6 +92,12 @@ def plan(
     return runs
 
 
+def collected(run: Run, results: Path | None) -> bool:
+    """True when `results` already holds the run's events and args.json (copied there when it finished)."""
+    folder = None if results is None else results / run.run_dir.relative_to(run.run_dir.parents[2])
+    return folder is not None and any(folder.glob("*/args.json"))
+
+
 def resolve_globs(command: tuple[str, ...]) -> tuple[str, ...]:
     """Each argument holding `*` replaced by the one path it matches now; SystemExit if it matches none or several."""
     resolved = []
@@ -203,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gpus-per-run", type=float, default=None, help="GPU share of a Ray task (default 0.25 with GPUs, else 0)"
     )
+    parser.add_argument(
+        "--collected", type=Path, default=None,
+        help="a results tree (<label>/<dataset>/seed<N>/<run>/args.json) whose runs count as finished (a new machine)",
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--script-dir", type=Path, default=REPO / "algorithms", help=argparse.SUPPRESS)
     args = parser.parse_args(own)
@@ -211,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep_dir = args.sweep_dir.resolve()
     runs = plan(args.algorithms, args.datasets, args.seeds, sweep_dir, extra, args.script_dir, args.label)
-    todo = [run for run in runs if not run.finished()]
-    print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished (final.pt), {len(todo)} to run")
+    todo = [run for run in runs if not run.finished() and not collected(run, args.collected)]
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished (final.pt or collected), {len(todo)} to run")
     if args.dry_run:
         for run in todo:
             print(" ".join(run.command))

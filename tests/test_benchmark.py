@@ -167,7 +167,7 @@ def test_sweep_retries_once_reports_and_resumes(tmp_path, capsys):
 
     assert sweep.main(argv) == 1  # resumed: finished runs are skipped, the failed one is tried again
     assert (calls(sweep_dir, "ok"), calls(sweep_dir, "flaky"), calls(sweep_dir, "always-fails")) == (1, 2, 4)
-    assert "3 runs, 2 already finished (final.pt), 1 to run" in capsys.readouterr().out
+    assert "3 runs, 2 already finished (final.pt or collected), 1 to run" in capsys.readouterr().out
 
 
 def test_sweep_dry_run_prints_the_commands(tmp_path, capsys):
@@ -292,6 +292,20 @@ def test_speed_keeps_the_rows_that_worked_when_one_setup_fails(tmp_path, monkeyp
     assert speed.main([*argv[:3], *argv[4:], "--append", "--matmul", "high"]) == 0  # --append keeps the rows
     rows = json.loads((tmp_path / "speed_cpu.json").read_text())["rows"]
     assert [(row["algorithm"], row["matmul"]) for row in rows] == [("cheap", "highest"), ("cheap", "high")]
+
+
+def test_sweep_skips_the_runs_whose_results_are_collected(tmp_path):
+    """--collected: on a new machine a sweep does not repeat the runs whose events and args.json are committed."""
+    scripts, results = tmp_path / "scripts", tmp_path / "results"
+    scripts.mkdir()
+    (scripts / "fake.py").write_text(FAKE_SCRIPT)
+    (results / "base" / "ok" / "seed0" / "run123").mkdir(parents=True)
+    (results / "base" / "ok" / "seed0" / "run123" / "args.json").write_text("{}")
+    argv = ["--algorithms", "fake", "--label", "base", "--datasets", "ok", "--seeds", "0", "1"]
+    argv += ["--sweep-dir", str(tmp_path / "sweep"), "--script-dir", str(scripts), "--collected", str(results)]
+    assert sweep.main(argv) == 0
+    assert not (tmp_path / "sweep" / "base" / "ok" / "seed0").exists()
+    assert (tmp_path / "sweep" / "base" / "ok" / "seed1" / "run" / "final.pt").read_text() == "done"
 
 
 RESUMABLE_SCRIPT = """

@@ -1,6 +1,7 @@
 """Off2On: the card's testable properties with exact numbers, a smoke run, and a CUDA variant."""
 
 import copy
+import itertools
 import math
 
 import numpy as np
@@ -485,3 +486,34 @@ def test_two_level_sampler_draws_exactly_what_one_cumsum_draws(module):
         assert torch.equal(fast, reference)
     masses = replay.priority.view(-1, SAMPLER_BLOCK).sum(1)
     assert torch.equal(replay.block_mass, masses)  # refreshed, never drifted
+
+
+def test_cql_gap_matches_a_hand_computation_with_its_importance_weights():
+    """CQL(H)'s logsumexp per critic over K uniform, K pi_i(s) and K pi_i(s') actions, each minus its log-density
+    (uniform: |A| log 1/2; policy: log pi_i), computed in loops over agents, twins, states and actions from the same
+    draws: the importance weights reach the gap (without them it differs by a nat or more)."""
+    agent, samples = tiny_agent(num_agents=2), 3
+    obs, next_obs, action = torch.randn(2, 4, OBS), torch.randn(2, 4, OBS), torch.rand(2, 4, ACT) * 2 - 1
+    with torch.no_grad():
+        q_data = agent.critic(off2on.per_critic(obs), off2on.per_critic(action))
+        torch.manual_seed(5)
+        fast = off2on.cql_gap(agent.critic, agent.actor, obs, next_obs, q_data, samples)
+        torch.manual_seed(5)  # cql_gap's draws: pi_i at s and s' (K copies of the 2B states), then the uniform actions
+        states = torch.cat([obs, next_obs], 1).unsqueeze(1).expand(-1, samples, -1, -1).reshape(2, -1, OBS)
+        mu, std = agent.actor.members(states)
+        z = mu + std * torch.randn_like(mu)
+        log_pi = torch.distributions.Normal(mu, std).log_prob(z).sum(-1) - torch.log(1 - torch.tanh(z) ** 2).sum(-1)
+        policy, log_pi = torch.tanh(z).view(2, samples, 8, ACT), log_pi.view(2, samples, 8)
+        uniform = torch.rand(2, samples, 4, ACT) * 2 - 1
+
+        def q(c, state, a):
+            return agent.critic(state.expand(4, 1, -1), a.expand(4, 1, -1))[c, 0]
+
+        brute = torch.zeros(4)
+        for i, twin, b in itertools.product(range(2), range(2), range(4)):
+            c, state = 2 * i + twin, obs[i, b].view(1, -1)
+            values = [q(c, state, uniform[i, k, b].view(1, -1)) - ACT * math.log(0.5) for k in range(samples)]
+            for k, column in itertools.product(range(samples), (b, 4 + b)):  # a ~ pi_i(s), then a ~ pi_i(s')
+                values.append(q(c, state, policy[i, k, column].view(1, -1)) - log_pi[i, k, column])
+            brute[c] += (torch.logsumexp(torch.stack(values), 0) - q_data[c, b]) / 4
+    torch.testing.assert_close(fast, brute, rtol=1e-4, atol=1e-4)

@@ -642,3 +642,28 @@ def test_antmaze_trains_on_r_minus_1_and_other_tasks_on_r():
     reward = np.array([0.0, 1.0, 0.5])
     np.testing.assert_array_equal(opt.training_reward(reward, "antmaze"), reward - 1.0)
     np.testing.assert_array_equal(opt.training_reward(reward, "hopper"), reward)
+
+
+def test_online_pretraining_regresses_q_on_to_its_own_targets_in_the_real_update():
+    """Eq. 3 in OPT.pretrain_update: Q_on moves by the meta-objective's gradient with y from Q_on's own target
+    network (and the frozen actor target) on both minibatches, not from Q_off's; checked as one SGD step, lr 1."""
+    agent = tiny_agent()
+    agent.start_online_critic()
+    with torch.no_grad():  # three clearly different critics: Q_on, its target, Q_off's target
+        agent.q_on_target.net[-1].bias.add_(2.0)
+        agent.q_off_target.net[-1].bias.add_(-3.0)
+    agent.q_on_optimizer = torch.optim.SGD(agent.q_on.parameters(), lr=1.0)
+    q_on, q_on_target = copy.deepcopy(agent.q_on), copy.deepcopy(agent.q_on_target)
+    offline_batch, online_batch = random_batch(8), random_batch(8)
+    torch.manual_seed(11)
+    agent.pretrain_update(offline_batch, online_batch, target_step=False)
+    torch.manual_seed(11)  # the same target-policy noise, offline batch first
+    with torch.no_grad():
+        y_offline = agent.td_target(q_on_target, *offline_batch[2:5])
+        y_online = agent.td_target(q_on_target, *online_batch[2:5])
+    args = agent.args
+    objective, *_ = opt.meta_objective(
+        q_on, (*offline_batch[:2], y_offline), (*online_batch[:2], y_online), args.meta_inner_lr,
+        args.meta_first_order, args.meta_weight,
+    )  # fmt: skip
+    assert_sgd_step(agent.q_on, q_on, objective)

@@ -6,8 +6,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.envs.registration import EnvSpec
 
-from utils.data import observation_keys, task_of_env_id
 from utils.errors import UserError
+from utils.names import observation_keys, task_of_env_id
 
 # D4RL evaluated pen with a 100-step horizon; Minari's env spec says 200, which inflates pen scores.
 HORIZON_OVERRIDES = {"pen": 100}

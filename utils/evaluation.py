@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import gymnasium as gym
 import numpy as np
 
-from utils.data import normalized_score, task_of_env_id
+from utils.names import normalized_score, task_of_env_id
 
 Policy = Callable[[np.ndarray], np.ndarray]  # one observation -> one action
 QFunction = Callable[[np.ndarray, np.ndarray], np.ndarray]  # [n, obs], [n, act] -> [n]
@@ -177,4 +177,16 @@ def evaluate(
             else:  # every episode was cut too early for an exact return
                 diagnostics = {"q_bias": float("nan"), "q_rank_tau": float("nan"), "q_pairs": float(len(true))}
             result.update({f"{key}{suffix}": value for key, value in diagnostics.items()})
+    return result
+
+
+SCORES = ("normalized_score", "episodic_return", "success_rate", "minari_normalized_score", "q_bias", "q_rank_tau")
+
+
+def write_scores(writer, result: dict[str, float], prefix: str, step: int) -> dict[str, float]:
+    """Write an evaluation's scores and Q diagnostics (an extra Q function's too: q_bias_<name> ...) as
+    prefix/<key>, leaving out what is NaN (no success notion, no exact return); returns `result`."""
+    for key, value in result.items():
+        if (key in SCORES or key.startswith(("q_bias_", "q_rank_tau_"))) and not np.isnan(value):
+            writer.add_scalar(f"{prefix}/{key}", value, step)
     return result

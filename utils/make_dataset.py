@@ -33,8 +33,8 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.data import BEHAVIOR_LEVELS, VERSIONED_ID, datasets_root, is_local, observation_keys, task_of_env_id
 from utils.errors import UserError
+from utils.names import BEHAVIOR_LEVELS, VERSIONED_ID, datasets_root, is_local, observation_keys, task_of_env_id
 
 
 @dataclass
@@ -147,7 +147,7 @@ def behavior_policy(env_dir: Path, level: str, env_id: str, seed: int) -> tuple[
     then every step by the newest snapshot taken before it (the replay buffer's policy mixture at the
     snapshot resolution, not its exact transitions).
     """
-    from utils.data import D4RL_REF_SCORES
+    from utils.names import D4RL_REF_SCORES
 
     try:
         snapshots = json.loads((env_dir / "snapshots.json").read_text())

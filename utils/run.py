@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from utils.checkpoint import CHECKPOINT, atomic_save, load_for_resume, resume_state, rewind_events, set_rng_state
+from utils.checkpoint import (
+    CHECKPOINT,
+    atomic_save,
+    load_for_resume,
+    resume_state,
+    rewind_events,
+    set_env_state,
+    set_rng_state,
+)
 from utils.data import OfflineData, check_pretrained_dataset
 from utils.envs import make_env
 from utils.errors import UserError
@@ -197,3 +205,31 @@ class Run:
         self.writer.close()
         print(f"run written to {self.path}")
         return self.path
+
+
+class Episodes:
+    """The training env of an online phase: the running episode's observation and return, charts/episodic_return
+    and a reset at each episode's end, and what a checkpoint keeps of it (`state()`); on --resume a MuJoCo episode
+    continues exactly, another env's restarts from a fresh reset."""
+
+    def __init__(self, env, writer, seed: int, resume: dict | None = None):
+        self.env, self.writer = env, writer
+        if resume is None:
+            (self.obs, _), self.episode_return = env.reset(seed=seed), 0.0
+        else:
+            self.obs, self.episode_return = resume["obs"], resume["episode_return"]
+            if not set_env_state(env, resume["env"]):
+                (self.obs, _), self.episode_return = env.reset(), 0.0
+
+    def step(self, action, step: int):
+        """One env step from the current observation: (obs, reward, next_obs, terminated, ended). A truncated step
+        is not terminated: stored as not done, it bootstraps."""
+        obs, (next_obs, reward, terminated, truncated, _) = self.obs, self.env.step(action)
+        self.obs, self.episode_return = next_obs, self.episode_return + float(reward)
+        if terminated or truncated:
+            self.writer.add_scalar("charts/episodic_return", self.episode_return, step)
+            (self.obs, _), self.episode_return = self.env.reset(), 0.0
+        return obs, reward, next_obs, terminated, terminated or truncated
+
+    def state(self) -> dict:
+        return {"obs": self.obs, "episode_return": self.episode_return}

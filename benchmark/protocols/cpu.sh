@@ -20,11 +20,12 @@ RESULTS=benchmark/results/protocol-cpu
 PRETRAINED="$OFFLINE/{label}/{dataset}/seed{seed}/*/offline.pt"
 COMMON="--no-cuda --eval-episodes 10"
 
-sweep() {  # sweep <sweep-dir> <algorithm> <label> <flags...>
-    local dir=$1 algorithm=$2 label=$3
+sweep() {  # sweep <sweep-dir> <algorithm> <label> <flags...>; runs whose events are committed are skipped
+    local dir=$1 algorithm=$2 label=$3 kind=online
     shift 3
+    [ "$dir" = "$OFFLINE" ] && kind=offline
     python benchmark/sweep.py --algorithms "$algorithm" --label "$label" --datasets $DATASETS --seeds $SEEDS \
-        --sweep-dir "$dir" --workers 2 -- $COMMON "$@" || true  # failures are in failures.json, not fatal
+        --sweep-dir "$dir" --workers 2 --collected "$RESULTS/$kind" -- $COMMON "$@" || true  # failures: failures.json
 }
 
 collect() {  # collect <label>: events and args.json of the finished runs (final.pt) into the results tree
@@ -87,16 +88,29 @@ so2)
         -- --target-noise 0 --updates-per-step 1 --actor-update-freq 1
     ;;
 so2-ablation)
-    # SO2's own ablation ([SO2] Fig. 5/6): N_upc 10 without PVU (--target-noise 0), and PVU with N_upc 1, each
-    # from the so2 piece's EDAC offline.pt (the offline sweep is skipped where its runs are finished)
-    sweep "$OFFLINE" so2 so2 --num-critics 10 --hidden-dim 64 --offline-steps 20000 --offline-eval-freq 5000 \
-        --online-steps 0
-    pretrained=${PRETRAINED//\{label\}/so2}
-    online=(--pretrained "$pretrained" --online-steps 5000 --warmup-steps 250 --eval-freq 500)
+    # SO2's own ablation ([SO2] Fig. 5/6), paired per seed: SO2 again (so2-rerun), N_upc 10 without PVU
+    # (--target-noise 0) and PVU with N_upc 1, all three from the same EDAC offline.pt. These offline.pt files are
+    # committed (results/protocol-cpu/checkpoints/so2-ablation/, 1.6 MB each): an offline run made again with
+    # another version of the code or libraries differs in float rounding, and a hand-over moves with it.
+    checkpoints=$RESULTS/checkpoints/so2-ablation
+    if ! ls "$checkpoints"/*/seed*/offline.pt >/dev/null 2>&1; then
+        sweep "$OFFLINE" so2 so2-ablation --num-critics 10 --hidden-dim 64 --offline-steps 20000 \
+            --offline-eval-freq 5000 --online-steps 0
+        for run in "$OFFLINE"/so2-ablation/*/seed*/*/offline.pt; do
+            target=${run#"$OFFLINE"/so2-ablation/}
+            mkdir -p "$checkpoints/${target%%/*}/$(echo "$target" | cut -d/ -f2)"
+            cp "$run" "$checkpoints/${target%%/*}/$(echo "$target" | cut -d/ -f2)/offline.pt"
+        done
+        collect so2-ablation
+    fi
+    online=(--pretrained "$checkpoints/{dataset}/seed{seed}/offline.pt" --online-steps 5000 --warmup-steps 250)
+    online+=(--eval-freq 500)
     sweep "$ONLINE" so2 so2-upc1 "${online[@]}" --updates-per-step 1 --actor-update-freq 1
     collect so2-upc1
     sweep "$ONLINE" so2 so2-no-pvu "${online[@]}" --target-noise 0
     collect so2-no-pvu
+    sweep "$ONLINE" so2 so2-rerun "${online[@]}"
+    collect so2-rerun
     ;;
 enoto)
     # paper: CQL-N N=10, width 256, 1M offline updates, 250k online steps; baseline CQL -> SAC (2 critics)

@@ -1,6 +1,6 @@
 """CORL's CQL (tinkoff-ai/CORL, algorithms/offline/cql.py, imported as it is) on one of our local Minari datasets.
 
-    python benchmark/results/protocol-cpu/diagnostics/corl_cql.py --corl /tmp/CORL --env-id hopper-sac-medium \
+    python benchmark/diagnostics/corl_cql.py --corl /tmp/CORL --env-id hopper-sac-medium \
         --run-dir /work/diag --name corl-own [--width 64 --critic-layers 2 --actor-layers 2 ...]
 
 Is the weak one-agent CQL hand-over of off2on.py / enoto.py our CQL, or CQL at these budgets on this data? This
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-REPO = Path(__file__).resolve().parents[4]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from benchmark.peers import corl_trainer, load_corl  # noqa: E402
 from utils import evaluate, load_dataset, make_env  # noqa: E402

@@ -1,7 +1,8 @@
 """algorithms/off2on.py with the dataset's state normalization (as OPT, BAQ and CORL's CQL do), flags unchanged.
 
-    python benchmark/results/protocol-cpu/diagnostics/off2on_normalized_states.py <off2on flags>
+    python benchmark/diagnostics/off2on_normalized_states.py <off2on flags>
 
+Written before off2on.py had --normalize-states (run it with --no-normalize-states to repeat what it measured).
 Observations of the dataset and of every env are standardised with the dataset's mean and std (+1e-3); nothing
 else changes. A diagnostic: checkpoints it writes hold no statistics and do not load in off2on.py correctly.
 """
@@ -14,11 +15,13 @@ import gymnasium as gym
 import numpy as np
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "algorithms"))  # off2on.py adds the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "algorithms"))  # off2on.py adds the repo root
 import off2on
 
+import utils.run  # after off2on.py put the repo root on the path
+
 statistics = {}
-load_dataset, make_env = off2on.load_dataset, off2on.make_env  # the originals, before the patch below
+load_dataset, make_env = off2on.load_dataset, utils.run.make_env  # the originals, before the patch below
 
 
 def normalized_dataset(env_id: str):
@@ -39,5 +42,5 @@ def normalized_env(env_spec: str, seed: int) -> gym.Env:
 
 
 if __name__ == "__main__":
-    off2on.load_dataset, off2on.make_env = normalized_dataset, normalized_env  # main() looks both up at call time
+    off2on.load_dataset, utils.run.make_env = normalized_dataset, normalized_env  # both looked up at call time
     off2on.main(tyro.cli(off2on.Args))

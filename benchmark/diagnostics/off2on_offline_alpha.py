@@ -1,6 +1,6 @@
 """algorithms/off2on.py with the offline temperature kept at the hand-over instead of a fresh alpha = 1.
 
-    python benchmark/results/protocol-cpu/diagnostics/off2on_offline_alpha.py --pretrained <offline.pt> <flags>
+    python benchmark/diagnostics/off2on_offline_alpha.py --pretrained <offline.pt> <flags>
 
 The online alpha starts at the mean of the offline.pt's per-agent temperatures (the card and the official code
 start it at 1; our offline runs end near 0.5) and is tuned online as usual; nothing else changes. A diagnostic of
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "algorithms"))  # off2on.py adds the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "algorithms"))  # off2on.py adds the repo root
 import off2on
 
 hand_over = off2on.Off2On.hand_over  # the original, before the patch below

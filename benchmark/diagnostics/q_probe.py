@@ -1,6 +1,6 @@
 """Q of Off2On (CQL) checkpoints on dataset states: dataset actions vs the actor's actions vs uniform ones.
 
-    MINARI_DATASETS_PATH=... python benchmark/results/protocol-cpu/diagnostics/q_probe.py runs/.../final.pt ...
+    MINARI_DATASETS_PATH=... python benchmark/diagnostics/q_probe.py runs/.../final.pt ...
 
 States: every 40th episode of o2o-local/hopper/sac-medium-v0. Prints the mean twin-minimum Q (averaged over
 agents) for each action source, and how far the actor's deterministic action is from the dataset's.
@@ -13,7 +13,7 @@ import minari
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "algorithms"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "algorithms"))
 from off2on import Actor, Critic
 
 torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """algorithms/off2on.py with the actor or the critics frozen online: which of the two SAC updates makes the drop?
 
-    python benchmark/results/protocol-cpu/diagnostics/off2on_frozen.py --frozen {actor,critic} \
+    python benchmark/diagnostics/off2on_frozen.py --frozen {actor,critic} \
         --pretrained <offline.pt> <flags>
 
 The frozen part's fresh online Adam gets learning rate 0, so its parameters keep the offline.pt's values (and
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "algorithms"))  # off2on.py adds the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "algorithms"))  # off2on.py adds the repo root
 import off2on
 
 hand_over = off2on.Off2On.hand_over  # the original, before the patch below
