@@ -46,7 +46,7 @@ from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics, UpdateClock
 from utils.optim import adam, soft_update, zero_grad
-from utils.run import Episodes, Run, RunArgs, check_bounds
+from utils.run import Episodes, Run, RunArgs, check_bounds, offline_loop
 
 
 @dataclass
@@ -536,25 +536,16 @@ def offline_phase(
     agent: BAQ, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, save=None, resume=None
 ):
     """Backbone updates from step 1, or from the step after `resume`'s; `save` writes checkpoint.pt."""
-    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
-    first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
-    if resume:
-        metrics.sums, metrics.counts = resume["metrics"]
     update = FastUpdate(partial(offline_step, agent, dataset, args), args.compile, args.cudagraphs)
-    bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
-    start = time.perf_counter()
-    for step in bar:
-        metrics.add({f"offline/{key}": value for key, value in update().items()})
+
+    def offline_update(step: int) -> dict[str, torch.Tensor]:
+        results = {f"offline/{key}": value for key, value in update().items()}
         if agent.actor_schedule is not None:
             agent.actor_schedule.step()  # IQL's cosine lr: outside the update step, in place in the lr tensor
-        if step % args.log_freq == 0:
-            metrics.flush(step)
-            writer.add_scalar("offline/UPS", (step - first + 1) / (time.perf_counter() - start), step)
-        if step % args.offline_eval_freq == 0 or step == args.offline_steps:
-            result = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
-            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
-        if step % (args.checkpoint_freq or args.offline_eval_freq) == 0 or step == args.offline_steps:
-            save("offline", step, metrics=metrics)
+        return results
+
+    evaluate = lambda step: log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
+    offline_loop(args, writer, offline_update, evaluate, save, resume)
 
 
 def calibrate(agent: BAQ, dataset: ReplayBuffer, online_steps: int, writer, args: Args):

@@ -47,7 +47,7 @@ from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics, UpdateClock
 from utils.optim import adam, soft_update, zero_grad
-from utils.run import Episodes, Run, RunArgs, check_bounds
+from utils.run import Episodes, Run, RunArgs, check_bounds, offline_loop
 
 
 @dataclass
@@ -651,24 +651,14 @@ def offline_phase(
     agent: OPT, data: OfflineData, dataset: ReplayBuffer, eval_env, writer, args: Args, save=None, resume=None
 ):
     """Backbone updates from step 1, or from the step after `resume`'s; `save` writes checkpoint.pt."""
-    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
-    first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
-    if resume:
-        metrics.sums, metrics.counts = resume["metrics"]
     update = FastUpdate(partial(offline_step, agent, dataset, args), args.compile, args.cudagraphs)
-    bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
-    start = time.perf_counter()
-    for step in bar:
+
+    def offline_update(step: int) -> dict[str, torch.Tensor]:
         agent.offline_updates += 1
-        metrics.add(update(agent.offline_updates % args.policy_freq == 0))
-        if step % args.log_freq == 0:
-            metrics.flush(step)
-            writer.add_scalar("offline/UPS", (step - first + 1) / (time.perf_counter() - start), step)
-        if step % args.offline_eval_freq == 0 or step == args.offline_steps:
-            result = log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
-            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
-        if step % (args.checkpoint_freq or args.offline_eval_freq) == 0 or step == args.offline_steps:
-            save("offline", step, metrics=metrics)
+        return update(agent.offline_updates % args.policy_freq == 0)
+
+    evaluate = lambda step: log_evaluation(writer, agent, eval_env, args, data, "offline", step, args.seed + 100)
+    offline_loop(args, writer, offline_update, evaluate, save, resume)
 
 
 def pretrain_step(agent: OPT, replay: BalancedReplay, args: Args, target_step: bool) -> dict[str, torch.Tensor]:

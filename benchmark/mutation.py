@@ -437,8 +437,8 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "offline: no BC warm start",
-            "metrics.add(update(agent.offline_updates < args.bc_steps))",
-            "metrics.add(update(False))",
+            "results = update(agent.offline_updates < args.bc_steps)",
+            "results = update(False)",
         ),
         (
             "offline: the CQL term carries no gradient",

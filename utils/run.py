@@ -11,12 +11,14 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from utils.checkpoint import (
     CHECKPOINT,
@@ -31,6 +33,7 @@ from utils.data import OfflineData, check_pretrained_dataset
 from utils.envs import make_env
 from utils.errors import UserError
 from utils.fast import check_fast_flags
+from utils.metrics import Metrics
 
 
 @dataclass
@@ -233,3 +236,25 @@ class Episodes:
 
     def state(self) -> dict:
         return {"obs": self.obs, "episode_return": self.episode_return}
+
+
+def offline_loop(args, writer, update: Callable, evaluate: Callable, save=None, resume: dict | None = None) -> None:
+    """The offline phase's bookkeeping around `update(step) -> metrics`, from step 1 or after `resume`'s step: the
+    metrics' means and offline/UPS every log_freq updates, `evaluate(step) -> result` every offline_eval_freq and at
+    the end, and `save("offline", step, metrics=...)` (checkpoint.pt; none when the phase is called directly) every
+    checkpoint_freq updates, by default at each evaluation."""
+    save = save or (lambda *_, **__: None)
+    first, metrics = (resume["step"] + 1 if resume else 1), Metrics(writer)
+    if resume:
+        metrics.sums, metrics.counts = resume["metrics"]
+    bar = tqdm(range(first, args.offline_steps + 1), desc="offline", disable=not args.progress)
+    start = time.perf_counter()
+    for step in bar:
+        metrics.add(update(step))
+        if step % args.log_freq == 0:
+            metrics.flush(step)
+            writer.add_scalar("offline/UPS", (step - first + 1) / (time.perf_counter() - start), step)
+        if step % args.offline_eval_freq == 0 or step == args.offline_steps:
+            bar.set_postfix(score=f"{evaluate(step)['normalized_score']:.1f}")
+        if step % (args.checkpoint_freq or args.offline_eval_freq) == 0 or step == args.offline_steps:
+            save("offline", step, metrics=metrics)
