@@ -660,7 +660,7 @@ def check_args(args: Args) -> None:
 
 
 def main(args: Args) -> Path:
-    run = Run(args, "baq", "BAQ")
+    run = Run(args, "baq", "a BAQ")
     checkpoint = run.pretrained()
     if checkpoint is not None:  # the offline run's networks
         run.adopt({"backbone": checkpoint["args"]["backbone"], "hidden_dim": checkpoint["args"]["hidden_dim"]})

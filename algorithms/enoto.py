@@ -572,7 +572,7 @@ def check_args(args: Args) -> None:
 
 
 def main(args: Args) -> Path:
-    run = Run(args, "enoto", "ENOTO")
+    run = Run(args, "enoto", "an ENOTO")
     apply_preset(args)
     checkpoint = run.pretrained(needs_statistics=True)
     if checkpoint is not None:  # the networks come from the offline run (official code re-reads its params)

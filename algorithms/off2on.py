@@ -585,7 +585,7 @@ def check_args(args: Args) -> None:
 
 
 def main(args: Args) -> Path:
-    run = Run(args, "off2on", "Off2On")
+    run = Run(args, "off2on", "an Off2On")
     checkpoint = run.pretrained(needs_statistics=True)
     if checkpoint is not None:  # the offline run's networks and the inputs they were trained on
         run.adopt({"num_agents": checkpoint["num_agents"], "hidden_dim": checkpoint["args"]["hidden_dim"]})

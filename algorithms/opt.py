@@ -789,7 +789,7 @@ def check_args(args: Args) -> None:
 
 
 def main(args: Args) -> Path:
-    run = Run(args, "opt", "OPT")
+    run = Run(args, "opt", "an OPT")
     checkpoint = run.pretrained()
     if checkpoint is not None:
         trained = checkpoint["args"]

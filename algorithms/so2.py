@@ -504,7 +504,7 @@ def check_args(args: Args, data: OfflineData) -> tuple[int, float]:
 
 
 def main(args: Args) -> Path:
-    run = Run(args, "so2", "SO2")
+    run = Run(args, "so2", "an SO2")
     checkpoint = run.pretrained()
     if checkpoint is not None:  # the networks of the offline run
         run.adopt({"num_critics": checkpoint["num_critics"], "hidden_dim": checkpoint["args"]["hidden_dim"]})

@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.append and (out / f"speed_{device.type}.json").exists():
         earlier = json.loads((out / f"speed_{device.type}.json").read_text())
         rows, failures = earlier["rows"], earlier.get("failures", [])
-        command = f"{earlier['command']}; {command}"
+        for row in rows:  # tables written before these columns existed
+            row.setdefault("mode", "eager"), row.setdefault("deterministic", True), row.setdefault("matmul", "highest")
+        command = f"{earlier.get('command', 'an earlier run')}; {command}"
     failed_before = len(failures)
     # the scripts' own settings first: a timeout then cuts the variants, not whole algorithms
     for deterministic, matmul, name, config, mode in itertools.product(

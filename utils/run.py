@@ -112,7 +112,7 @@ class Run:
     rewinds the run folder and opens the writer and the envs, `save` writes checkpoint.pt, `finish` final.pt.
     """
 
-    def __init__(self, args: RunArgs, algorithm: str, title: str):
+    def __init__(self, args: RunArgs, algorithm: str, title: str):  # title: "an SO2", for the messages
         self.args, self.algorithm, self.title = args, algorithm, title
         random.seed(args.seed)
         np.random.seed(args.seed)
@@ -140,7 +140,7 @@ class Run:
         try:
             checkpoint = torch.load(args.pretrained, map_location=self.device, weights_only=False)
             if checkpoint.get("algorithm") != self.algorithm or checkpoint.get("phase") != "offline":
-                raise ValueError(f"not {'an' if self.title[0] in 'AEIOU' else 'a'} {self.title} offline.pt")
+                raise ValueError(f"not {self.title} offline.pt")
             if needs_statistics and "obs_mean" not in checkpoint:
                 raise ValueError("written by an earlier version without state statistics; pretrain again")
         except Exception as err:

@@ -20,12 +20,13 @@ RESULTS=benchmark/results/protocol-cpu
 PRETRAINED="$OFFLINE/{label}/{dataset}/seed{seed}/*/offline.pt"
 COMMON="--no-cuda --eval-episodes 10"
 
-sweep() {  # sweep <sweep-dir> <algorithm> <label> <flags...>; runs whose events are committed are skipped
-    local dir=$1 algorithm=$2 label=$3 kind=online
+sweep() {  # sweep <sweep-dir> <algorithm> <label> <flags...>; online runs whose events are committed are skipped
+    local dir=$1 algorithm=$2 label=$3 collected=()
     shift 3
-    [ "$dir" = "$OFFLINE" ] && kind=offline
+    # not offline ones: their offline.pt is not committed (but so2-ablation's), and the online runs still need it
+    [ "$dir" = "$ONLINE" ] && collected=(--collected "$RESULTS/online")
     python benchmark/sweep.py --algorithms "$algorithm" --label "$label" --datasets $DATASETS --seeds $SEEDS \
-        --sweep-dir "$dir" --workers 2 --collected "$RESULTS/$kind" -- $COMMON "$@" || true  # failures: failures.json
+        --sweep-dir "$dir" --workers 2 "${collected[@]}" -- $COMMON "$@" || true  # failures: failures.json
 }
 
 collect() {  # collect <label>: events and args.json of the finished runs (final.pt) into the results tree
