@@ -796,12 +796,13 @@ def main() -> None:
         "--repo", type=Path, default=REPO, help="the tree to mutate, e.g. a worktree of an older commit"
     )
     parser.add_argument("--skip-done", type=Path, default=None, help="a table of an earlier run: skip its edits")
+    parser.add_argument("--only", nargs="+", default=None, help="only the edits whose mechanism contains one of these")
     args = parser.parse_args()
     rows = ["| script | mechanism switched off | result | seconds |", "| --- | --- | --- | ---: |"]
     done = args.skip_done.read_text() if args.skip_done else ""
     for script in args.scripts:
         for mechanism, old, new, *file in MUTATIONS[script]:
-            if f"| {script} | {mechanism} |" in done:
+            if f"| {script} | {mechanism} |" in done or (args.only and not any(w in mechanism for w in args.only)):
                 continue
             with tempfile.TemporaryDirectory() as scratch:
                 repo = scratch_copy(args.repo, Path(scratch))
