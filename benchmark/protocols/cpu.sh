@@ -97,10 +97,9 @@ so2-ablation)
     if ! ls "$checkpoints"/*/seed*/offline.pt >/dev/null 2>&1; then
         sweep "$OFFLINE" so2 so2-ablation --num-critics 10 --hidden-dim 64 --offline-steps 20000 \
             --offline-eval-freq 5000 --online-steps 0
-        for run in "$OFFLINE"/so2-ablation/*/seed*/*/offline.pt; do
-            target=${run#"$OFFLINE"/so2-ablation/}
-            mkdir -p "$checkpoints/${target%%/*}/$(echo "$target" | cut -d/ -f2)"
-            cp "$run" "$checkpoints/${target%%/*}/$(echo "$target" | cut -d/ -f2)/offline.pt"
+        for run in "$OFFLINE"/so2-ablation/*/seed*/*/offline.pt; do  # <dataset>/seed<N>/<run>/offline.pt
+            dest=$checkpoints/$(dirname "$(dirname "${run#"$OFFLINE"/so2-ablation/}")")
+            mkdir -p "$dest" && cp "$run" "$dest/offline.pt"
         done
         collect so2-ablation
     fi
