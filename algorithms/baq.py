@@ -26,7 +26,6 @@ import copy
 import itertools
 import math
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -44,9 +43,9 @@ from utils import OfflineData, UserError, evaluate, load_dataset
 from utils.buffers import ReplayBuffer, transition_rows
 from utils.evaluation import write_scores
 from utils.fast import FastUpdate
-from utils.metrics import Metrics, UpdateClock
-from utils.optim import adam, soft_update, zero_grad
-from utils.run import Episodes, Run, RunArgs, check_bounds, offline_loop
+from utils.metrics import Metrics
+from utils.optim import adam, optimizer_step, soft_update, zero_grad
+from utils.run import Run, RunArgs, check_bounds, offline_loop, online_loop
 
 
 @dataclass
@@ -353,9 +352,7 @@ class BAQ:
 
     def bc_update(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         loss = (self.bc_model(obs) - action).pow(2).mean()
-        zero_grad(self.bc_optimizer)
-        loss.backward()
-        self.bc_optimizer.step()
+        optimizer_step(self.bc_optimizer, loss)
         return loss.detach()
 
     def update(self, batch, weight: torch.Tensor | float = 1.0) -> dict[str, torch.Tensor]:
@@ -403,21 +400,15 @@ class BAQ:
             target_q = self.critic_target(obs, action).min(0).values
         value = self.value(obs)
         value_loss = expectile_loss(target_q - value, args.expectile, weight)
-        zero_grad(self.value_optimizer)
-        value_loss.backward()
-        self.value_optimizer.step()
+        optimizer_step(self.value_optimizer, value_loss)
         y = reward + args.gamma * (1.0 - done) * next_value
         q = self.critic(obs, action)
         q_loss = 0.5 * (weight * (q - y).pow(2)).mean(1).sum()
-        zero_grad(self.critic_optimizer)
-        q_loss.backward()
-        self.critic_optimizer.step()
+        optimizer_step(self.critic_optimizer, q_loss)
         soft_update(self.critic_target, self.critic, args.tau)
         advantage_weight = torch.exp(args.iql_beta * (target_q - value.detach())).clamp(max=100.0)
         actor_loss = -(advantage_weight * self.actor.distribution(obs).log_prob(action).sum(-1)).mean()
-        zero_grad(self.actor_optimizer)
-        actor_loss.backward()
-        self.actor_optimizer.step()
+        optimizer_step(self.actor_optimizer, actor_loss)
         return {
             "qf_loss": q_loss.detach(),
             "value_loss": value_loss.detach(),
@@ -587,63 +578,33 @@ def log_weights(writer, replay: PriorityReplay, k_q: float, step: int) -> None:
 
 
 def online_phase(
-    agent: BAQ,
-    data: OfflineData,
-    replay: PriorityReplay,
-    k_q,
-    k_rho,
-    env,
-    eval_env,
-    writer,
-    args,
-    save=None,
-    resume=None,
+    agent: BAQ, data, replay: PriorityReplay, k_q, k_rho, env, eval_env, writer, args, save=None, resume=None
 ):
-    """One update per env step from the first step; every new transition enters with its own rho.
-
-    With `resume` it continues after the checkpoint's step, with its replay and running episode (MuJoCo: exactly;
-    other envs: a fresh episode).
-    """
-    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
-    metrics, device = Metrics(writer), agent.device
-    if resume is None:
-        log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-        update_time, first = 0.0, 1
-    else:
-        metrics.sums, metrics.counts = resume["metrics"]
+    """One update per env step from the first step; every new transition enters with its own rho. With `resume`
+    it continues after the checkpoint's step (utils.run.online_loop)."""
+    if resume is not None:
         replay.load_state_dict(resume["replay"])
-        update_time, first = resume["update_time"], resume["step"] + 1
-    episodes = Episodes(env, writer, args.seed, resume)
-    start, clock = time.perf_counter(), UpdateClock(device, update_time)  # update time: CUDA events on a GPU
     update = FastUpdate(partial(online_update, agent, replay, k_q, args), args.compile, args.cudagraphs)
-    bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
-    for step in bar:
-        action = np.clip(agent.policy(episodes.obs, deterministic=False), -1.0, 1.0)
-        obs, reward, next_obs, terminated, _ = episodes.step(action, step)
-        row = transition_rows(
-            agent.normalize(obs)[None],
-            action[None],
-            np.array([reward * agent.reward_scale]),
-            agent.normalize(next_obs)[None],
-            np.array([terminated]),
-            True,
+
+    def store(step: int, obs, action, reward, next_obs, terminated, ended) -> None:
+        states = agent.normalize(np.stack([obs, next_obs]))
+        rewards = np.array([reward * agent.reward_scale])
+        row = torch.from_numpy(
+            transition_rows(states[:1], action[None], rewards, states[1:], np.array([terminated]), True)
         )
-        row = torch.from_numpy(row).to(device)
+        row = row.to(agent.device)
         bc_mse, distance = bc_distances(agent.bc_model, *replay.buffer.split(row)[:2])
         replay.add(row, bc_mse, priority(distance, k_rho, args.priority_alpha))
-        with clock:
-            metrics.add(update())
-        if step % args.log_freq == 0:
-            metrics.flush(step)
-            log_weights(writer, replay, k_q, step)
-            writer.add_scalar("charts/UPS", step / clock.seconds(), step)  # updates per second of update time
-            writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)  # per wall s
-        if step % args.eval_freq == 0:
-            result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
-            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
-        if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
-            state = {"replay": replay.state_dict(), "k_q": k_q, "k_rho": k_rho, "update_time": clock.seconds()}
-            save("online", step, metrics=metrics, **episodes.state(), **state)
+
+    def train(step: int, metrics: Metrics) -> int:
+        metrics.add(update())
+        return 1
+
+    act = lambda step, obs: np.clip(agent.policy(obs, deterministic=False), -1.0, 1.0)
+    evaluate = lambda step: log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
+    state = lambda: {"replay": replay.state_dict(), "k_q": k_q, "k_rho": k_rho}
+    on_log = partial(log_weights, writer, replay, k_q)
+    online_loop(args, writer, env, agent.device, act, store, train, evaluate, state, save, resume, on_log)
 
 
 def check_args(args: Args) -> None:

@@ -27,7 +27,6 @@ import itertools
 import math
 import random
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,7 +37,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
@@ -46,8 +44,8 @@ from utils.buffers import ReplayBuffer, transition_rows
 from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics
-from utils.optim import adam, soft_update, zero_grad
-from utils.run import Episodes, Run, RunArgs, check_bounds, offline_loop
+from utils.optim import adam, optimizer_step, soft_update
+from utils.run import Run, RunArgs, check_bounds, offline_loop, online_loop
 
 
 @dataclass
@@ -307,9 +305,7 @@ class ENOTO:
         with torch.no_grad():
             _, log_prob = self.actor(obs)
         alpha_loss = -(self.log_alpha.exp() * (log_prob - self.act_dim)).mean()
-        zero_grad(self.alpha_optimizer)
-        alpha_loss.backward()
-        self.alpha_optimizer.step()
+        optimizer_step(self.alpha_optimizer, alpha_loss)
         return {"alpha_loss": alpha_loss.detach(), "entropy": -log_prob.mean()}
 
     def update_critic(self, batch, y: torch.Tensor, weight: torch.Tensor | float = 1.0) -> dict[str, torch.Tensor]:
@@ -327,9 +323,7 @@ class ENOTO:
         if self.cql_weight > 0:
             cql_loss = self.cql_weight * cql_gap(self.critic, self.actor, obs, next_obs, q, self.args.cql_samples)
             critic_loss, results["cql_loss"] = td_loss + cql_loss, cql_loss.detach()
-        zero_grad(self.critic_optimizer)
-        critic_loss.backward()
-        self.critic_optimizer.step()
+        optimizer_step(self.critic_optimizer, critic_loss)
         return results
 
     def update_actor(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -337,9 +331,7 @@ class ENOTO:
         alpha = self.log_alpha.exp().detach()
         action, log_prob = self.actor(obs)
         actor_loss = (alpha * log_prob - self.critic(obs, action).min(0).values).mean()
-        zero_grad(self.actor_optimizer)
-        actor_loss.backward()
-        self.actor_optimizer.step()
+        optimizer_step(self.actor_optimizer, actor_loss)
         return {"actor_loss": actor_loss.detach(), "alpha": alpha}
 
     def offline_target(self, next_obs, reward, done) -> torch.Tensor:
@@ -513,51 +505,34 @@ def replay_update(agent: ENOTO, online: ReplayBuffer, args: Args) -> dict[str, t
 def online_phase(
     agent: ENOTO, data: OfflineData, env, eval_env, writer, args: Args, save=None, resume=None
 ) -> ReplayBuffer:
-    """Fresh online buffer, no offline data (card 2.2); one update per step after the warm-up.
-
-    With `resume` it continues after the checkpoint's step, with its buffer and running episode (MuJoCo: exactly;
-    other envs: a fresh episode).
-    """
-    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
-    device = agent.device
+    """Fresh online buffer, no offline data (card 2.2); one update per step after the warm-up; the acting head
+    (Bootstrapped DQN) drawn anew for each episode. With `resume` it continues after the checkpoint's step
+    (utils.run.online_loop)."""
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    online = ReplayBuffer(min(args.online_buffer_size, args.online_steps), obs_dim, act_dim, device)
-    if resume is None:
-        metrics, updates, first = Metrics(writer), 0, 1
-        log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-        head = random.randrange(agent.critic.num_critics)  # Bootstrapped DQN: one head per episode
-    else:
-        metrics, updates, first = Metrics(writer), resume["updates"], resume["step"] + 1
-        metrics.sums, metrics.counts = resume["metrics"]
+    online = ReplayBuffer(min(args.online_buffer_size, args.online_steps), obs_dim, act_dim, agent.device)
+    if resume is not None:
         online.load_state_dict(resume["online"])
-        head = resume["head"]
-    episodes = Episodes(env, writer, args.seed, resume)
-    start, update_start, first_update = time.perf_counter(), None, updates
+    head = [random.randrange(agent.critic.num_critics) if resume is None else resume["head"]]
     update = FastUpdate(partial(replay_update, agent, online, args), args.compile, args.cudagraphs)
-    bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
-    for step in bar:
-        action = agent.explore(episodes.obs, head)
-        obs, reward, next_obs, terminated, ended = episodes.step(action, step)
-        trained_reward = training_reward(np.array([reward]), data.task)
+
+    def store(step: int, obs, action, reward, next_obs, terminated, ended) -> None:
         states = agent.normalize(np.stack([obs, next_obs]))
+        trained_reward = training_reward(np.array([reward]), data.task)
         row = transition_rows(states[:1], action[None], trained_reward, states[1:], np.array([terminated]), True)
-        online.add(torch.from_numpy(row).to(device))
-        if step > args.warmup_steps and online.size >= args.batch_size:
-            update_start = update_start or time.perf_counter()
-            metrics.add(update())
-            updates += 1
-            if updates % args.log_freq == 0:
-                metrics.flush(step)
-                writer.add_scalar("charts/UPS", (updates - first_update) / (time.perf_counter() - update_start), step)
-                writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
+        online.add(torch.from_numpy(row).to(agent.device))
         if ended:
-            head = random.randrange(agent.critic.num_critics)
-        if step % args.eval_freq == 0:
-            result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
-            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
-        if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
-            state = {"online": online.state_dict(), "head": head, **episodes.state()}
-            save("online", step, metrics=metrics, updates=updates, **state)
+            head[0] = random.randrange(agent.critic.num_critics)
+
+    def train(step: int, metrics: Metrics) -> int:
+        if step <= args.warmup_steps or online.size < args.batch_size:
+            return 0
+        metrics.add(update())
+        return 1
+
+    act = lambda step, obs: agent.explore(obs, head[0])
+    evaluate = lambda step: log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
+    state = lambda: {"online": online.state_dict(), "head": head[0]}
+    online_loop(args, writer, env, agent.device, act, store, train, evaluate, state, save, resume)
     return online
 
 

@@ -26,7 +26,6 @@ import copy
 import itertools
 import math
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,16 +36,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
 from utils.buffers import BlockPriorityReplay, ReplayBuffer, transition_rows
 from utils.evaluation import write_scores
 from utils.fast import FastUpdate
-from utils.metrics import Metrics, UpdateClock
+from utils.metrics import Metrics
 from utils.optim import adam, soft_update, zero_grad
-from utils.run import Episodes, Run, RunArgs, check_bounds, offline_loop
+from utils.run import Run, RunArgs, check_bounds, offline_loop, online_loop
 
 
 @dataclass
@@ -522,53 +520,30 @@ def online_phase(
     agent: Off2On, data: OfflineData, replay: BalancedReplay, env, eval_env, writer, args, save=None, resume=None
 ):
     """Blocks of K env steps with the stochastic ensemble policy, each followed by K updates (the first by more).
-
-    With `resume` it continues after the checkpoint's step, with its replay and running episode (MuJoCo: exactly;
-    other envs: a fresh episode).
-    """
-    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
-    metrics = Metrics(writer)
-    if resume is None:
-        log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-        loop, first = {"updates": 0, "logged_at": 0, "block_start": 0, "update_time": 0.0}, 1
-    else:
-        metrics.sums, metrics.counts = resume["metrics"]
+    With `resume` it continues after the checkpoint's step (utils.run.online_loop)."""
+    block_start = [0 if resume is None else resume["block_start"]]
+    if resume is not None:
         replay.load_state_dict(resume["replay"])
-        loop, first = resume["loop"], resume["step"] + 1
-    episodes, start = Episodes(env, writer, args.seed, resume), time.perf_counter()
-    updates, logged_at, block_start = loop["updates"], loop["logged_at"], loop["block_start"]
-    clock = UpdateClock(agent.device, loop["update_time"])  # update time: CUDA events on a GPU, no sync per block
     update = FastUpdate(partial(replay_update, agent, replay, args), args.compile, args.cudagraphs)
-    bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
-    for step in bar:
-        action = agent.policy(episodes.obs, deterministic=False)
-        obs, reward, next_obs, terminated, _ = episodes.step(action, step)
+
+    def store(step: int, obs, action, reward, next_obs, terminated, ended) -> None:
         states = agent.normalize(np.stack([obs, next_obs]))
         row = transition_rows(states[:1], action[None], np.array([reward]), states[1:], np.array([terminated]), True)
         replay.add(torch.from_numpy(row).to(agent.device))
-        if step % args.block_steps == 0 or step == args.online_steps:
-            multiplier = args.first_block_multiplier if block_start == 0 else 1
-            block_updates, block_start = (step - block_start) * multiplier, step
-            with clock:
-                for _ in range(block_updates):
-                    metrics.add(update())
-            updates += block_updates
-            if updates - logged_at >= args.log_freq or step == args.online_steps:
-                logged_at = updates
-                metrics.flush(step)
-                writer.add_scalar("charts/UPS", updates / clock.seconds(), step)
-                writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
-        if step % args.eval_freq == 0:
-            result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
-            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
-        if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
-            loop = {
-                "updates": updates,
-                "logged_at": logged_at,
-                "block_start": block_start,
-                "update_time": clock.seconds(),
-            }
-            save("online", step, metrics=metrics, replay=replay.state_dict(), loop=loop, **episodes.state())
+
+    def train(step: int, metrics: Metrics) -> int:
+        if step % args.block_steps != 0 and step != args.online_steps:
+            return 0
+        multiplier = args.first_block_multiplier if block_start[0] == 0 else 1
+        block_updates, block_start[0] = (step - block_start[0]) * multiplier, step
+        for _ in range(block_updates):
+            metrics.add(update())
+        return block_updates
+
+    act = lambda step, obs: agent.policy(obs, deterministic=False)
+    evaluate = lambda step: log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
+    state = lambda: {"replay": replay.state_dict(), "block_start": block_start[0]}
+    online_loop(args, writer, env, agent.device, act, store, train, evaluate, state, save, resume)
 
 
 def check_args(args: Args) -> None:

@@ -45,9 +45,9 @@ from utils import OfflineData, UserError, evaluate, load_dataset
 from utils.buffers import BlockPriorityReplay, ReplayBuffer, transition_rows
 from utils.evaluation import write_scores
 from utils.fast import FastUpdate
-from utils.metrics import Metrics, UpdateClock
-from utils.optim import adam, soft_update, zero_grad
-from utils.run import Episodes, Run, RunArgs, check_bounds, offline_loop
+from utils.metrics import Metrics
+from utils.optim import adam, optimizer_step, soft_update
+from utils.run import Run, RunArgs, check_bounds, offline_loop, online_loop
 
 
 @dataclass
@@ -354,12 +354,6 @@ def priorities(w: torch.Tensor, w_offline: torch.Tensor, temperature: float) -> 
     """w^(1/T), self-normalised by the offline minibatch's mean of w^(1/T), clamped to [1e-3, 1e3]."""
     scaled = w.pow(1 / temperature)
     return (scaled / (w_offline.pow(1 / temperature).mean() + 1e-10)).clamp(1e-3, 1e3)
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    zero_grad(optimizer)
-    loss.backward()
-    optimizer.step()
 
 
 class OPT:
@@ -708,64 +702,44 @@ def online_phase(
     agent: OPT, data: OfflineData, replay: BalancedReplay, env, eval_env, writer, args, save=None, resume=None
 ):
     """Env steps 1..N_tau with the frozen actor; then Online Pre-Training; then UTD fine-tuning updates per step.
-
-    With `resume` it continues after the checkpoint's step, with its replay and running episode (MuJoCo: exactly;
-    other envs: a fresh episode). A kill during Online Pre-Training resumes before it and repeats it.
-    """
-    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
-    metrics = Metrics(writer)
-    if resume is None:
-        log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-        if args.n_tau == 0:
-            agent.start_finetuning()
-        updates, logged_at, update_time, first = 0, 0, 0.0, 1
-    else:
-        metrics.sums, metrics.counts = resume["metrics"]
+    With `resume` it continues after the checkpoint's step (utils.run.online_loop); a kill during Online
+    Pre-Training resumes before it and repeats it."""
+    if resume is not None:
         replay.load_state_dict(resume["replay"])
-        (updates, logged_at, update_time), first = resume["loop"], resume["step"] + 1
-    episodes = Episodes(env, writer, args.seed, resume)
-    start, update = time.perf_counter(), None  # the update step is built once Q_on and the density network exist
-    clock = UpdateClock(agent.device, update_time)  # update time: CUDA events on a GPU, no sync per step
-    bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
-    for step in bar:
-        finetuning = step > args.n_tau
-        action = agent.policy(episodes.obs, args.exploration_noise if finetuning or args.ntau_noise else 0.0)
-        obs, reward, next_obs, terminated, _ = episodes.step(action, step)
-        row = transition_rows(
-            agent.normalize(obs)[None],
-            action[None],
-            np.array([training_reward(reward, data.task)]),
-            agent.normalize(next_obs)[None],
-            np.array([terminated]),
-            True,
-        )
+    update = []  # the update step, built once Q_on and the density network exist
+    kappa = lambda step: kappa_at(step - args.n_tau - 1, args.kappa_start, args.kappa_end, args.kappa_steps)
+
+    def store(step: int, obs, action, reward, next_obs, terminated, ended) -> None:
+        states = agent.normalize(np.stack([obs, next_obs]))
+        rewards = np.array([training_reward(reward, data.task)])
+        row = transition_rows(states[:1], action[None], rewards, states[1:], np.array([terminated]), True)
         replay.add(torch.from_numpy(row).to(agent.device))  # into B_on and B_BR (the same rows)
-        if finetuning:
-            kappa = kappa_at(step - args.n_tau - 1, args.kappa_start, args.kappa_end, args.kappa_steps)
-            update = update or FastUpdate(partial(replay_update, agent, replay, args), args.compile, args.cudagraphs)
-            with clock:
-                finetune_step(agent, update, kappa, args, metrics)
-            updates += args.updates_per_step
-            if updates - logged_at >= args.log_freq or step == args.online_steps:
-                logged_at = updates
-                metrics.flush(step)
-                writer.add_scalar("charts/kappa", kappa, step)
-                writer.add_scalar("charts/UPS", updates / clock.seconds(), step)
-                writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
-                if args.backbone == "spot":
-                    writer.add_scalar("losses/spot_lambda", agent.spot_lambda(agent.finetune_updates), step)
-        if step % args.eval_freq == 0:
-            result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
-            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
+
+    def train(step: int, metrics: Metrics) -> int:
+        if step <= args.n_tau:
+            return 0
+        if not update:
+            update.append(FastUpdate(partial(replay_update, agent, replay, args), args.compile, args.cudagraphs))
+        finetune_step(agent, update[0], kappa(step), args, metrics)
+        return args.updates_per_step
+
+    def after_step(step: int) -> None:
         if step == args.n_tau:  # the N_tau window is over: Online Pre-Training, then fine-tuning
             if args.online_pretraining:
                 if args.new_critic:
                     agent.start_online_critic()
                 online_pretraining(agent, replay, writer, args)
             agent.start_finetuning()
-        if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
-            loop = (updates, logged_at, clock.seconds())
-            save("online", step, metrics=metrics, replay=replay.state_dict(), loop=loop, **episodes.state())
+
+    def on_log(step: int) -> None:
+        writer.add_scalar("charts/kappa", kappa(step), step)
+        if args.backbone == "spot":
+            writer.add_scalar("losses/spot_lambda", agent.spot_lambda(agent.finetune_updates), step)
+
+    act = lambda step, obs: agent.policy(obs, args.exploration_noise if step > args.n_tau or args.ntau_noise else 0.0)
+    evaluate = lambda step: log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
+    state = lambda: {"replay": replay.state_dict()}
+    online_loop(args, writer, env, agent.device, act, store, train, evaluate, state, save, resume, on_log, after_step)
 
 
 def check_args(args: Args) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import itertools
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
@@ -39,8 +37,8 @@ from utils.buffers import ReplayBuffer, transition_rows
 from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics
-from utils.optim import adam, soft_update, zero_grad
-from utils.run import Episodes, Run, RunArgs, check_bounds, offline_loop
+from utils.optim import adam, optimizer_step, soft_update, zero_grad
+from utils.run import Run, RunArgs, check_bounds, offline_loop, online_loop
 
 
 @dataclass
@@ -309,9 +307,7 @@ class SO2:
         y, noise = self.online_target(next_obs, reward, done)
         q = self.critic(obs, action)
         critic_loss = (q - y).pow(2).mean()  # official code: mean over members and batch
-        zero_grad(self.critic_optimizer)
-        critic_loss.backward()
-        self.critic_optimizer.step()
+        optimizer_step(self.critic_optimizer, critic_loss)
         soft_update(self.critic_target, self.critic, self.args.tau)
         return {
             "losses/qf_loss": critic_loss.detach(),
@@ -323,14 +319,10 @@ class SO2:
     def online_actor_update(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
         alpha = self.log_alpha.exp().detach()
         actor_loss, log_prob = self.actor_loss(obs, alpha)
-        zero_grad(self.actor_optimizer)
-        actor_loss.backward()
-        self.actor_optimizer.step()
+        optimizer_step(self.actor_optimizer, actor_loss)
         if self.auto_alpha:
             alpha_loss = self.alpha_loss(log_prob)
-            zero_grad(self.alpha_optimizer)
-            alpha_loss.backward()
-            self.alpha_optimizer.step()
+            optimizer_step(self.alpha_optimizer, alpha_loss)
         return {
             "losses/actor_loss": actor_loss.detach(),
             "losses/alpha": alpha,
@@ -440,52 +432,34 @@ def online_updates(agent: SO2, online: ReplayBuffer, pool: ReplayBuffer, args: A
 def online_phase(
     agent: SO2, data: OfflineData, pool: ReplayBuffer, env, eval_env, writer, args: Args, save=None, resume=None
 ):
-    """N_upc critic updates per env step after the warm-up, on online rows plus the mixed pool.
-
-    With `resume` it continues after the checkpoint's step, with its buffers and running episode (MuJoCo: exactly;
-    other envs: a fresh episode).
+    """N_upc critic updates per env step after the warm-up, on online rows plus the mixed pool; exploration is the
+    stochastic policy, nothing else. With `resume` it continues after the checkpoint's step (utils.run.online_loop).
     """
-    save = save or (lambda *_, **__: None)  # called directly (tests): no checkpoint.pt
-    device = agent.device
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    online = ReplayBuffer(min(args.online_buffer_size, args.online_steps), obs_dim, act_dim, device)
-    metrics = Metrics(writer)
-    if resume is None:
-        log_evaluation(writer, agent, eval_env, args, data, "eval", 0, args.seed + 100)
-        logged_at, first = 0, 1
-    else:
-        metrics.sums, metrics.counts = resume["metrics"]
+    online = ReplayBuffer(min(args.online_buffer_size, args.online_steps), obs_dim, act_dim, agent.device)
+    if resume is not None:
         online.load_state_dict(resume["online"])
         pool.load_state_dict(resume["pool"])
-        logged_at, first = resume["logged_at"], resume["step"] + 1
-    episodes = Episodes(env, writer, args.seed, resume)
-    start, update_start, first_update = time.perf_counter(), None, agent.critic_updates
     block = FastUpdate(partial(online_updates, agent, online, pool, args), args.compile, args.cudagraphs)
-    bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
-    for step in bar:
-        action = agent.policy(episodes.obs, deterministic=False)  # exploration = the stochastic policy, nothing else
-        obs, reward, next_obs, terminated, _ = episodes.step(action, step)
+
+    def store(step: int, obs, action, reward, next_obs, terminated, ended) -> None:
         row = transition_rows(obs[None], action[None], np.array([reward]), next_obs[None], np.array([terminated]), True)
-        row = torch.from_numpy(row).to(device)
+        row = torch.from_numpy(row).to(agent.device)
         online.add(row)
-        if step > args.warmup_steps:
-            if args.sampling == "so2":
-                pool.add(row)  # overwrites the oldest pool slot (a shuffled offline transition at first)
-            update_start = update_start or time.perf_counter()
-            metrics.add(*block(actor_steps(agent, args)))
-            agent.critic_updates += args.updates_per_step
-            if agent.critic_updates - logged_at >= args.log_freq:
-                logged_at = agent.critic_updates
-                metrics.flush(step)
-                updates = agent.critic_updates - first_update
-                writer.add_scalar("charts/UPS", updates / (time.perf_counter() - update_start), step)
-                writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
-        if step % args.eval_freq == 0:
-            result = log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
-            bar.set_postfix(score=f"{result['normalized_score']:.1f}")
-        if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
-            state = {"online": online.state_dict(), "pool": pool.state_dict(), **episodes.state()}
-            save("online", step, metrics=metrics, logged_at=logged_at, **state)
+        if step > args.warmup_steps and args.sampling == "so2":
+            pool.add(row)  # overwrites the oldest pool slot (a shuffled offline transition at first)
+
+    def train(step: int, metrics: Metrics) -> int:
+        if step <= args.warmup_steps:
+            return 0
+        metrics.add(*block(actor_steps(agent, args)))
+        agent.critic_updates += args.updates_per_step
+        return args.updates_per_step
+
+    act = lambda step, obs: agent.policy(obs, deterministic=False)
+    evaluate = lambda step: log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
+    state = lambda: {"online": online.state_dict(), "pool": pool.state_dict()}
+    online_loop(args, writer, env, agent.device, act, store, train, evaluate, state, save, resume)
     return online
 
 

@@ -136,8 +136,8 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "mixed pool: online rows never enter it",
-            "                pool.add(row)  # overwrites the oldest pool slot",
-            "                pass  # overwrites the oldest pool slot",
+            "            pool.add(row)  # overwrites the oldest pool slot",
+            "            pass  # overwrites the oldest pool slot",
         ),
         (
             "sampling: the online share comes from the pool",
@@ -146,13 +146,13 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "warm-up: updates start at the first step",
-            "        if step > args.warmup_steps:",
-            "        if step > 0:",
+            "        if step <= args.warmup_steps:\n            return 0",
+            "        if step <= 0:\n            return 0",
         ),
         (
             "online: a truncation is stored as terminal",
             "np.array([terminated]), True)",
-            "np.array([terminated or truncated]), True)",
+            "np.array([ended]), True)",
         ),
         (
             "online: N_upc 1 instead of --updates-per-step",
@@ -215,8 +215,9 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "resume: unflushed metrics are lost",
-            '        metrics.sums, metrics.counts = resume["metrics"]\n        online.load_state_dict',
-            "        online.load_state_dict",
+            '        metrics.sums, metrics.counts = resume["metrics"]\n        (updates, logged_at',
+            "        (updates, logged_at",
+            "utils/run.py",
         ),
         (
             "SUNRISE: the weight is computed but not passed to the critic loss",
@@ -296,13 +297,13 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "warm-up: updates start at the first step",
-            "if step > args.warmup_steps and online.size >= args.batch_size:",
-            "if online.size >= args.batch_size:",
+            "if step <= args.warmup_steps or online.size < args.batch_size:",
+            "if online.size < args.batch_size:",
         ),
         (
             "online: a truncation is stored as terminal",
             "states[1:], np.array([terminated]), True)",
-            "states[1:], np.array([terminated or truncated]), True)",
+            "states[1:], np.array([ended]), True)",
         ),
         STATE_STATISTICS,
         (
@@ -343,8 +344,8 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "bootstrap exploration: the head is not redrawn per episode",
-            "            head = random.randrange(agent.critic.num_critics)\n",
-            "            head = head\n",
+            "            head[0] = random.randrange(agent.critic.num_critics)\n",
+            "            pass\n",
         ),
         (
             "temperature: log alpha instead of alpha in d3rlpy's loss",
@@ -452,13 +453,13 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "schedule: the first block gets no extra updates",
-            "multiplier = args.first_block_multiplier if block_start == 0 else 1",
+            "multiplier = args.first_block_multiplier if block_start[0] == 0 else 1",
             "multiplier = 1",
         ),
         (
             "online: a truncation is stored as terminal",
             "states[1:], np.array([terminated]), True)",
-            "states[1:], np.array([terminated or truncated]), True)",
+            "states[1:], np.array([ended]), True)",
         ),
         STATE_STATISTICS,
         (
@@ -583,8 +584,8 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "online: a truncation is stored as terminal",
-            "            np.array([terminated]),\n            True,",
-            "            np.array([terminated or truncated]),\n            True,",
+            "states[1:], np.array([terminated]), True)",
+            "states[1:], np.array([ended]), True)",
         ),
         (
             "pre-training: the targets move every update, not every policy_freq",
@@ -621,11 +622,7 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
             'return reward - 1.0 if task == "antmaze" else reward',
             "return reward",
         ),
-        (
-            "online: env observations are not normalised",
-            "            agent.normalize(obs)[None],",
-            "            obs[None],",
-        ),
+        ONLINE_ROW_STATES,
         PRIORITY_BOUND,
         (
             "fast path: kappa and lambda are never written into their device tensors",
@@ -728,18 +725,14 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "online: a truncation is stored as terminal",
-            "            np.array([terminated]),\n            True,",
-            "            np.array([terminated or truncated]),\n            True,",
+            "states[1:], np.array([terminated]), True)",
+            "states[1:], np.array([ended]), True)",
         ),
-        (
-            "online: env observations are not normalised",
-            "            agent.normalize(obs)[None],",
-            "            obs[None],",
-        ),
+        ONLINE_ROW_STATES,
         (
             "online: the reward scale is not applied",
-            "            np.array([reward * agent.reward_scale]),",
-            "            np.array([reward]),",
+            "rewards = np.array([reward * agent.reward_scale])",
+            "rewards = np.array([reward])",
         ),
         (
             "IQL: the V target from the critics, not the target critics",

@@ -58,7 +58,15 @@ class UpdateClock:
         if self.cuda:
             self.spans[-1][1].record()
         else:
-            self.total += time.perf_counter() - self.tic
+            self.last = time.perf_counter() - self.tic
+            self.total += self.last
+
+    def discard_last(self) -> None:
+        """Forget the last block (it made no update; a window of env steps without updates keeps no CUDA events)."""
+        if self.cuda:
+            self.spans.pop()
+        else:
+            self.total -= self.last
 
     def seconds(self) -> float:
         if self.spans:

@@ -22,3 +22,10 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """target <- (1 - tau) target + tau source, all parameters in one foreach kernel."""
     with torch.no_grad():
         torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One gradient step on `loss` alone: zero_grad, backward, step."""
+    zero_grad(optimizer)
+    loss.backward()
+    optimizer.step()

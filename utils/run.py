@@ -33,7 +33,7 @@ from utils.data import OfflineData, check_pretrained_dataset
 from utils.envs import make_env
 from utils.errors import UserError
 from utils.fast import check_fast_flags
-from utils.metrics import Metrics
+from utils.metrics import Metrics, UpdateClock
 
 
 @dataclass
@@ -258,3 +258,52 @@ def offline_loop(args, writer, update: Callable, evaluate: Callable, save=None, 
             bar.set_postfix(score=f"{evaluate(step)['normalized_score']:.1f}")
         if step % (args.checkpoint_freq or args.offline_eval_freq) == 0 or step == args.offline_steps:
             save("offline", step, metrics=metrics)
+
+
+def online_loop(args, writer, env, device, act, store, train, evaluate, state, save=None, resume=None, on_log=None,
+                after_step=None) -> None:  # fmt: skip
+    """The online phase's bookkeeping, from step 1 or after `resume`'s step. An evaluation at step 0; then per env
+    step: `act(step, obs) -> action`, the env step (Episodes: returns, resets, what a checkpoint keeps of the running
+    episode), `store(step, obs, action, reward, next_obs, terminated, ended)` and `train(step, metrics) -> number of
+    updates made` (timed by an UpdateClock); after every log_freq updates and at the last step, the metrics' means,
+    charts/UPS (updates per second of update time), charts/SPS (env steps per wall second) and `on_log(step)`;
+    `evaluate(step) -> result` every eval_freq steps, then `after_step(step)` (also after step 0's evaluation: a
+    change of phase); and checkpoint.pt by `save` (none
+    when the phase is called directly) every checkpoint_freq steps, by default at each evaluation, with `state()`,
+    the script's part of the loop state (its buffers)."""
+    save = save or (lambda *_, **__: None)
+    metrics = Metrics(writer)
+    if resume is None:
+        evaluate(0)
+        if after_step is not None:
+            after_step(0)
+        (updates, logged_at, update_time), first = (0, 0, 0.0), 1
+    else:
+        metrics.sums, metrics.counts = resume["metrics"]
+        (updates, logged_at, update_time), first = resume["loop"], resume["step"] + 1
+    episodes, start = Episodes(env, writer, args.seed, resume), time.perf_counter()
+    clock = UpdateClock(device, update_time)  # update time: CUDA events on a GPU, no sync per step
+    bar = tqdm(range(first, args.online_steps + 1), desc="online", disable=not args.progress)
+    for step in bar:
+        action = act(step, episodes.obs)
+        obs, reward, next_obs, terminated, ended = episodes.step(action, step)
+        store(step, obs, action, reward, next_obs, terminated, ended)
+        with clock:
+            made = train(step, metrics)
+        if not made:
+            clock.discard_last()
+        updates += made
+        if made and (updates - logged_at >= args.log_freq or step == args.online_steps):
+            logged_at = updates
+            metrics.flush(step)
+            writer.add_scalar("charts/UPS", updates / clock.seconds(), step)
+            writer.add_scalar("charts/SPS", (step - first + 1) / (time.perf_counter() - start), step)
+            if on_log is not None:
+                on_log(step)
+        if step % args.eval_freq == 0:
+            bar.set_postfix(score=f"{evaluate(step)['normalized_score']:.1f}")
+        if after_step is not None:
+            after_step(step)
+        if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
+            loop = (updates, logged_at, clock.seconds())
+            save("online", step, metrics=metrics, loop=loop, **episodes.state(), **state())
