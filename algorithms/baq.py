@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
@@ -45,7 +44,7 @@ from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics
 from utils.optim import adam, optimizer_step, soft_update, zero_grad
-from utils.run import Run, RunArgs, check_bounds, offline_loop, online_loop
+from utils.run import Run, RunArgs, check_bounds, cli, offline_loop, online_loop
 
 
 @dataclass
@@ -469,7 +468,7 @@ class BAQ:
 
 def policy_from_checkpoint(checkpoint: dict):
     """The deterministic actor of a checkpoint as raw obs -> action (used by utils.make_dataset)."""
-    args = Args(**{**checkpoint["args"], "pretrained": None})
+    args = Args(**{**checkpoint["args"], "pretrained": None, "resume": None, "compile": False, "cudagraphs": False})
     agent = BAQ(checkpoint["obs_dim"], checkpoint["act_dim"], args, torch.device("cpu"))
     agent.load_state_dict(checkpoint)
     return lambda obs: agent.policy(obs, deterministic=True)
@@ -639,8 +638,7 @@ def main(args: Args) -> Path:
         if loaded is not None:
             agent.load_state_dict(loaded)
     rows = prepare_data(agent, data, args, fit_statistics=checkpoint is None and resume is None)
-    dataset = ReplayBuffer(len(data), obs_dim, act_dim, run.device)
-    dataset.add(torch.from_numpy(rows).to(run.device))
+    dataset = ReplayBuffer.of(rows, obs_dim, act_dim, run.device)
     del rows
     bc_val_mse = (checkpoint or resume or {}).get("bc_val_mse")
     if resume is not None:
@@ -668,7 +666,4 @@ def main(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    cli(main, Args)

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
@@ -45,7 +44,7 @@ from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics
 from utils.optim import adam, optimizer_step, soft_update
-from utils.run import Run, RunArgs, check_bounds, offline_loop, online_loop
+from utils.run import Run, RunArgs, check_bounds, cli, offline_loop, online_loop
 
 
 @dataclass
@@ -115,18 +114,12 @@ class Args(RunArgs):
 
 
 # One flag for what the official pipeline ran and for the paper's baselines (2 critics: standard CQL).
+CQL_SAC = {"num_critics": 2, "q_target": "min", "exploration": "none", "sunrise_weight": "off"}
 PRESETS = {
     "enoto": {},
     "official": {"exploration": "none", "sunrise_weight": "batch"},
-    "cql_sac": {"num_critics": 2, "q_target": "min", "exploration": "none", "sunrise_weight": "off"},
-    "cql_cql": {
-        "num_critics": 2,
-        "q_target": "min",
-        "exploration": "none",
-        "sunrise_weight": "off",
-        "keep_cql_online": True,
-        "online_backup": "cql",
-    },
+    "cql_sac": CQL_SAC,
+    "cql_cql": CQL_SAC | {"keep_cql_online": True, "online_backup": "cql"},
 }
 
 
@@ -210,12 +203,7 @@ class Actor(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Buffers
-# ---------------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------------
-# Losses and updates
+# Buffers (online only: utils.buffers.ReplayBuffer), losses and updates
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -275,9 +263,8 @@ def cql_gap(critic: Critic, actor: Actor, obs, next_obs, q_data: torch.Tensor, s
 
 def oac_shift(grad: torch.Tensor, variance: torch.Tensor, delta: float) -> torch.Tensor:
     """OAC's mean shift sqrt(2 delta) Sigma g / ||g||_Sigma: the step of Mahalanobis length sqrt(2 delta) along g."""
-    return (
-        math.sqrt(2 * delta) * variance * grad / (grad.pow(2) * variance).sum(-1, keepdim=True).sqrt().clamp_min(1e-12)
-    )
+    norm = (grad.pow(2) * variance).sum(-1, keepdim=True).sqrt().clamp_min(1e-12)
+    return math.sqrt(2 * delta) * variance * grad / norm
 
 
 class ENOTO:
@@ -313,12 +300,8 @@ class ENOTO:
         obs, action, _, next_obs, _, _ = batch
         q = self.critic(obs, action)
         td_loss = (weight * (q - y).pow(2)).mean(1).sum()
-        q_detached = q.detach()
-        results = {
-            "qf_loss": td_loss.detach(),
-            "qf_values": q_detached.mean(),
-            "q_std": q_detached.std(0, correction=0).mean(),
-        }
+        q_std = q.detach().std(0, correction=0).mean()
+        results = {"qf_loss": td_loss.detach(), "qf_values": q.detach().mean(), "q_std": q_std}
         critic_loss = td_loss
         if self.cql_weight > 0:
             cql_loss = self.cql_weight * cql_gap(self.critic, self.actor, obs, next_obs, q, self.args.cql_samples)
@@ -419,23 +402,16 @@ class ENOTO:
             to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)
             return self.critic(to_tensor(self.normalize(obs)), to_tensor(action)).min(0).values.cpu().numpy()
 
+    NETWORKS = ("actor", "critic", "critic_target", "actor_optimizer", "critic_optimizer", "alpha_optimizer")
+
     def state_dict(self) -> dict:
-        return {
-            "actor": self.actor.state_dict(),
-            "critic": self.critic.state_dict(),
-            "critic_target": self.critic_target.state_dict(),
-            "log_alpha": self.log_alpha.detach().cpu(),
-            "actor_optimizer": self.actor_optimizer.state_dict(),
-            "critic_optimizer": self.critic_optimizer.state_dict(),
-            "alpha_optimizer": self.alpha_optimizer.state_dict(),
-            "obs_mean": self.obs_mean,
-            "obs_std": self.obs_std,
-            "num_critics": self.critic.num_critics,
-        }
+        state = {name: getattr(self, name).state_dict() for name in self.NETWORKS}
+        statistics = {"obs_mean": self.obs_mean, "obs_std": self.obs_std, "num_critics": self.critic.num_critics}
+        return state | statistics | {"log_alpha": self.log_alpha.detach().cpu()}
 
     def load_state_dict(self, checkpoint: dict) -> None:
         """Everything the hand-over carries: networks, targets, temperature, Adam states."""
-        for name in ("actor", "critic", "critic_target", "actor_optimizer", "critic_optimizer", "alpha_optimizer"):
+        for name in self.NETWORKS:
             getattr(self, name).load_state_dict(checkpoint[name])
         for name in ("actor", "critic", "alpha"):  # the Adam states continue, at the learning rates of the flags
             for group in getattr(self, f"{name}_optimizer").param_groups:
@@ -457,17 +433,10 @@ def training_reward(reward: np.ndarray, task: str) -> np.ndarray:
 
 def policy_from_checkpoint(checkpoint: dict):
     """The deterministic actor of a checkpoint as raw obs -> action (used by utils.make_dataset)."""
-    actor = Actor(checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["args"]["hidden_dim"])
-    actor.load_state_dict(checkpoint["actor"])
-    actor.eval()
-    mean, std = checkpoint["obs_mean"], checkpoint["obs_std"]
-
-    def act(obs: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            obs_t = torch.as_tensor((obs - mean) / std, dtype=torch.float32)
-            return actor(obs_t, deterministic=True)[0].numpy()
-
-    return act
+    args = Args(**{**checkpoint["args"], "pretrained": None, "resume": None, "compile": False, "cudagraphs": False})
+    agent = ENOTO(checkpoint["obs_dim"], checkpoint["act_dim"], args, torch.device("cpu"))
+    agent.load_state_dict(checkpoint)
+    return lambda obs: agent.policy(obs, deterministic=True)
 
 
 def log_evaluation(writer, agent: ENOTO, env, args: Args, data: OfflineData, prefix: str, step: int, seed: int):
@@ -557,8 +526,7 @@ def main(args: Args) -> Path:
     data = load_dataset(args.env_id)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     writer, env, eval_env = run.open(data, checkpoint)
-    agent = ENOTO(obs_dim, act_dim, args, run.device)
-    resume = run.resume
+    agent, resume = ENOTO(obs_dim, act_dim, args, run.device), run.resume
     if resume is None and checkpoint is None and args.normalize_states:  # else load_state_dict brings them
         agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3
 
@@ -574,8 +542,7 @@ def main(args: Args) -> Path:
     elif args.offline_steps > 0 and not resumed_online:
         columns = (agent.normalize(data.observations), data.actions, training_reward(data.rewards, data.task))
         rows = transition_rows(*columns, agent.normalize(data.next_observations), data.terminals, False)
-        dataset = ReplayBuffer(len(data), obs_dim, act_dim, run.device)
-        dataset.add(torch.from_numpy(rows).to(run.device))
+        dataset = ReplayBuffer.of(rows, obs_dim, act_dim, run.device)
         del rows
         offline_phase(agent, data, dataset, eval_env, writer, args, save, resume)
         del dataset  # the online phase does not use the offline data
@@ -588,7 +555,4 @@ def main(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    cli(main, Args)

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
@@ -44,7 +43,7 @@ from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics
 from utils.optim import adam, soft_update, zero_grad
-from utils.run import Run, RunArgs, check_bounds, offline_loop, online_loop
+from utils.run import Run, RunArgs, check_bounds, cli, offline_loop, online_loop
 
 
 @dataclass
@@ -420,26 +419,20 @@ class Off2On:
             to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)
             return self.critic.twin_min(to_tensor(self.normalize(obs)), to_tensor(action)).mean(0).cpu().numpy()
 
+    def networks(self) -> dict[str, nn.Module | torch.optim.Optimizer]:
+        names = ["actor", "critic", "critic_target", "actor_optimizer", "critic_optimizer", "alpha_optimizer"]
+        names += ["density", "density_optimizer"] if self.density is not None else []
+        return {name: getattr(self, name) for name in names}
+
     def state_dict(self) -> dict:
-        state = {
-            "actor": self.actor.state_dict(),
-            "critic": self.critic.state_dict(),
-            "critic_target": self.critic_target.state_dict(),
-            "log_alpha": self.log_alpha.detach().cpu(),
-            "actor_optimizer": self.actor_optimizer.state_dict(),
-            "critic_optimizer": self.critic_optimizer.state_dict(),
-            "alpha_optimizer": self.alpha_optimizer.state_dict(),
-        }
-        if self.density is not None:
-            state |= {"density": self.density.state_dict(), "density_optimizer": self.density_optimizer.state_dict()}
-        statistics = {"obs_mean": self.obs_mean, "obs_std": self.obs_std, "num_agents": self.actor.num_agents}
-        return state | statistics | {"offline_updates": self.offline_updates}
+        state = {name: module.state_dict() for name, module in self.networks().items()}
+        state |= {"log_alpha": self.log_alpha.detach().cpu(), "offline_updates": self.offline_updates}
+        return state | {"obs_mean": self.obs_mean, "obs_std": self.obs_std, "num_agents": self.actor.num_agents}
 
     def load_state_dict(self, checkpoint: dict) -> None:
         """Everything state_dict holds (for --resume; --pretrained takes the networks and state statistics only)."""
-        names = ["actor", "critic", "critic_target", "actor_optimizer", "critic_optimizer", "alpha_optimizer"]
-        for name in names + (["density", "density_optimizer"] if self.density is not None else []):
-            getattr(self, name).load_state_dict(checkpoint[name])
+        for name, module in self.networks().items():
+            module.load_state_dict(checkpoint[name])
         with torch.no_grad():
             self.log_alpha.copy_(checkpoint["log_alpha"])
         self.obs_mean, self.obs_std = checkpoint["obs_mean"], checkpoint["obs_std"]
@@ -453,19 +446,10 @@ class Off2On:
 
 def policy_from_checkpoint(checkpoint: dict):
     """The deterministic actor of a checkpoint as raw obs -> action (used by utils.make_dataset)."""
-    actor = Actor(
-        checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["num_agents"], checkpoint["args"]["hidden_dim"]
-    )
-    actor.load_state_dict(checkpoint["actor"])
-    actor.eval()
-    mean, std = checkpoint["obs_mean"], checkpoint["obs_std"]
-
-    def act(obs: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            obs_t = torch.as_tensor((obs - mean) / std, dtype=torch.float32).unsqueeze(0)
-            return actor.ensemble(obs_t, deterministic=True)[0][0].numpy()
-
-    return act
+    args = Args(**{**checkpoint["args"], "pretrained": None, "resume": None, "compile": False, "cudagraphs": False})
+    agent = Off2On(checkpoint["obs_dim"], checkpoint["act_dim"], args, torch.device("cpu"))
+    agent.load_state_dict(checkpoint)
+    return lambda obs: agent.policy(obs, deterministic=True)
 
 
 def log_evaluation(writer, agent: Off2On, env, args: Args, data: OfflineData, prefix: str, step: int, seed: int):
@@ -577,8 +561,7 @@ def main(args: Args) -> Path:
         agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3
     states = agent.normalize(data.observations), agent.normalize(data.next_observations)
     rows = transition_rows(states[0], data.actions, data.rewards, states[1], data.terminals, False)
-    dataset = ReplayBuffer(len(data), obs_dim, act_dim, run.device)
-    dataset.add(torch.from_numpy(rows).to(run.device))
+    dataset = ReplayBuffer.of(rows, obs_dim, act_dim, run.device)
     del rows
 
     save = run.saver(agent)
@@ -605,7 +588,4 @@ def main(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    cli(main, Args)

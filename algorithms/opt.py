@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
@@ -47,7 +46,7 @@ from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics
 from utils.optim import adam, optimizer_step, soft_update
-from utils.run import Run, RunArgs, check_bounds, offline_loop, online_loop
+from utils.run import Run, RunArgs, check_bounds, cli, offline_loop, online_loop
 
 
 @dataclass
@@ -589,7 +588,7 @@ class OPT:
 
 def policy_from_checkpoint(checkpoint: dict):
     """The deterministic actor of a checkpoint as raw obs -> action (used by utils.make_dataset)."""
-    args = Args(**{**checkpoint["args"], "pretrained": None})
+    args = Args(**{**checkpoint["args"], "pretrained": None, "resume": None, "compile": False, "cudagraphs": False})
     agent = OPT(checkpoint["obs_dim"], checkpoint["act_dim"], args, torch.device("cpu"))
     agent.load_state_dict(checkpoint)
     return lambda obs: agent.policy(obs, noise=0.0)
@@ -788,8 +787,7 @@ def main(args: Args) -> Path:
         if loaded is not None:
             agent.load_state_dict(loaded)
     rows = prepare_data(agent, data, fit_statistics=checkpoint is None and resume is None and args.normalize_states)
-    dataset = ReplayBuffer(len(data), obs_dim, act_dim, run.device)
-    dataset.add(torch.from_numpy(rows).to(run.device))
+    dataset = ReplayBuffer.of(rows, obs_dim, act_dim, run.device)
     del rows
     if resume is not None:
         run.restore_rng()
@@ -812,7 +810,4 @@ def main(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    cli(main, Args)

@@ -29,7 +29,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn as nn
-import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
@@ -38,7 +37,7 @@ from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics
 from utils.optim import adam, optimizer_step, soft_update, zero_grad
-from utils.run import Run, RunArgs, check_bounds, offline_loop, online_loop
+from utils.run import Run, RunArgs, check_bounds, cli, offline_loop, online_loop
 
 
 @dataclass
@@ -491,10 +490,7 @@ def main(args: Args) -> Path:
     # The dataset lives on the device in shuffled order: the offline sampler, and then the mixed pool.
     order = np.random.permutation(len(data))
     columns = (data.observations, data.actions, data.rewards, data.next_observations, data.terminals)
-    rows = transition_rows(*(column[order] for column in columns), False)
-    pool = ReplayBuffer(len(data), obs_dim, act_dim, run.device)
-    pool.add(torch.from_numpy(rows).to(run.device))
-    del rows
+    pool = ReplayBuffer.of(transition_rows(*(column[order] for column in columns), False), obs_dim, act_dim, run.device)
 
     save, resume = run.saver(agent), run.resume
     resumed_online = resume is not None and resume["phase"] == "online"
@@ -518,7 +514,4 @@ def main(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    cli(main, Args)

@@ -15,8 +15,11 @@ and the area under the online curve as a step-weighted mean (trapezoids). Across
 final scores with a 95% stratified bootstrap interval (rliable: 50,000 resamples of the seeds within each
 dataset), on the same number of seeds per dataset (the lowest; the report says which seeds it left out).
 --baseline METHOD=BASE adds, per dataset, METHOD minus BASE in mean final score and in mean dip, each with a
-bootstrap interval (pairs without data are left out), and puts each pair in its own row of curves.png. Writes
-report.md and curves.png into --out.
+bootstrap interval (pairs without data are left out), and puts each pair in its own row of curves.png. With
+--paired, where both ran the same seeds from the same starting point (an ablation: every arm from one offline.pt
+per seed), the difference is taken per seed and its interval resamples the seeds jointly; a table lists each
+seed's hand-over, lowest online evaluation, final score and mean of the online evaluations for both. --only
+restricts the report to some algorithm folders. Writes report.md and curves.png into --out.
 """
 
 from __future__ import annotations
@@ -50,13 +53,16 @@ def read_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray, int | None] | Non
     return np.array([s.step for s in scalars], float), np.array([s.value for s in scalars], float), budget
 
 
-def collect(sweep_dir: Path):
-    """Complete curves by (algorithm, dataset) and seed, and the names of the incomplete runs."""
+def collect(sweep_dir: Path, only: list[str] | None = None):
+    """Complete curves by (algorithm, dataset) and seed, and the names of the incomplete runs; `only`: these
+    algorithm folders alone."""
     failures = sweep_dir / "failures.json"
     failed = set(json.loads(failures.read_text())) if failures.is_file() else set()
     found: dict[tuple[str, str], dict[int, tuple]] = {}
     for seed_dir in sorted(sweep_dir.glob("*/*/seed*")):
         match = SEED_DIR.fullmatch(seed_dir.name)
+        if only is not None and seed_dir.parent.parent.name not in only:
+            continue
         if match is None or not seed_dir.is_dir():
             print(f"warning: skipping {seed_dir}: not a <algorithm>/<dataset>/seed<N> run folder", file=sys.stderr)
             continue
@@ -128,6 +134,7 @@ def summarise(curves, drop_step: float) -> list[dict]:
                 "start": np.array([scores[0] for _, scores in runs]),
                 "drop": np.array([score_at(steps, scores, drop_step) - scores[0] for steps, scores in runs]),
                 "dip": np.array([scores[1:].min() - scores[0] if len(scores) > 1 else 0.0 for _, scores in runs]),
+                "lowest": np.array([scores[1:].min() if len(scores) > 1 else scores[0] for _, scores in runs]),
                 "final": np.array([scores[-1] for _, scores in runs]),
                 "online_mean": np.array([scores[1:].mean() if len(scores) > 1 else scores[0] for _, scores in runs]),
                 "auc": np.array([area_under_curve(steps, scores) for steps, scores in runs]),
@@ -176,7 +183,27 @@ def plot(curves, path: Path, baselines: list[str] = ()) -> None:
     plt.close(fig)
 
 
-def markdown(rows: list[dict], command: str, incomplete: list[str], baselines: list[str], drop_step: float) -> str:
+def paired_lines(method: dict, base: dict) -> list[str]:
+    """Per-seed values of two arms run from the same starting points, and method minus base per seed with a 95%
+    interval that resamples the seeds jointly (the pairing kept)."""
+    names = {"start": "hand-over", "lowest": "lowest online evaluation", "final": "final", "online_mean": "online mean"}
+    arms = f"{method['algorithm']} / {base['algorithm']}"
+    lines = ["| seed | " + " | ".join(f"{name}: {arms}" for name in names.values()) + " |"]
+    lines += ["| ---: |" + " ---: |" * len(names)]
+    for i, seed in enumerate(method["seeds"]):
+        cells = [f"{method[key][i]:.1f} / {base[key][i]:.1f}" for key in names]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    parts = []
+    for key in ("final", "lowest", "online_mean"):
+        difference = method[key] - base[key]
+        low, high = bootstrap(lambda resampled: resampled[0].mean(1), [difference])
+        parts.append(f"{names[key]} {difference.mean():+.1f} [{low:+.1f}, {high:+.1f}]")
+    return [*lines, "", f"Paired by seed, {method['algorithm']} minus {base['algorithm']}: " + "; ".join(parts)]
+
+
+def markdown(
+    rows: list[dict], command: str, incomplete: list[str], baselines: list[str], drop_step: float, paired: bool = False
+) -> str:
     pm = lambda x: f"{x.mean():.1f} ± {x.std():.1f}"
     lines = [
         "# Learning results",
@@ -215,6 +242,12 @@ def markdown(rows: list[dict], command: str, incomplete: list[str], baselines: l
         shared = [d for d in sorted({r["dataset"] for r in rows}) if (method, d) in by_key and (base, d) in by_key]
         if not shared:
             continue  # a pair of a protocol piece not run yet
+        same_seeds = [d for d in shared if by_key[(method, d)]["seeds"] == by_key[(base, d)]["seeds"]]
+        if paired and same_seeds == shared:
+            for dataset in shared:
+                lines += ["", f"{method} and {base} on {dataset}, per seed:", ""]
+                lines += paired_lines(by_key[(method, dataset)], by_key[(base, dataset)])
+            continue
         lines += ["", f"{method} minus {base} per dataset, mean [95% bootstrap CI over seeds]:", ""]
         for dataset in shared:
             parts = []
@@ -233,16 +266,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--command", default="", help="the sweep command, recorded in the report")
     parser.add_argument("--drop-step", type=float, default=10_000, help="online step of the drop figure")
     parser.add_argument("--baseline", action="append", default=[], metavar="METHOD=BASE", help="method minus baseline")
+    parser.add_argument("--paired", action="store_true", help="differences per seed where both ran the same seeds")
+    parser.add_argument("--only", nargs="+", default=None, metavar="ALGORITHM", help="only these algorithm folders")
     args = parser.parse_args(argv)
     for pair in args.baseline:
         if pair.count("=") != 1:
             raise SystemExit(f"error: --baseline {pair}: write METHOD=BASE, e.g. opt=td3")
-    curves, incomplete = collect(args.sweep_dir)
+    curves, incomplete = collect(args.sweep_dir, args.only)
     if not curves:
         raise SystemExit(f"error: no complete {TAG} logs under {args.sweep_dir}/<algorithm>/<dataset>/seed<N>/")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = summarise(curves, args.drop_step)
-    (args.out / "report.md").write_text(markdown(rows, args.command, incomplete, args.baseline, args.drop_step))
+    text = markdown(rows, args.command, incomplete, args.baseline, args.drop_step, args.paired)
+    (args.out / "report.md").write_text(text)
     plot(curves, args.out / "curves.png", args.baseline)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'curves.png'}")
 

@@ -430,3 +430,27 @@ def test_every_mutation_edit_still_matches_its_script_once():
         if (REPO / mutation.edited_file(script, file)).read_text().count(old) != 1 or old == new:
             stale.append((script, name))
     assert len(edits) > 100 and stale == []
+
+
+def test_report_pairs_arms_by_seed_when_asked(tmp_path):
+    """Arms from one starting point per seed: the seeds differ a lot, the arms by exactly +5 in every seed. Paired,
+    the interval is that +5 alone; unpaired it spans the seeds' spread. --only leaves other folders out."""
+    finals = {0: 0.0, 1: 50.0, 2: 100.0}
+    for algorithm, shift in (("arm", 5.0), ("base", 0.0), ("other", 1.0)):
+        for seed, final in finals.items():
+            run = tmp_path / algorithm / "hopper-z" / f"seed{seed}" / "run"
+            writer = SummaryWriter(str(run))
+            for step, score in ((0, 10.0 + seed), (50, final / 2 + shift - 1.0), (100, final + shift)):
+                writer.add_scalar("eval/normalized_score", score, step)
+            writer.close()
+            (run / "args.json").write_text(json.dumps({"online_steps": 100}))
+    common = ["--sweep-dir", str(tmp_path), "--baseline", "arm=base", "--only", "arm", "base"]
+    report.main([*common, "--out", str(tmp_path / "paired"), "--paired"])
+    text = (tmp_path / "paired" / "report.md").read_text()
+    assert "Paired by seed, arm minus base: final +5.0 [+5.0, +5.0]; lowest online evaluation +5.0 [+5.0, +5.0]" in text
+    assert "| 2 | 12.0 / 12.0 | 54.0 / 49.0 | 105.0 / 100.0 | 79.5 / 74.5 |" in text  # hand-over, lowest, final, mean
+    assert "| other |" not in text
+    report.main([*common, "--out", str(tmp_path / "unpaired")])
+    unpaired = (tmp_path / "unpaired" / "report.md").read_text()
+    low, high = map(float, re.search(r"final \+5\.0 \[([-+.\d]+), ([-+.\d]+)\]", unpaired).groups())
+    assert low < -20 and high > 30  # resampling the arms apart mixes the seeds' spread into the difference

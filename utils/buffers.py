@@ -19,6 +19,13 @@ class ReplayBuffer:
         self.position = self.size = 0
         self.filled = torch.zeros((), dtype=torch.long, device=device)  # size on the device, for the samplers
 
+    @classmethod
+    def of(cls, rows: np.ndarray, obs_dim: int, act_dim: int, device: torch.device) -> ReplayBuffer:
+        """A buffer holding exactly `rows` (transition_rows' layout), copied to the device in one transfer."""
+        buffer = cls(len(rows), obs_dim, act_dim, device)
+        buffer.add(torch.from_numpy(rows).to(device))
+        return buffer
+
     def add(self, rows: torch.Tensor) -> None:
         """Append rows [n, width], overwriting the oldest once full (FIFO)."""
         slots = (self.position + torch.arange(len(rows), device=rows.device)) % self.capacity

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -307,3 +308,11 @@ def online_loop(args, writer, env, device, act, store, train, evaluate, state, s
         if step % (args.checkpoint_freq or args.eval_freq) == 0 and step < args.online_steps:
             loop = (updates, logged_at, clock.seconds())
             save("online", step, metrics=metrics, loop=loop, **episodes.state(), **state())
+
+
+def cli(main: Callable, args_class: type) -> None:
+    """A script's entry point: its flags by tyro, then main(args); bad input ends with one line and exit code 1."""
+    try:
+        main(tyro.cli(args_class))
+    except UserError as err:
+        sys.exit(f"error: {err}")

@@ -136,7 +136,12 @@ collect)  # collect <label...>: copy what has finished so far (e.g. before a ses
 report)
     python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS" --baseline opt=td3 --baseline baq=iql \
         --baseline so2=edac --baseline enoto=cql-sac --baseline off2on=uniform-n1 \
+        --only opt td3 baq iql so2 edac enoto cql-sac off2on uniform-n1 \
         --command "bash benchmark/protocols/cpu.sh <algorithm> (flags: benchmark/protocols/cpu.md)"
+    # SO2's ablation: three arms from one EDAC offline.pt per seed, so the differences are taken per seed
+    python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS/so2-ablation" --paired --drop-step 5000 \
+        --only so2-rerun so2-no-pvu so2-upc1 --baseline so2-rerun=so2-no-pvu --baseline so2-rerun=so2-upc1 \
+        --command "bash benchmark/protocols/cpu.sh so2-ablation (flags: benchmark/protocols/cpu.md)" || true
     ;;
 *)
     echo "usage: bash benchmark/protocols/cpu.sh opt|baq|so2|so2-ablation|enoto|off2on|collect LABEL...|report" >&2
