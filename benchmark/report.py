@@ -15,11 +15,12 @@ and the area under the online curve as a step-weighted mean (trapezoids). Across
 final scores with a 95% stratified bootstrap interval (rliable: 50,000 resamples of the seeds within each
 dataset), on the same number of seeds per dataset (the lowest; the report says which seeds it left out).
 --baseline METHOD=BASE adds, per dataset, METHOD minus BASE in mean final score and in mean dip, each with a
-bootstrap interval (pairs without data are left out), and puts each pair in its own row of curves.png. With
---paired, where both ran the same seeds from the same starting point (an ablation: every arm from one offline.pt
-per seed), the difference is taken per seed and its interval resamples the seeds jointly; a table lists each
-seed's hand-over, lowest online evaluation, final score and mean of the online evaluations for both. --only
-restricts the report to some algorithm folders. Writes report.md and curves.png into --out.
+bootstrap interval (pairs without data are left out), and puts each pair in its own row of curves.png; where both
+ran the same seeds, a table lists each seed's hand-over, lowest online evaluation, final score and mean of the
+online evaluations for both. With --paired (for arms run from one starting point per seed, such as an ablation
+from one offline.pt per seed) the differences in final score, lowest evaluation and online mean are taken per seed
+and their intervals resample the seeds jointly. --only restricts the report to some algorithm folders. Writes
+report.md and curves.png into --out.
 """
 
 from __future__ import annotations
@@ -183,22 +184,34 @@ def plot(curves, path: Path, baselines: list[str] = ()) -> None:
     plt.close(fig)
 
 
-def paired_lines(method: dict, base: dict) -> list[str]:
-    """Per-seed values of two arms run from the same starting points, and method minus base per seed with a 95%
-    interval that resamples the seeds jointly (the pairing kept)."""
-    names = {"start": "hand-over", "lowest": "lowest online evaluation", "final": "final", "online_mean": "online mean"}
+SEED_COLUMNS = {
+    "start": "hand-over",
+    "lowest": "lowest online evaluation",
+    "final": "final",
+    "online_mean": "online mean",
+}
+
+
+def seed_table(method: dict, base: dict) -> list[str]:
+    """Each seed's hand-over, lowest online evaluation, final score and mean of the online evaluations, both arms."""
     arms = f"{method['algorithm']} / {base['algorithm']}"
-    lines = ["| seed | " + " | ".join(f"{name}: {arms}" for name in names.values()) + " |"]
-    lines += ["| ---: |" + " ---: |" * len(names)]
+    lines = ["| seed | " + " | ".join(f"{name}: {arms}" for name in SEED_COLUMNS.values()) + " |"]
+    lines += ["| ---: |" + " ---: |" * len(SEED_COLUMNS)]
     for i, seed in enumerate(method["seeds"]):
-        cells = [f"{method[key][i]:.1f} / {base[key][i]:.1f}" for key in names]
+        cells = [f"{method[key][i]:.1f} / {base[key][i]:.1f}" for key in SEED_COLUMNS]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-    parts = []
-    for key in ("final", "lowest", "online_mean"):
-        difference = method[key] - base[key]
-        low, high = bootstrap(lambda resampled: resampled[0].mean(1), [difference])
-        parts.append(f"{names[key]} {difference.mean():+.1f} [{low:+.1f}, {high:+.1f}]")
-    return [*lines, "", f"Paired by seed, {method['algorithm']} minus {base['algorithm']}: " + "; ".join(parts)]
+    return lines
+
+
+def difference(method: dict, base: dict, key: str, paired: bool) -> str:
+    """Mean of method minus base with its 95% bootstrap interval: paired, the per-seed differences (seeds resampled
+    jointly); else each arm's seeds resampled apart."""
+    a, b = method[key], base[key]
+    if paired:
+        low, high = bootstrap(lambda resampled: resampled[0].mean(1), [a - b])
+    else:
+        low, high = bootstrap(lambda resampled: resampled[0].mean(1) - resampled[1].mean(1), [a, b])
+    return f"{SEED_COLUMNS.get(key, key)} {a.mean() - b.mean():+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
 def markdown(
@@ -242,20 +255,20 @@ def markdown(
         shared = [d for d in sorted({r["dataset"] for r in rows}) if (method, d) in by_key and (base, d) in by_key]
         if not shared:
             continue  # a pair of a protocol piece not run yet
-        same_seeds = [d for d in shared if by_key[(method, d)]["seeds"] == by_key[(base, d)]["seeds"]]
-        if paired and same_seeds == shared:
+        same_seeds = all(by_key[(method, d)]["seeds"] == by_key[(base, d)]["seeds"] for d in shared)
+        if paired and same_seeds:  # every arm from one starting point per seed: differences per seed
+            lines += ["", f"{method} minus {base} per dataset, paired by seed, mean [95% bootstrap CI]:", ""]
+        else:
+            lines += ["", f"{method} minus {base} per dataset, mean [95% bootstrap CI over seeds]:", ""]
+        keys = ("final", "lowest", "online_mean") if paired and same_seeds else ("final", "dip")
+        for dataset in shared:
+            arms = by_key[(method, dataset)], by_key[(base, dataset)]
+            parts = [difference(*arms, key, paired and same_seeds) for key in keys]
+            lines.append(f"- {dataset}: {'; '.join(parts)}")
+        if same_seeds:
             for dataset in shared:
                 lines += ["", f"{method} and {base} on {dataset}, per seed:", ""]
-                lines += paired_lines(by_key[(method, dataset)], by_key[(base, dataset)])
-            continue
-        lines += ["", f"{method} minus {base} per dataset, mean [95% bootstrap CI over seeds]:", ""]
-        for dataset in shared:
-            parts = []
-            for metric in ("final", "dip"):
-                a, b = by_key[(method, dataset)][metric], by_key[(base, dataset)][metric]
-                low, high = bootstrap(lambda resampled: resampled[0].mean(1) - resampled[1].mean(1), [a, b])
-                parts.append(f"{metric} {a.mean() - b.mean():+.1f} [{low:+.1f}, {high:+.1f}]")
-            lines.append(f"- {dataset}: {'; '.join(parts)}")
+                lines += seed_table(by_key[(method, dataset)], by_key[(base, dataset)])
     return "\n".join(lines) + "\n\n![curves](curves.png)\n"
 
 

@@ -128,6 +128,49 @@ off2on)
         -- --online-steps 30000 --eval-freq 2500 \
         -- --replay uniform --num-agents 1
     ;;
+enoto-strong)
+    # Issue #34 item 2: ENOTO from strong hand-overs. Its defaults (10 critics, width 256, standardised states)
+    # beside CQL -> SAC and CQL -> CQL, both from ONE 2-critic CQL pretraining of the same length per seed.
+    DATASETS=hopper-sac-medium
+    offline=(--offline-steps 10000 --offline-eval-freq 2500 --checkpoint-freq 1000 --online-steps 0)
+    sweep "$OFFLINE" enoto enoto-strong "${offline[@]}"
+    sweep "$OFFLINE" enoto cql2-strong "${offline[@]}" --preset cql_sac
+    online=(--online-steps 30000 --eval-freq 2500 --checkpoint-freq 2500)
+    sweep "$ONLINE" enoto enoto-strong --pretrained "${PRETRAINED//\{label\}/enoto-strong}" "${online[@]}"
+    for preset in cql_sac cql_cql; do
+        sweep "$ONLINE" enoto "${preset//_/-}-strong" --pretrained "${PRETRAINED//\{label\}/cql2-strong}" \
+            "${online[@]}" --preset "$preset"
+    done
+    mkdir -p "$RESULTS/online" "$RESULTS/offline"
+    for label in enoto-strong cql2-strong cql-sac-strong cql-cql-strong; do collect "$label"; done
+    ;;
+off2on-strong)
+    # Issue #34 item 3: Off2On (5 agents, balanced replay) beside one agent with uniform replay, each from its own
+    # pretraining; width 256, standardised states (the defaults).
+    DATASETS=hopper-sac-medium
+    offline=(--offline-steps 10000 --bc-steps 400 --offline-eval-freq 2500 --checkpoint-freq 1000 --online-steps 0)
+    sweep "$OFFLINE" off2on off2on-strong "${offline[@]}"
+    sweep "$OFFLINE" off2on uniform-n1-strong "${offline[@]}" --num-agents 1
+    online=(--online-steps 30000 --eval-freq 2500 --checkpoint-freq 2500)
+    sweep "$ONLINE" off2on off2on-strong --pretrained "${PRETRAINED//\{label\}/off2on-strong}" "${online[@]}"
+    sweep "$ONLINE" off2on uniform-n1-strong --pretrained "${PRETRAINED//\{label\}/uniform-n1-strong}" \
+        "${online[@]}" --replay uniform
+    mkdir -p "$RESULTS/online" "$RESULTS/offline"
+    for label in off2on-strong uniform-n1-strong; do collect "$label"; done
+    ;;
+opt-1m)
+    # Issue #34 item 4: OPT at the paper's offline budget (1M TD3+BC updates, width 256), then OPT and plain TD3
+    # from each offline.pt at the protocol's online settings. Resumable: run it again after an interruption.
+    DATASETS=hopper-sac-medium
+    sweep "$OFFLINE" opt opt-1m --offline-steps 1000000 --offline-eval-freq 50000 --checkpoint-freq 10000 \
+        --online-steps 0
+    online=(--pretrained "${PRETRAINED//\{label\}/opt-1m}" --online-steps 20000 --n-tau 2500 --n-pretrain 5000)
+    online+=(--kappa-steps 10000 --eval-freq 1000)
+    sweep "$ONLINE" opt opt-1m "${online[@]}"
+    sweep "$ONLINE" opt td3-1m "${online[@]}" --no-new-critic --no-online-pretraining --n-tau 0 --replay uniform
+    mkdir -p "$RESULTS/online" "$RESULTS/offline"
+    for label in opt-1m td3-1m; do collect "$label"; done
+    ;;
 collect)  # collect <label...>: copy what has finished so far (e.g. before a session ends)
     shift
     mkdir -p "$RESULTS/online" "$RESULTS/offline"
@@ -142,9 +185,19 @@ report)
     python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS/so2-ablation" --paired --drop-step 5000 \
         --only so2-rerun so2-no-pvu so2-upc1 --baseline so2-rerun=so2-no-pvu --baseline so2-rerun=so2-upc1 \
         --command "bash benchmark/protocols/cpu.sh so2-ablation (flags: benchmark/protocols/cpu.md)" || true
+    # Round 2 (issue #34): ENOTO and Off2On from strong hand-overs (each arm its own pretraining: unpaired), OPT
+    # and TD3 from one 1M-update offline.pt per seed (paired)
+    python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS/strong" \
+        --only enoto-strong cql-sac-strong cql-cql-strong off2on-strong uniform-n1-strong \
+        --baseline enoto-strong=cql-sac-strong --baseline enoto-strong=cql-cql-strong \
+        --baseline off2on-strong=uniform-n1-strong \
+        --command "bash benchmark/protocols/cpu.sh enoto-strong|off2on-strong (flags: benchmark/protocols/cpu.md)" || true
+    python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS/opt-1m" --paired --only opt-1m td3-1m \
+        --baseline opt-1m=td3-1m --command "bash benchmark/protocols/cpu.sh opt-1m (flags: benchmark/protocols/cpu.md)" \
+        || true
     ;;
 *)
-    echo "usage: bash benchmark/protocols/cpu.sh opt|baq|so2|so2-ablation|enoto|off2on|collect LABEL...|report" >&2
+    echo "usage: bash benchmark/protocols/cpu.sh opt|baq|so2|so2-ablation|enoto|off2on|enoto-strong|off2on-strong|opt-1m|collect LABEL...|report" >&2
     exit 2
     ;;
 esac
