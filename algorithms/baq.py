@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
@@ -44,7 +43,7 @@ from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics
 from utils.optim import adam, optimizer_step, soft_update, zero_grad
-from utils.run import Run, RunArgs, check_bounds, cli, offline_loop, online_loop
+from utils.run import Run, RunArgs, check_bounds, cli, offline_loop, online_loop, update_loop
 
 
 @dataclass
@@ -505,13 +504,13 @@ def bc_phase(agent: BAQ, dataset: ReplayBuffer, writer, args: Args) -> float:
     held_out = max(1, dataset.size // 20)
     validation, train = order[:held_out], order[held_out:]
     val_obs, val_action, *_ = dataset.split(dataset.storage[validation[:100_000]])
-    metrics = Metrics(writer)
-    for step in tqdm(range(1, args.bc_steps + 1), desc="pi_BC", disable=not args.progress):
+
+    def bc_update(step: int) -> dict[str, torch.Tensor]:
         pick = torch.randint(0, len(train), (args.batch_size,), device=train.device)  # no host-to-device copy
         obs, action, *_ = dataset.split(dataset.storage[train[pick]])
-        metrics.add({"offline/bc_loss": agent.bc_update(obs, action)})
-        if step % args.log_freq == 0 or step == args.bc_steps:
-            metrics.flush(step)
+        return {"offline/bc_loss": agent.bc_update(obs, action)}
+
+    update_loop(args, writer, "pi_BC", args.bc_steps, bc_update)
     val_mse = bc_distances(agent.bc_model, val_obs, val_action)[0].mean().item()
     writer.add_scalar("offline/bc_val_mse", val_mse, args.bc_steps)
     return val_mse

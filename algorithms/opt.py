@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import itertools
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,7 +36,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
@@ -46,7 +44,7 @@ from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics
 from utils.optim import adam, optimizer_step, soft_update
-from utils.run import Run, RunArgs, check_bounds, cli, offline_loop, online_loop
+from utils.run import Run, RunArgs, check_bounds, cli, offline_loop, online_loop, update_loop
 
 
 @dataclass
@@ -626,13 +624,9 @@ def prepare_data(agent: OPT, data: OfflineData, fit_statistics: bool) -> np.ndar
 
 def vae_phase(agent: OPT, dataset: ReplayBuffer, writer, args: Args) -> None:
     """SPOT's behaviour VAE, trained first and frozen afterwards (x = VAE step)."""
-    metrics = Metrics(writer)
     sample = lambda: dataset.split(dataset.sample_rows(args.batch_size))
     update = FastUpdate(lambda: agent.vae_update(*sample()[:2]), args.compile, args.cudagraphs)
-    for step in tqdm(range(1, args.vae_steps + 1), desc="VAE", disable=not args.progress):
-        metrics.add({"offline/vae_loss": update()})
-        if step % args.log_freq == 0 or step == args.vae_steps:
-            metrics.flush(step)
+    update_loop(args, writer, "VAE", args.vae_steps, lambda step: {"offline/vae_loss": update()})
 
 
 def offline_step(agent: OPT, dataset: ReplayBuffer, args: Args, actor_step: bool) -> dict[str, torch.Tensor]:
@@ -662,14 +656,13 @@ def pretrain_step(agent: OPT, replay: BalancedReplay, args: Args, target_step: b
 
 def online_pretraining(agent: OPT, replay: BalancedReplay, writer, args: Args) -> None:
     """N_pretrain Eq. 3 updates on B_off and B_on minibatches (x = pre-training update); no env steps."""
-    metrics, start = Metrics(writer), time.perf_counter()
-    step = FastUpdate(partial(pretrain_step, agent, replay, args), args.compile, args.cudagraphs)
-    for update in tqdm(range(1, args.n_pretrain + 1), desc="online pre-training", disable=not args.progress):
+    update = FastUpdate(partial(pretrain_step, agent, replay, args), args.compile, args.cudagraphs)
+
+    def pretrain_update(step: int) -> dict[str, torch.Tensor]:
         agent.pretrain_updates += 1
-        metrics.add(step(agent.pretrain_updates % args.policy_freq == 0))
-        if update % args.log_freq == 0 or update == args.n_pretrain:
-            metrics.flush(update)
-            writer.add_scalar("pretrain/UPS", update / (time.perf_counter() - start), update)
+        return update(agent.pretrain_updates % args.policy_freq == 0)
+
+    update_loop(args, writer, "online pre-training", args.n_pretrain, pretrain_update, "pretrain/UPS")
 
 
 def replay_update(agent: OPT, replay: BalancedReplay, args: Args, actor_step: bool) -> dict[str, torch.Tensor]:

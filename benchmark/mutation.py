@@ -589,13 +589,13 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "pre-training: the targets move every update, not every policy_freq",
-            "metrics.add(step(agent.pretrain_updates % args.policy_freq == 0))",
-            "metrics.add(step(True))",
+            "return update(agent.pretrain_updates % args.policy_freq == 0)",
+            "return update(True)",
         ),
         (
             "pre-training: one update fewer than N_pretrain",
-            "for update in tqdm(range(1, args.n_pretrain + 1),",
-            "for update in tqdm(range(1, args.n_pretrain),",
+            'update_loop(args, writer, "online pre-training", args.n_pretrain,',
+            'update_loop(args, writer, "online pre-training", args.n_pretrain - 1,',
         ),
         (
             "per-dataset kappa: replay datasets start at 0.3",

@@ -316,3 +316,16 @@ def cli(main: Callable, args_class: type) -> None:
         main(tyro.cli(args_class))
     except UserError as err:
         sys.exit(f"error: {err}")
+
+
+def update_loop(args, writer, name: str, steps: int, update: Callable, ups_tag: str | None = None) -> None:
+    """A phase of `steps` updates without evaluations or checkpoints (a behaviour model, OPT's Online Pre-Training):
+    `update(step) -> metrics` under a progress bar named `name`, the metrics' means every log_freq updates and at
+    the end, with updates per second under `ups_tag` if given."""
+    metrics, start = Metrics(writer), time.perf_counter()
+    for step in tqdm(range(1, steps + 1), desc=name, disable=not args.progress):
+        metrics.add(update(step))
+        if step % args.log_freq == 0 or step == steps:
+            metrics.flush(step)
+            if ups_tag is not None:
+                writer.add_scalar(ups_tag, step / (time.perf_counter() - start), step)
