@@ -454,3 +454,20 @@ def test_report_pairs_arms_by_seed_when_asked(tmp_path):
     unpaired = (tmp_path / "unpaired" / "report.md").read_text()
     low, high = map(float, re.search(r"final \+5\.0 \[([-+.\d]+), ([-+.\d]+)\]", unpaired).groups())
     assert low < -20 and high > 30  # resampling the arms apart mixes the seeds' spread into the difference
+
+
+def test_arm_logs_reads_the_hand_over_and_the_online_means(tmp_path):
+    """Q bias at step 0 vs its mean over later evaluations, and seed means, from synthetic event files."""
+    from benchmark.diagnostics import arm_logs
+
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        writer = SummaryWriter(str(tmp_path / "arm" / "hopper-z" / f"seed{seed}" / "run"))
+        for step, bias in ((0, 1.0 + shift), (50, 3.0 + shift), (100, 5.0 + shift)):
+            writer.add_scalar("eval/q_bias", bias, step)
+        for step, q in ((25, 10.0), (75, 20.0)):
+            writer.add_scalar("losses/qf_values", q + shift, step)
+        writer.close()
+    text = arm_logs.table(tmp_path, ["arm", "missing"])
+    # hand-over (1 + 3) / 2; online ((3 + 5) / 2 + (5 + 7) / 2) / 2; mean Q (15 + 17) / 2; no rank tau, no share
+    assert "| arm | hopper-z | 2 | 2.000 | 5.000 |  |  | 16.000 |  |" in text
+    assert "missing" not in text
