@@ -234,6 +234,10 @@ def test_bad_resume_is_one_line_and_writes_nothing(minari_root, tmp_path, stoppe
     torch.save(checkpoint, run_path / CHECKPOINT)
     with pytest.raises(UserError, match=f"written by another version of {script}.py, which had --gone-flag; start"):
         module.main(module.Args(resume=str(run_path)))
+    del checkpoint["args"]["gone_flag"], checkpoint["format"]  # today's flags, an earlier checkpoint layout
+    torch.save(checkpoint, run_path / CHECKPOINT)
+    with pytest.raises(UserError, match=rf"written by an earlier version of {script}.py \(checkpoint format 1, "):
+        module.main(module.Args(resume=str(run_path)))
 
     (run_path / CHECKPOINT).write_bytes(b"not a checkpoint")
     assert f"{CHECKPOINT} cannot be read" in cli_error(script, ["--resume", str(run_path)], minari_root)

@@ -20,6 +20,8 @@ import torch
 from utils.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
+# 2: the online phases keep their loop state as utils.run.online_loop writes it ("loop": updates, logged_at, seconds)
+CHECKPOINT_FORMAT = 2
 # Flags a resumed run may change: they decide where and how fast it runs, not what it computes.
 OPERATIONAL_FLAGS = frozenset(
     {"resume", "progress", "checkpoint_freq", "cuda", "run_dir", "exp_name", "compile", "cudagraphs"}
@@ -152,6 +154,11 @@ def load_for_resume(run_dir: str, algorithm: str, args, device: torch.device) ->
         raise UserError(
             f"--resume {run_dir}: {CHECKPOINT} was written by another version of {algorithm}.py, which "
             f"{'had no' if new else 'had'} {flags}; start a new run"
+        )
+    if checkpoint.get("format", 1) != CHECKPOINT_FORMAT:
+        raise UserError(
+            f"--resume {run_dir}: {CHECKPOINT} was written by an earlier version of {algorithm}.py (checkpoint format "
+            f"{checkpoint.get('format', 1)}, this one reads {CHECKPOINT_FORMAT}); start a new run"
         )
     for field in dataclasses.fields(args):
         name, value = field.name, getattr(args, field.name)

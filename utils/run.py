@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from utils.checkpoint import (
     CHECKPOINT,
+    CHECKPOINT_FORMAT,
     atomic_save,
     load_for_resume,
     resume_state,
@@ -197,6 +198,7 @@ class Run:
 
         def save(phase: str, step: int, metrics, **state) -> None:
             state |= resume_state(self.writer, self.path, self.env) | {"metrics": (metrics.sums, metrics.counts)}
+            state["format"] = CHECKPOINT_FORMAT
             self.write(CHECKPOINT, agent, phase, step, **extra(), **state)
 
         return save
