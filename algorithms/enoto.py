@@ -481,16 +481,17 @@ def online_phase(
     online = ReplayBuffer(min(args.online_buffer_size, args.online_steps), obs_dim, act_dim, agent.device)
     if resume is not None:
         online.load_state_dict(resume["online"])
-    head = [random.randrange(agent.critic.num_critics) if resume is None else resume["head"]]
+    head = random.randrange(agent.critic.num_critics) if resume is None else resume["head"]
     update = FastUpdate(partial(replay_update, agent, online, args), args.compile, args.cudagraphs)
 
     def store(step: int, obs, action, reward, next_obs, terminated, ended) -> None:
+        nonlocal head
         states = agent.normalize(np.stack([obs, next_obs]))
         trained_reward = training_reward(np.array([reward]), data.task)
         row = transition_rows(states[:1], action[None], trained_reward, states[1:], np.array([terminated]), True)
         online.add(torch.from_numpy(row).to(agent.device))
         if ended:
-            head[0] = random.randrange(agent.critic.num_critics)
+            head = random.randrange(agent.critic.num_critics)
 
     def train(step: int, metrics: Metrics) -> int:
         if step <= args.warmup_steps or online.size < args.batch_size:
@@ -498,9 +499,9 @@ def online_phase(
         metrics.add(update())
         return 1
 
-    act = lambda step, obs: agent.explore(obs, head[0])
+    act = lambda step, obs: agent.explore(obs, head)
     evaluate = lambda step: log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
-    state = lambda: {"online": online.state_dict(), "head": head[0]}
+    state = lambda: {"online": online.state_dict(), "head": head}
     online_loop(args, writer, env, agent.device, act, store, train, evaluate, state, save, resume)
     return online
 

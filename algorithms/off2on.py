@@ -505,7 +505,7 @@ def online_phase(
 ):
     """Blocks of K env steps with the stochastic ensemble policy, each followed by K updates (the first by more).
     With `resume` it continues after the checkpoint's step (utils.run.online_loop)."""
-    block_start = [0 if resume is None else resume["block_start"]]
+    block_start = 0 if resume is None else resume["block_start"]
     if resume is not None:
         replay.load_state_dict(resume["replay"])
     update = FastUpdate(partial(replay_update, agent, replay, args), args.compile, args.cudagraphs)
@@ -516,17 +516,18 @@ def online_phase(
         replay.add(torch.from_numpy(row).to(agent.device))
 
     def train(step: int, metrics: Metrics) -> int:
+        nonlocal block_start
         if step % args.block_steps != 0 and step != args.online_steps:
             return 0
-        multiplier = args.first_block_multiplier if block_start[0] == 0 else 1
-        block_updates, block_start[0] = (step - block_start[0]) * multiplier, step
+        multiplier = args.first_block_multiplier if block_start == 0 else 1
+        block_updates, block_start = (step - block_start) * multiplier, step
         for _ in range(block_updates):
             metrics.add(update())
         return block_updates
 
     act = lambda step, obs: agent.policy(obs, deterministic=False)
     evaluate = lambda step: log_evaluation(writer, agent, eval_env, args, data, "eval", step, args.seed + 100)
-    state = lambda: {"replay": replay.state_dict(), "block_start": block_start[0]}
+    state = lambda: {"replay": replay.state_dict(), "block_start": block_start}
     online_loop(args, writer, env, agent.device, act, store, train, evaluate, state, save, resume)
 
 

@@ -698,7 +698,7 @@ def online_phase(
     Pre-Training resumes before it and repeats it."""
     if resume is not None:
         replay.load_state_dict(resume["replay"])
-    update = []  # the update step, built once Q_on and the density network exist
+    update = None  # the update step, built once Q_on and the density network exist
     kappa = lambda step: kappa_at(step - args.n_tau - 1, args.kappa_start, args.kappa_end, args.kappa_steps)
 
     def store(step: int, obs, action, reward, next_obs, terminated, ended) -> None:
@@ -708,11 +708,11 @@ def online_phase(
         replay.add(torch.from_numpy(row).to(agent.device))  # into B_on and B_BR (the same rows)
 
     def train(step: int, metrics: Metrics) -> int:
+        nonlocal update
         if step <= args.n_tau:
             return 0
-        if not update:
-            update.append(FastUpdate(partial(replay_update, agent, replay, args), args.compile, args.cudagraphs))
-        finetune_step(agent, update[0], kappa(step), args, metrics)
+        update = update or FastUpdate(partial(replay_update, agent, replay, args), args.compile, args.cudagraphs)
+        finetune_step(agent, update, kappa(step), args, metrics)
         return args.updates_per_step
 
     def after_step(step: int) -> None:

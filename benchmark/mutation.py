@@ -344,7 +344,7 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "bootstrap exploration: the head is not redrawn per episode",
-            "            head[0] = random.randrange(agent.critic.num_critics)\n",
+            "            head = random.randrange(agent.critic.num_critics)\n",
             "            pass\n",
         ),
         (
@@ -453,7 +453,7 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
         ),
         (
             "schedule: the first block gets no extra updates",
-            "multiplier = args.first_block_multiplier if block_start[0] == 0 else 1",
+            "multiplier = args.first_block_multiplier if block_start == 0 else 1",
             "multiplier = 1",
         ),
         (

@@ -271,9 +271,8 @@ def online_loop(args, writer, env, device, act, store, train, evaluate, state, s
     updates made` (timed by an UpdateClock); after every log_freq updates and at the last step, the metrics' means,
     charts/UPS (updates per second of update time), charts/SPS (env steps per wall second) and `on_log(step)`;
     `evaluate(step) -> result` every eval_freq steps, then `after_step(step)` (also after step 0's evaluation: a
-    change of phase); and checkpoint.pt by `save` (none
-    when the phase is called directly) every checkpoint_freq steps, by default at each evaluation, with `state()`,
-    the script's part of the loop state (its buffers)."""
+    change of phase); and checkpoint.pt by `save` (none when the phase is called directly) every checkpoint_freq
+    steps, by default at each evaluation, with `state()`, the script's part of the loop state (its buffers)."""
     save = save or (lambda *_, **__: None)
     metrics = Metrics(writer)
     if resume is None:
