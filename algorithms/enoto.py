@@ -44,7 +44,7 @@ from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics
 from utils.optim import adam, optimizer_step, soft_update
-from utils.run import Run, RunArgs, check_bounds, cli, offline_loop, online_loop
+from utils.run import Run, RunArgs, apply_preset, check_bounds, cli, offline_loop, online_loop
 
 
 @dataclass
@@ -121,16 +121,6 @@ PRESETS = {
     "cql_sac": CQL_SAC,
     "cql_cql": CQL_SAC | {"keep_cql_online": True, "online_backup": "cql"},
 }
-
-
-def apply_preset(args: Args) -> None:
-    """Set the preset's values; a flag given with another value than both its default and the preset's is refused."""
-    for name, value in PRESETS[args.preset].items():
-        given, default = getattr(args, name), Args.__dataclass_fields__[name].default
-        if given not in (default, value):
-            flag = f"--{name.replace('_', '-')}"
-            raise UserError(f"--preset {args.preset} sets {flag} {value}; drop {flag} {given} or the preset")
-        setattr(args, name, value)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -518,7 +508,7 @@ def check_args(args: Args) -> None:
 
 def main(args: Args) -> Path:
     run = Run(args, "enoto", "an ENOTO")
-    apply_preset(args)
+    apply_preset(args, PRESETS)
     checkpoint = run.pretrained(needs_statistics=True)
     if checkpoint is not None:  # the networks come from the offline run (official code re-reads its params)
         run.adopt({"num_critics": checkpoint["num_critics"], "hidden_dim": checkpoint["args"]["hidden_dim"]})

@@ -93,7 +93,7 @@ def enoto(task: str, obs_dim: int, act_dim: int, device: torch.device, tiny: boo
     module, fast = script("enoto"), fast_flags(mode)
     sizes = {"num_critics": 2, "hidden_dim": 8, "batch_size": 8} if tiny else {}
     args = module.Args(**sizes, **fast, **flags)
-    module.apply_preset(args)
+    module.apply_preset(args, module.PRESETS)
     agent = module.ENOTO(obs_dim, act_dim, args, device)
     dataset_rows, online_rows = (1000, 1000) if tiny else (DATASET_ROWS, 250_000)
     dataset = random_buffer(module, dataset_rows, dataset_rows, obs_dim, act_dim, device)

@@ -87,6 +87,17 @@ def check_bounds(args, positive: tuple[str, ...] = (), nonnegative: tuple[str, .
                 raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
 
+def apply_preset(args, presets: dict[str, dict]) -> None:
+    """Set the values of `presets[args.preset]`; a flag given with another value than both its default and the
+    preset's is refused with one line (a run never silently means something else than its command line)."""
+    for name, value in presets[args.preset].items():
+        given, default = getattr(args, name), type(args).__dataclass_fields__[name].default
+        if given not in (default, value):
+            flag = f"--{name.replace('_', '-')}"
+            raise UserError(f"--preset {args.preset} sets {flag} {value}; drop {flag} {given} or the preset")
+        setattr(args, name, value)
+
+
 def save_checkpoint(path: Path, algorithm: str, agent, args, data: OfflineData, phase: str, step: int, **state):
     """One self-contained dict, written atomically: the agent's state_dict, what its data and env are, and `state`
     (what --resume needs, in checkpoint.pt)."""
