@@ -294,16 +294,9 @@ def cql_gap(critic: Critic, actor: TanhGaussianActor, obs, next_obs, q_data: tor
     with torch.no_grad():
         policy_actions, policy_log_prob = actor(torch.cat([obs, next_obs]).repeat(samples, 1))
     uniform_actions = torch.rand(samples * batch, act_dim, device=obs.device) * 2 - 1
-    log_density = torch.cat(
-        [
-            torch.full((samples, batch), act_dim * math.log(0.5), device=obs.device),
-            policy_log_prob.view(samples, 2 * batch),
-        ],
-        1,
-    )  # [K, 3B]: uniform, pi(s), pi(s')
-    actions = torch.cat(
-        [uniform_actions.view(samples, batch, act_dim), policy_actions.view(samples, 2 * batch, act_dim)], 1
-    )
+    uniform_log_density = torch.full((samples, batch), act_dim * math.log(0.5), device=obs.device)
+    log_density = torch.cat([uniform_log_density, policy_log_prob.view(samples, 2 * batch)], 1)  # [K, 3B]
+    actions = torch.cat([uniform_actions.view(samples, batch, -1), policy_actions.view(samples, 2 * batch, -1)], 1)
     q = critic(obs.repeat(3, 1).repeat(samples, 1), actions.reshape(-1, act_dim)).view(2, samples, 3, batch)
     values = (q - log_density.view(samples, 3, batch)).permute(0, 3, 1, 2).flatten(2)
     return values.logsumexp(-1).mean(1) - q_data.mean(1)
@@ -381,13 +374,8 @@ class BAQ:
         for optimizer in (self.alpha_optimizer, self.actor_optimizer, self.critic_optimizer):
             optimizer.step()
         soft_update(self.critic_target, self.critic, args.tau)
-        return {
-            "qf_loss": td_loss.detach(),
-            "cql_loss": cql_loss.detach(),
-            "qf_values": q.mean().detach(),
-            "actor_loss": actor_loss.detach(),
-            "alpha": alpha,
-        }
+        losses = {"qf_loss": td_loss, "cql_loss": cql_loss, "qf_values": q.mean(), "actor_loss": actor_loss}
+        return {key: value.detach() for key, value in losses.items()} | {"alpha": alpha}
 
     def iql_update(self, batch, weight) -> dict[str, torch.Tensor]:
         """CORL IQL order: V, then Q towards r + gamma V(s') (pre-update V), then the AWR actor; BAQ Eq. 8-9."""
@@ -407,12 +395,8 @@ class BAQ:
         advantage_weight = torch.exp(args.iql_beta * (target_q - value.detach())).clamp(max=100.0)
         actor_loss = -(advantage_weight * self.actor.distribution(obs).log_prob(action).sum(-1)).mean()
         optimizer_step(self.actor_optimizer, actor_loss)
-        return {
-            "qf_loss": q_loss.detach(),
-            "value_loss": value_loss.detach(),
-            "qf_values": q.mean().detach(),
-            "actor_loss": actor_loss.detach(),
-        }
+        losses = {"qf_loss": q_loss, "value_loss": value_loss, "qf_values": q.mean(), "actor_loss": actor_loss}
+        return {key: value.detach() for key, value in losses.items()}
 
     def hand_over(self) -> None:
         """The online CQL weight; IQL's actor lr becomes a constant 3e-4 (card A14), Adam kept."""
@@ -455,9 +439,8 @@ class BAQ:
                 self.log_alpha.copy_(checkpoint["log_alpha"])
         elif self.actor_schedule is not None and "actor_schedule" in checkpoint:
             self.actor_schedule.load_state_dict(checkpoint["actor_schedule"])
-        self.obs_mean, self.obs_std, self.reward_scale = (
-            checkpoint[k] for k in ("obs_mean", "obs_std", "reward_scale")
-        )
+        self.obs_mean, self.obs_std = checkpoint["obs_mean"], checkpoint["obs_std"]
+        self.reward_scale = checkpoint["reward_scale"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -561,11 +544,7 @@ def online_update(agent: BAQ, replay: PriorityReplay, k_q: float, args: Args) ->
     batch = replay.buffer.split(replay.buffer.storage[index])
     w = td_weight(replay.bc_mse[index], k_q)
     results = {f"losses/{key}": value for key, value in agent.update(batch, w if args.use_weight else 1.0).items()}
-    return results | {
-        "charts/w_mean": w.mean(),
-        "charts/w_min": w.min(),
-        "charts/offline_share": 1.0 - batch[-1].mean(),
-    }
+    return results | {"charts/w_mean": w.mean(), "charts/w_min": w.min(), "charts/offline_share": 1 - batch[-1].mean()}
 
 
 def log_weights(writer, replay: PriorityReplay, k_q: float, step: int) -> None:
@@ -587,10 +566,8 @@ def online_phase(
     def store(step: int, obs, action, reward, next_obs, terminated, ended) -> None:
         states = agent.normalize(np.stack([obs, next_obs]))
         rewards = np.array([reward * agent.reward_scale])
-        row = torch.from_numpy(
-            transition_rows(states[:1], action[None], rewards, states[1:], np.array([terminated]), True)
-        )
-        row = row.to(agent.device)
+        row = transition_rows(states[:1], action[None], rewards, states[1:], np.array([terminated]), True)
+        row = torch.from_numpy(row).to(agent.device)
         bc_mse, distance = bc_distances(agent.bc_model, *replay.buffer.split(row)[:2])
         replay.add(row, bc_mse, priority(distance, k_rho, args.priority_alpha))
 

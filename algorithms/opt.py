@@ -157,15 +157,9 @@ def resolve_args(args: Args, name: str, task: str | None) -> None:
     spot = args.backbone == "spot"
     for field, value in zip(("kappa_start", "kappa_end", "kappa_steps"), defaults["kappa"], strict=True):
         setattr(args, field, value if getattr(args, field) is None else getattr(args, field))
-    fallbacks = {
-        "spot_lambda": defaults["spot_lambda"],
-        "spot_lambda_end": defaults["spot_lambda_end"],
-        "layer_norm": task in ADROIT,
-        "online_gamma": 0.995 if spot and task == "antmaze" else args.gamma,
-        "actor_lr": 1e-4 if spot else 3e-4,
-        "normalize_states": not spot,
-        "updates_per_step": 1 if spot else 5,
-    }
+    fallbacks = {key: defaults[key] for key in ("spot_lambda", "spot_lambda_end")} | {"layer_norm": task in ADROIT}
+    fallbacks |= {"online_gamma": 0.995 if spot and task == "antmaze" else args.gamma, "normalize_states": not spot}
+    fallbacks |= {"actor_lr": 1e-4 if spot else 3e-4, "updates_per_step": 1 if spot else 5}
     for field, value in fallbacks.items():
         if getattr(args, field) is None:
             setattr(args, field, value)
@@ -395,9 +389,8 @@ class OPT:
 
     def target_action(self, next_obs: torch.Tensor) -> torch.Tensor:
         args = self.args
-        noise = (torch.randn(len(next_obs), self.act_dim, device=next_obs.device) * args.policy_noise).clamp(
-            -args.noise_clip, args.noise_clip
-        )
+        noise = torch.randn(len(next_obs), self.act_dim, device=next_obs.device) * args.policy_noise
+        noise = noise.clamp(-args.noise_clip, args.noise_clip)
         return (self.actor_target(next_obs) + noise).clamp(-1.0, 1.0)
 
     def spot_lambda(self, update: int) -> float:
@@ -468,13 +461,9 @@ class OPT:
         with torch.no_grad():
             y_offline = self.td_target(critic_target, *offline_batch[2:5])
             y_online = self.td_target(critic_target, *online_batch[2:5])
+        offline, online = (*offline_batch[:2], y_offline), (*online_batch[:2], y_online)
         objective, offline_loss, online_loss, c = meta_objective(
-            critic,
-            (offline_batch[0], offline_batch[1], y_offline),
-            (online_batch[0], online_batch[1], y_online),
-            args.meta_inner_lr,
-            args.meta_first_order,
-            args.meta_weight,
+            critic, offline, online, args.meta_inner_lr, args.meta_first_order, args.meta_weight
         )
         optimizer_step(optimizer, objective)
         if target_step:
@@ -527,11 +516,9 @@ class OPT:
                 new_priorities = priorities(self.density(obs, action), w_offline, args.priority_temperature)
             loss_w = density_loss(w_online, w_offline)
             optimizer_step(self.density_optimizer, loss_w)
-            results |= {
-                "losses/density_loss": loss_w.detach(),
-                "charts/density_online": w_online.mean().detach(),
-                "charts/density_offline": w_offline.mean().detach(),
-            }
+            density = {"losses/density_loss": loss_w, "charts/density_online": w_online.mean()}
+            results |= {key: value.detach() for key, value in density.items()}
+            results["charts/density_offline"] = w_offline.mean().detach()
         if actor_step:
             actor_loss = self.actor_loss(obs)
             optimizer_step(self.actor_optimizer, actor_loss)
@@ -614,11 +601,8 @@ def prepare_data(agent: OPT, data: OfflineData, fit_statistics: bool) -> np.ndar
     from it (TD3+BC; a loaded checkpoint brings the statistics its networks were trained with)."""
     if fit_statistics:
         agent.obs_mean, agent.obs_std = data.observations.mean(0), data.observations.std(0) + 1e-3
-    columns = (
-        agent.normalize(data.observations),
-        np.clip(data.actions, -1, 1),
-        training_reward(data.rewards, data.task),
-    )
+    reward = training_reward(data.rewards, data.task)
+    columns = (agent.normalize(data.observations), np.clip(data.actions, -1, 1), reward)
     return transition_rows(*columns, agent.normalize(data.next_observations), data.terminals, False)
 
 
@@ -740,9 +724,8 @@ def check_args(args: Args) -> None:
     budgets = ("offline_steps", "online_steps", "n_tau", "n_pretrain", "vae_steps", "kappa_steps")
     check_bounds(args, (*positive, "batch_size"), budgets)
     if args.online_steps > 0 and args.n_tau >= args.online_steps:
-        raise UserError(
-            f"--n-tau {args.n_tau} leaves no fine-tuning in --online-steps {args.online_steps}; lower --n-tau"
-        )
+        steps = f"--n-tau {args.n_tau} leaves no fine-tuning in --online-steps {args.online_steps}"
+        raise UserError(f"{steps}; lower --n-tau")
     if args.online_steps > 0 and args.online_pretraining and args.n_tau == 0:
         raise UserError("Online Pre-Training needs online data: set --n-tau >= 1 or pass --no-online-pretraining")
     for name in ("kappa_start", "kappa_end"):
@@ -760,9 +743,8 @@ def main(args: Args) -> Path:
     if checkpoint is not None:
         trained = checkpoint["args"]
         if args.backbone not in ("auto", trained["backbone"]):
-            raise UserError(
-                f"--pretrained {args.pretrained} holds a {trained['backbone']} backbone, not {args.backbone}"
-            )
+            held = f"--pretrained {args.pretrained} holds a {trained['backbone']} backbone"
+            raise UserError(f"{held}, not {args.backbone}")
         for name in ("backbone", "hidden_dim", "layer_norm", "normalize_states"):  # the network's shape and inputs
             setattr(args, name, trained[name])
     data = load_dataset(args.env_id)
