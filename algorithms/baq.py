@@ -294,6 +294,7 @@ def cql_gap(critic: Critic, actor: TanhGaussianActor, obs, next_obs, q_data: tor
     with torch.no_grad():
         policy_actions, policy_log_prob = actor(torch.cat([obs, next_obs]).repeat(samples, 1))
     uniform_actions = torch.rand(samples * batch, act_dim, device=obs.device) * 2 - 1
+    # the logsumexp's columns: K x (B uniform, B from pi(s), B from pi(s'))
     uniform_log_density = torch.full((samples, batch), act_dim * math.log(0.5), device=obs.device)
     log_density = torch.cat([uniform_log_density, policy_log_prob.view(samples, 2 * batch)], 1)  # [K, 3B]
     actions = torch.cat([uniform_actions.view(samples, batch, -1), policy_actions.view(samples, 2 * batch, -1)], 1)

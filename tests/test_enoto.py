@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from algorithms import enoto
 from tests.conftest import REPO, assert_sgd_step, cli_error, no_host_sync, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
-from utils.run import save_checkpoint
+from utils.run import apply_preset, save_checkpoint
 
 OBS, ACT = 4, 3
 
@@ -144,10 +144,10 @@ def test_cql_backup_online_is_the_offline_backup_in_the_real_update(monkeypatch,
 
 def test_presets_set_their_values_and_refuse_a_contradicting_flag():
     args = enoto.Args(preset="official")
-    enoto.apply_preset(args, enoto.PRESETS)
+    apply_preset(args, enoto.PRESETS)
     assert (args.exploration, args.sunrise_weight, args.num_critics) == ("none", "batch", 10)
     args = enoto.Args(preset="cql_cql")
-    enoto.apply_preset(args, enoto.PRESETS)
+    apply_preset(args, enoto.PRESETS)
     assert (args.num_critics, args.q_target, args.exploration, args.sunrise_weight) == (2, "min", "none", "off")
     assert args.keep_cql_online and args.online_backup == "cql"
     agent = enoto.ENOTO(OBS, ACT, args, torch.device("cpu"))
@@ -155,7 +155,7 @@ def test_presets_set_their_values_and_refuse_a_contradicting_flag():
     assert agent.cql_weight == 5.0  # the CQL term stays online
     args = enoto.Args(preset="cql_sac", num_critics=2, exploration="oac")  # agrees, then contradicts
     with pytest.raises(enoto.UserError, match="--preset cql_sac sets --exploration none; drop --exploration oac"):
-        enoto.apply_preset(args, enoto.PRESETS)
+        apply_preset(args, enoto.PRESETS)
     assert enoto.Args().preset == "enoto" and enoto.PRESETS["enoto"] == {}  # the card's defaults stay
 
 
