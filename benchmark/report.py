@@ -203,6 +203,14 @@ def seed_table(method: dict, base: dict) -> list[str]:
     return lines
 
 
+def on_seeds(row: dict, seeds: list[int]) -> dict:
+    """The row restricted to `seeds`: every per-seed array indexed alike."""
+    index = [row["seeds"].index(seed) for seed in seeds]
+    return {key: value[index] if isinstance(value, np.ndarray) else value for key, value in row.items()} | {
+        "seeds": list(seeds)
+    }
+
+
 def difference(method: dict, base: dict, key: str, paired: bool) -> str:
     """Mean of method minus base with its 95% bootstrap interval: paired, the per-seed differences (seeds resampled
     jointly); else each arm's seeds resampled apart."""
@@ -255,17 +263,26 @@ def markdown(
         shared = [d for d in sorted({r["dataset"] for r in rows}) if (method, d) in by_key and (base, d) in by_key]
         if not shared:
             continue  # a pair of a protocol piece not run yet
-        same_seeds = all(by_key[(method, d)]["seeds"] == by_key[(base, d)]["seeds"] for d in shared)
-        if paired and same_seeds:  # every arm from one starting point per seed: differences per seed
+        if paired:  # every arm from one starting point per seed: differences per seed, on the seeds both ran
+            arms = {}
+            for dataset in shared:
+                both = [seed for seed in by_key[(method, dataset)]["seeds"] if seed in by_key[(base, dataset)]["seeds"]]
+                if both:
+                    arms[dataset] = (on_seeds(by_key[(method, dataset)], both), on_seeds(by_key[(base, dataset)], both))
             lines += ["", f"{method} minus {base} per dataset, paired by seed, mean [95% bootstrap CI]:", ""]
-        else:
-            lines += ["", f"{method} minus {base} per dataset, mean [95% bootstrap CI over seeds]:", ""]
-        keys = ("final", "lowest", "online_mean") if paired and same_seeds else ("final", "dip")
+            for dataset, (mine, theirs) in arms.items():
+                parts = [difference(mine, theirs, key, True) for key in ("final", "lowest", "online_mean")]
+                lines.append(f"- {dataset} (seeds {' '.join(map(str, mine['seeds']))}): {'; '.join(parts)}")
+            for dataset, (mine, theirs) in arms.items():
+                lines += ["", f"{method} and {base} on {dataset}, per seed:", ""]
+                lines += seed_table(mine, theirs)
+            continue
+        lines += ["", f"{method} minus {base} per dataset, mean [95% bootstrap CI over seeds]:", ""]
         for dataset in shared:
-            arms = by_key[(method, dataset)], by_key[(base, dataset)]
-            parts = [difference(*arms, key, paired and same_seeds) for key in keys]
+            mine, theirs = by_key[(method, dataset)], by_key[(base, dataset)]
+            parts = [difference(mine, theirs, key, False) for key in ("final", "dip")]
             lines.append(f"- {dataset}: {'; '.join(parts)}")
-        if same_seeds:
+        if all(by_key[(method, d)]["seeds"] == by_key[(base, d)]["seeds"] for d in shared):
             for dataset in shared:
                 lines += ["", f"{method} and {base} on {dataset}, per seed:", ""]
                 lines += seed_table(by_key[(method, dataset)], by_key[(base, dataset)])

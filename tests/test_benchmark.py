@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -447,13 +448,18 @@ def test_report_pairs_arms_by_seed_when_asked(tmp_path):
     common = ["--sweep-dir", str(tmp_path), "--baseline", "arm=base", "--only", "arm", "base"]
     report.main([*common, "--out", str(tmp_path / "paired"), "--paired"])
     text = (tmp_path / "paired" / "report.md").read_text()
-    assert "- hopper-z: final +5.0 [+5.0, +5.0]; lowest online evaluation +5.0 [+5.0, +5.0]; online mean +5.0" in text
+    assert "- hopper-z (seeds 0 1 2): final +5.0 [+5.0, +5.0]; lowest online evaluation +5.0 [+5.0, +5.0]" in text
     assert "| 2 | 12.0 / 12.0 | 54.0 / 49.0 | 105.0 / 100.0 | 79.5 / 74.5 |" in text  # hand-over, lowest, final, mean
     assert "| other |" not in text
     report.main([*common, "--out", str(tmp_path / "unpaired")])
     unpaired = (tmp_path / "unpaired" / "report.md").read_text()
     low, high = map(float, re.search(r"final \+5\.0 \[([-+.\d]+), ([-+.\d]+)\]", unpaired).groups())
     assert low < -20 and high > 30  # resampling the arms apart mixes the seeds' spread into the difference
+    shutil.rmtree(tmp_path / "base" / "hopper-z" / "seed1")  # the baseline lacks a seed: pairs on seeds 0 and 2
+    report.main([*common, "--out", str(tmp_path / "partial"), "--paired"])
+    partial = (tmp_path / "partial" / "report.md").read_text()
+    assert "- hopper-z (seeds 0 2): final +5.0 [+5.0, +5.0]" in partial
+    assert "| 2 | 12.0 / 12.0 | 54.0 / 49.0 | 105.0 / 100.0 | 79.5 / 74.5 |" in partial and "\n| 1 |" not in partial
 
 
 def test_arm_logs_reads_the_hand_over_and_the_online_means(tmp_path):
