@@ -263,29 +263,24 @@ def markdown(
         shared = [d for d in sorted({r["dataset"] for r in rows}) if (method, d) in by_key and (base, d) in by_key]
         if not shared:
             continue  # a pair of a protocol piece not run yet
-        if paired:  # every arm from one starting point per seed: differences per seed, on the seeds both ran
-            arms = {}
-            for dataset in shared:
-                both = [seed for seed in by_key[(method, dataset)]["seeds"] if seed in by_key[(base, dataset)]["seeds"]]
-                if both:
-                    arms[dataset] = (on_seeds(by_key[(method, dataset)], both), on_seeds(by_key[(base, dataset)], both))
-            lines += ["", f"{method} minus {base} per dataset, paired by seed, mean [95% bootstrap CI]:", ""]
-            for dataset, (mine, theirs) in arms.items():
-                parts = [difference(mine, theirs, key, True) for key in ("final", "lowest", "online_mean")]
-                lines.append(f"- {dataset} (seeds {' '.join(map(str, mine['seeds']))}): {'; '.join(parts)}")
+        arms = {}  # paired: every arm from one starting point per seed, differences per seed on the seeds both ran
+        for dataset in shared:
+            mine, theirs = by_key[(method, dataset)], by_key[(base, dataset)]
+            both = [seed for seed in mine["seeds"] if seed in theirs["seeds"]]
+            if paired and both:
+                arms[dataset] = on_seeds(mine, both), on_seeds(theirs, both)
+            elif not paired:
+                arms[dataset] = mine, theirs
+        kind = "paired by seed, mean [95% bootstrap CI]" if paired else "mean [95% bootstrap CI over seeds]"
+        lines += ["", f"{method} minus {base} per dataset, {kind}:", ""]
+        keys = ("final", "lowest", "online_mean") if paired else ("final", "dip")
+        for dataset, (mine, theirs) in arms.items():
+            label = f"{dataset} (seeds {' '.join(map(str, mine['seeds']))})" if paired else dataset
+            lines.append(f"- {label}: {'; '.join(difference(mine, theirs, key, paired) for key in keys)}")
+        if paired or all(mine["seeds"] == theirs["seeds"] for mine, theirs in arms.values()):
             for dataset, (mine, theirs) in arms.items():
                 lines += ["", f"{method} and {base} on {dataset}, per seed:", ""]
                 lines += seed_table(mine, theirs)
-            continue
-        lines += ["", f"{method} minus {base} per dataset, mean [95% bootstrap CI over seeds]:", ""]
-        for dataset in shared:
-            mine, theirs = by_key[(method, dataset)], by_key[(base, dataset)]
-            parts = [difference(mine, theirs, key, False) for key in ("final", "dip")]
-            lines.append(f"- {dataset}: {'; '.join(parts)}")
-        if all(by_key[(method, d)]["seeds"] == by_key[(base, d)]["seeds"] for d in shared):
-            for dataset in shared:
-                lines += ["", f"{method} and {base} on {dataset}, per seed:", ""]
-                lines += seed_table(by_key[(method, dataset)], by_key[(base, dataset)])
     return "\n".join(lines) + "\n\n![curves](curves.png)\n"
 
 

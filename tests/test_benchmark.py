@@ -448,7 +448,8 @@ def test_report_pairs_arms_by_seed_when_asked(tmp_path):
     common = ["--sweep-dir", str(tmp_path), "--baseline", "arm=base", "--only", "arm", "base"]
     report.main([*common, "--out", str(tmp_path / "paired"), "--paired"])
     text = (tmp_path / "paired" / "report.md").read_text()
-    assert "- hopper-z (seeds 0 1 2): final +5.0 [+5.0, +5.0]; lowest online evaluation +5.0 [+5.0, +5.0]" in text
+    expected = "- hopper-z (seeds 0 1 2): final +5.0 [+5.0, +5.0]; lowest online evaluation +5.0 [+5.0, +5.0]; "
+    assert expected + "online mean +5.0" in text
     assert "| 2 | 12.0 / 12.0 | 54.0 / 49.0 | 105.0 / 100.0 | 79.5 / 74.5 |" in text  # hand-over, lowest, final, mean
     assert "| other |" not in text
     report.main([*common, "--out", str(tmp_path / "unpaired")])
