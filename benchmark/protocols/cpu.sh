@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 DATASETS="hopper-sac-medium hopper-sac-medium-replay"
-SEEDS="0 1 2"
+SEEDS=${SEEDS:-0 1 2}  # SEEDS=1 WORKERS=1: one seed of a piece on one core (two pieces side by side)
+WORKERS=${WORKERS:-2}
 OFFLINE=runs/protocol-cpu-offline
 ONLINE=runs/protocol-cpu
 RESULTS=benchmark/results/protocol-cpu
@@ -26,7 +27,7 @@ sweep() {  # sweep <sweep-dir> <algorithm> <label> <flags...>; online runs whose
     # not offline ones: their offline.pt is not committed (but so2-ablation's), and the online runs still need it
     [ "$dir" = "$ONLINE" ] && collected=(--collected "$RESULTS/online")
     python benchmark/sweep.py --algorithms "$algorithm" --label "$label" --datasets $DATASETS --seeds $SEEDS \
-        --sweep-dir "$dir" --workers 2 "${collected[@]}" -- $COMMON "$@" || true  # failures: failures.json
+        --sweep-dir "$dir" --workers "$WORKERS" "${collected[@]}" -- $COMMON "$@" || true  # failures: failures.json
 }
 
 collect() {  # collect <label>: events and args.json of the finished runs (final.pt) into the results tree
