@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any directory
 from utils import OfflineData, UserError, evaluate, load_dataset
-from utils.buffers import ReplayBuffer, transition_rows
+from utils.buffers import ReplayBuffer, StaticPriorityReplay, transition_rows
 from utils.evaluation import write_scores
 from utils.fast import FastUpdate
 from utils.metrics import Metrics
@@ -220,45 +220,27 @@ class BehaviourModel(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-class PriorityReplay:
-    """Offline then online rows, each with its BC MSE (for w) and a static priority rho (Eq. 10).
-
-    Priorities never change, so an append-only float64 prefix sum is the whole sampler: a uniform draw in
-    [0, total) is located by `searchsorted`, which gives P(i) = rho_i / sum rho exactly.
-    """
+class PriorityReplay(StaticPriorityReplay):
+    """Offline then online rows, each with its static priority rho (Eq. 10; the sampler: utils.buffers) and its
+    BC MSE (for w)."""
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        self.buffer = ReplayBuffer(capacity, obs_dim, act_dim, device)
+        super().__init__(capacity, obs_dim, act_dim, device)
         self.bc_mse = torch.zeros(capacity, device=device)
-        # +inf past the last row: a search over the whole vector lands in the filled part, so the sampler
-        # reads no Python-int size (one graph while the buffer grows)
-        self.cumulative = torch.full((capacity,), torch.inf, dtype=torch.float64, device=device)
         self.num_offline = 0
 
     def add(self, rows: torch.Tensor, bc_mse: torch.Tensor, priority: torch.Tensor) -> None:
-        start, end = self.buffer.size, self.buffer.size + len(rows)
-        total = self.cumulative[start - 1] if start > 0 else 0.0
-        self.cumulative[start:end] = total + priority.double().cumsum(0)
-        self.bc_mse[start:end] = bc_mse
-        self.buffer.add(rows)
-
-    def sample(self, n: int, prioritized: bool) -> torch.Tensor:
-        last, device = self.buffer.filled - 1, self.cumulative.device
-        if not prioritized:
-            return torch.randint(0, 2**62, (n,), device=device) % self.buffer.filled
-        total = self.cumulative.index_select(0, last.view(1))  # not cumulative[last]: a device index is a sync
-        draws = torch.rand(n, dtype=torch.float64, device=device) * total
-        return torch.minimum(torch.searchsorted(self.cumulative, draws, right=True), last)
+        start = self.buffer.size
+        super().add(rows, priority)
+        self.bc_mse[start : start + len(rows)] = bc_mse
 
     def state_dict(self) -> dict:
-        size = self.buffer.size
-        copy = {name: getattr(self, name)[:size].to("cpu", copy=True) for name in ("bc_mse", "cumulative")}
-        return copy | {"buffer": self.buffer.state_dict(), "num_offline": self.num_offline}
+        bc_mse = self.bc_mse[: self.buffer.size].to("cpu", copy=True)
+        return super().state_dict() | {"bc_mse": bc_mse, "num_offline": self.num_offline}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer.load_state_dict(state["buffer"])
+        super().load_state_dict(state)
         self.bc_mse[: self.buffer.size] = state["bc_mse"].to(self.bc_mse.device)
-        self.cumulative[: self.buffer.size] = state["cumulative"].to(self.cumulative.device)
         self.num_offline = state["num_offline"]
 
 

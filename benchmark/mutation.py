@@ -743,6 +743,7 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
             "fast path: the priority draw reads the host-side size",
             "total = self.cumulative.index_select(0, last.view(1))",
             "total = self.cumulative[self.buffer.size - 1]",
+            "utils/buffers.py",
         ),
     ],
 }

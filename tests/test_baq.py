@@ -88,6 +88,14 @@ def test_sampling_frequencies_follow_the_priorities_and_new_rows_take_their_mass
     assert abs((uniform >= 1000).double().mean().item() - 100 / 1100) < 0.005
 
 
+def test_the_static_priority_replay_refuses_rows_past_its_capacity_instead_of_wrapping():
+    # a wrap would overwrite offline rows under a prefix sum that still counts their priorities
+    replay = filled_replay(torch.ones(8, dtype=torch.float64), 10)
+    with pytest.raises(ValueError, match="holds 10 rows; 11 do not fit"):
+        replay.add(torch.zeros(3, 2 * OBS + ACT + 3), torch.zeros(3), torch.ones(3))
+    assert replay.buffer.size == 8 and torch.equal(replay.cumulative[:8], torch.arange(1.0, 9.0, dtype=torch.float64))
+
+
 def test_cql_weighted_td_loss_matches_a_hand_computation():
     agent = tiny_agent(cql_weight=0.0)
     constant_output(agent.critic, [2.0, -1.0])

@@ -1,4 +1,5 @@
-"""Device-resident replay: a ring buffer of packed transitions and the balanced replay with block priority sampling.
+"""Device-resident replay: a ring buffer of packed transitions, a static-priority replay (a prefix-sum sampler), and
+the balanced replay with block priority sampling.
 
 A buffer row is [obs, action, reward, next_obs, done, is_online]. Sizes and bounds that grow with the buffer are
 device tensors (`filled`), so an update that samples stays one compiled graph or CUDA graph while it grows.
@@ -59,6 +60,45 @@ def transition_rows(obs, action, reward, next_obs, done, is_online) -> np.ndarra
     n = len(obs)
     columns = [obs, action, reward.reshape(n, 1), next_obs, done.reshape(n, 1), np.full((n, 1), float(is_online))]
     return np.concatenate(columns, axis=1).astype(np.float32)
+
+
+class StaticPriorityReplay:
+    """Rows that keep the priority they entered with, appended in order, never overwritten (size it for everything).
+
+    Priorities never change, so an append-only float64 prefix sum is the whole sampler: a uniform draw in
+    [0, total) is located by `searchsorted`, which gives P(i) = priority_i / sum of priorities exactly.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.buffer = ReplayBuffer(capacity, obs_dim, act_dim, device)
+        # +inf past the last row: a search over the whole vector lands in the filled part, so the sampler
+        # reads no Python-int size (one graph while the buffer grows)
+        self.cumulative = torch.full((capacity,), torch.inf, dtype=torch.float64, device=device)
+
+    def add(self, rows: torch.Tensor, priority: torch.Tensor) -> None:
+        start, end = self.buffer.size, self.buffer.size + len(rows)
+        if end > self.buffer.capacity:
+            raise ValueError(f"StaticPriorityReplay holds {self.buffer.capacity} rows; {end} do not fit")
+        total = self.cumulative[start - 1] if start > 0 else 0.0
+        self.cumulative[start:end] = total + priority.double().cumsum(0)
+        self.buffer.add(rows)
+
+    def sample(self, n: int, prioritized: bool) -> torch.Tensor:
+        """n row indices in proportion to priority, or uniformly over the filled rows."""
+        last, device = self.buffer.filled - 1, self.cumulative.device
+        if not prioritized:
+            return torch.randint(0, 2**62, (n,), device=device) % self.buffer.filled
+        total = self.cumulative.index_select(0, last.view(1))  # not cumulative[last]: a device index is a sync
+        draws = torch.rand(n, dtype=torch.float64, device=device) * total
+        return torch.minimum(torch.searchsorted(self.cumulative, draws, right=True), last)
+
+    def state_dict(self) -> dict:
+        cumulative = self.cumulative[: self.buffer.size].to("cpu", copy=True)
+        return {"buffer": self.buffer.state_dict(), "cumulative": cumulative}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.load_state_dict(state["buffer"])
+        self.cumulative[: self.buffer.size] = state["cumulative"].to(self.cumulative.device)
 
 
 # Rows per block of the two-level prefix sums of the priority sampler: a draw of n rows costs about
