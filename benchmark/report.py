@@ -9,13 +9,14 @@ budget (`online_steps` of its args.json; without one, the largest last step of i
 and is not listed in <sweep-dir>/failures.json; other runs are listed as incomplete and counted nowhere.
 Per algorithm x dataset, over complete seeds (mean +- population std): the score at hand-over, the drop
 (the first evaluation at or after --drop-step minus the hand-over), the deepest dip (the lowest online
-evaluation minus the hand-over), the final score (at the budget), the
+evaluation minus the hand-over; with --lowest-until STEPS, the lowest of the evaluations up to STEPS, such as the
+first 10k online steps issue #34 asks for), the final score (at the budget), the
 mean of the online evaluations after the hand-over (e.g. BAQ's card: the mean of evaluations at 5k ... 30k),
 and the area under the online curve as a step-weighted mean (trapezoids). Across datasets: the IQM of the
 final scores with a 95% stratified bootstrap interval (rliable: 50,000 resamples of the seeds within each
 dataset), on the same number of seeds per dataset (the lowest; the report says which seeds it left out).
---baseline METHOD=BASE adds, per dataset, METHOD minus BASE in mean final score and in mean dip, each with a
-bootstrap interval (pairs without data are left out), and puts each pair in its own row of curves.png; where both
+--baseline METHOD=BASE adds, per dataset, METHOD minus BASE in mean final score, in mean dip and in the mean of
+the online evaluations, each with a bootstrap interval (pairs without data are left out), and puts each pair in its own row of curves.png; where both
 ran the same seeds, a table lists each seed's hand-over, lowest online evaluation, final score and mean of the
 online evaluations for both. With --paired (for arms run from one starting point per seed, such as an ablation
 from one offline.pt per seed) the differences in final score, lowest evaluation and online mean are taken per seed
@@ -122,7 +123,14 @@ def score_at(steps: np.ndarray, scores: np.ndarray, step: float) -> float:
     return float(scores[index])
 
 
-def summarise(curves, drop_step: float) -> list[dict]:
+def lowest_online(steps: np.ndarray, scores: np.ndarray, until: float | None) -> float:
+    """The lowest evaluation after the hand-over (up to step `until` if given; the first one if none is that early);
+    the hand-over itself for a run without online evaluations."""
+    online = scores[1:][steps[1:] <= until] if until is not None else scores[1:]
+    return float(online.min()) if len(online) else float(scores[min(1, len(scores) - 1)])
+
+
+def summarise(curves, drop_step: float, lowest_until: float | None = None) -> list[dict]:
     rows = []
     for (algorithm, dataset), seeds in sorted(curves.items()):
         runs = [seeds[seed] for seed in sorted(seeds)]
@@ -134,13 +142,13 @@ def summarise(curves, drop_step: float) -> list[dict]:
                 "budget": int(runs[0][0][-1]),
                 "start": np.array([scores[0] for _, scores in runs]),
                 "drop": np.array([score_at(steps, scores, drop_step) - scores[0] for steps, scores in runs]),
-                "dip": np.array([scores[1:].min() - scores[0] if len(scores) > 1 else 0.0 for _, scores in runs]),
-                "lowest": np.array([scores[1:].min() if len(scores) > 1 else scores[0] for _, scores in runs]),
+                "lowest": np.array([lowest_online(steps, scores, lowest_until) for steps, scores in runs]),
                 "final": np.array([scores[-1] for _, scores in runs]),
                 "online_mean": np.array([scores[1:].mean() if len(scores) > 1 else scores[0] for _, scores in runs]),
                 "auc": np.array([area_under_curve(steps, scores) for steps, scores in runs]),
             }
         )
+        rows[-1]["dip"] = rows[-1]["lowest"] - rows[-1]["start"]
     return rows
 
 
@@ -223,7 +231,13 @@ def difference(method: dict, base: dict, key: str, paired: bool) -> str:
 
 
 def markdown(
-    rows: list[dict], command: str, incomplete: list[str], baselines: list[str], drop_step: float, paired: bool = False
+    rows: list[dict],
+    command: str,
+    incomplete: list[str],
+    baselines: list[str],
+    drop_step: float,
+    paired: bool = False,
+    lowest_until: float | None = None,
 ) -> str:
     pm = lambda x: f"{x.mean():.1f} ± {x.std():.1f}"
     lines = [
@@ -244,6 +258,8 @@ def markdown(
         f"| {pm(r['drop'])}{shorter(r)} | {pm(r['dip'])} | {pm(r['final'])} | {pm(r['online_mean'])} | {pm(r['auc'])} |"
         for r in rows
     ]
+    if lowest_until is not None:
+        lines += ["", f"Deepest dip and lowest online evaluation: the evaluations up to online step {lowest_until:g}."]
     if incomplete:
         lines += ["", f"Incomplete runs, counted nowhere: {', '.join(incomplete)}."]
     lines += ["", "Aggregate over datasets, final score: IQM [95% stratified bootstrap CI, 50,000 resamples]", ""]
@@ -273,7 +289,7 @@ def markdown(
                 arms[dataset] = mine, theirs
         kind = "paired by seed, mean [95% bootstrap CI]" if paired else "mean [95% bootstrap CI over seeds]"
         lines += ["", f"{method} minus {base} per dataset, {kind}:", ""]
-        keys = ("final", "lowest", "online_mean") if paired else ("final", "dip")
+        keys = ("final", "lowest", "online_mean") if paired else ("final", "dip", "online_mean")
         for dataset, (mine, theirs) in arms.items():
             label = f"{dataset} (seeds {' '.join(map(str, mine['seeds']))})" if paired else dataset
             lines.append(f"- {label}: {'; '.join(difference(mine, theirs, key, paired) for key in keys)}")
@@ -292,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drop-step", type=float, default=10_000, help="online step of the drop figure")
     parser.add_argument("--baseline", action="append", default=[], metavar="METHOD=BASE", help="method minus baseline")
     parser.add_argument("--paired", action="store_true", help="differences per seed where both ran the same seeds")
+    parser.add_argument("--lowest-until", type=float, default=None, help="lowest evaluation and dip up to this step")
     parser.add_argument("--only", nargs="+", default=None, metavar="ALGORITHM", help="only these algorithm folders")
     args = parser.parse_args(argv)
     for pair in args.baseline:
@@ -301,8 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     if not curves:
         raise SystemExit(f"error: no complete {TAG} logs under {args.sweep_dir}/<algorithm>/<dataset>/seed<N>/")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = summarise(curves, args.drop_step)
-    text = markdown(rows, args.command, incomplete, args.baseline, args.drop_step, args.paired)
+    rows = summarise(curves, args.drop_step, args.lowest_until)
+    text = markdown(rows, args.command, incomplete, args.baseline, args.drop_step, args.paired, args.lowest_until)
     (args.out / "report.md").write_text(text)
     plot(curves, args.out / "curves.png", args.baseline)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'curves.png'}")

@@ -433,6 +433,28 @@ def test_every_mutation_edit_still_matches_its_script_once():
     assert len(edits) > 100 and stale == []
 
 
+def test_report_takes_the_lowest_evaluation_up_to_lowest_until(tmp_path):
+    """A late collapse counts in the dip over the whole run, not in the dip up to --lowest-until (issue #34: the
+    lowest evaluation in the first 10k online steps); the differences also name the online mean."""
+    for algorithm, scores in (("late", (50.0, 40.0, 10.0)), ("flat", (50.0, 45.0, 45.0))):
+        run = tmp_path / algorithm / "hopper-z" / "seed0" / "run"
+        writer = SummaryWriter(str(run))
+        for step, score in zip((0, 50, 100), scores, strict=True):
+            writer.add_scalar("eval/normalized_score", score, step)
+        writer.close()
+    common = ["--sweep-dir", str(tmp_path), "--baseline", "late=flat", "--only", "late", "flat"]
+    report.main([*common, "--out", str(tmp_path / "all")])
+    whole = (tmp_path / "all" / "report.md").read_text()
+    assert "| late | hopper-z | 1 | 100 | 50.0 ± 0.0 | -40.0 ± 0.0 (at 100: the run's end) | -40.0 ± 0.0 |" in whole
+    assert "- hopper-z: final -35.0 [-35.0, -35.0]; dip -35.0 [-35.0, -35.0]; online mean -20.0" in whole
+    report.main([*common, "--out", str(tmp_path / "early"), "--lowest-until", "50"])
+    early = (tmp_path / "early" / "report.md").read_text()
+    assert "| late | hopper-z | 1 | 100 | 50.0 ± 0.0 | -40.0 ± 0.0 (at 100: the run's end) | -10.0 ± 0.0 |" in early
+    assert "- hopper-z: final -35.0 [-35.0, -35.0]; dip -5.0 [-5.0, -5.0]" in early
+    assert "the evaluations up to online step 50." in early
+    assert "| 0 | 50.0 / 50.0 | 40.0 / 45.0 | 10.0 / 45.0 | 25.0 / 45.0 |" in early  # per seed: lowest to 50
+
+
 def test_report_pairs_arms_by_seed_when_asked(tmp_path):
     """Arms from one starting point per seed: the seeds differ a lot, the arms by exactly +5 in every seed. Paired,
     the interval is that +5 alone; unpaired it spans the seeds' spread. --only leaves other folders out."""

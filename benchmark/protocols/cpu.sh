@@ -188,12 +188,13 @@ report)
         --command "bash benchmark/protocols/cpu.sh so2-ablation (flags: benchmark/protocols/cpu.md)" || true
     # Round 2 (issue #34): ENOTO and Off2On from strong hand-overs (each arm its own pretraining: unpaired), OPT
     # and TD3 from one 1M-update offline.pt per seed (paired)
-    python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS/strong" \
+    python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS/strong" --lowest-until 10000 \
         --only enoto-strong cql-sac-strong cql-cql-strong off2on-strong uniform-n1-strong \
         --baseline enoto-strong=cql-sac-strong --baseline enoto-strong=cql-cql-strong \
         --baseline off2on-strong=uniform-n1-strong \
         --command "bash benchmark/protocols/cpu.sh enoto-strong|off2on-strong (flags: benchmark/protocols/cpu.md)" || true
-    python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS/opt-1m" --paired --only opt-1m td3-1m \
+    python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS/opt-1m" --paired --lowest-until 10000 \
+        --only opt-1m td3-1m \
         --baseline opt-1m=td3-1m --command "bash benchmark/protocols/cpu.sh opt-1m (flags: benchmark/protocols/cpu.md)" \
         || true
     ;;
