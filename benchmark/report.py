@@ -10,18 +10,18 @@ in <sweep-dir>/failures.json; other runs are listed as incomplete and counted no
 complete seeds (mean +- population std): the score at hand-over, the drop (the first evaluation at or after
 --drop-step minus the hand-over), the deepest dip (the lowest online evaluation minus the hand-over; with
 --lowest-until STEPS, the lowest of the evaluations up to STEPS, such as the first 10k online steps issue #34 asks
-for), the final score (at the budget), the mean of the online evaluations after the hand-over (e.g. BAQ's card: the
-mean of evaluations at 5k ... 30k), and the area under the online curve as a step-weighted mean (trapezoids). Across
-datasets: the IQM of the final scores with a 95% stratified bootstrap interval (rliable: 50,000 resamples of the
-seeds within each dataset), on the same number of seeds per dataset (the lowest; the report says which seeds it left
-out). --baseline METHOD=BASE adds, per dataset, METHOD minus BASE in mean final score, in mean dip and in the mean
-of the online evaluations, each with a bootstrap interval (pairs without data are left out), and puts each pair in
-its own row of curves.png; where both ran the same seeds, a table lists each seed's hand-over, lowest online
-evaluation, final score and mean of the online evaluations for both. With --paired (for arms run from one starting
-point per seed, such as an ablation from one offline.pt per seed) the differences in final score, lowest evaluation
-and online mean are taken per seed and their intervals resample the seeds jointly. --only restricts the report to
-some algorithm folders. Writes report.md and curves.png into --out.
-"""
+for; a run without one that early: its first online evaluation), the final score (at the budget), the mean of the
+online evaluations after the hand-over (e.g. BAQ's card: the mean of evaluations at 5k ... 30k), and the area under
+the online curve as a step-weighted mean (trapezoids). Across datasets: the IQM of the final scores with a 95%
+stratified bootstrap interval (rliable: 50,000 resamples of the seeds within each dataset), on the same number of
+seeds per dataset (the lowest; the report says which seeds it left out). --baseline METHOD=BASE adds, per dataset,
+METHOD minus BASE in mean final score, in mean dip and in the mean of the online evaluations, each with a bootstrap
+interval (pairs without data are left out), and puts each pair in its own row of curves.png; where both ran the same
+seeds, a table lists each seed's hand-over, lowest online evaluation, final score and mean of the online evaluations
+for both. With --paired (for arms run from one starting point per seed, such as an ablation from one offline.pt per
+seed) the differences in final score, lowest evaluation and online mean are taken per seed and their intervals
+resample the seeds jointly. --only restricts the report to some algorithm folders. Writes report.md and curves.png
+into --out. """
 
 from __future__ import annotations
 
@@ -258,7 +258,8 @@ def markdown(
         for r in rows
     ]
     if lowest_until is not None:
-        lines += ["", f"Deepest dip and lowest online evaluation: the evaluations up to online step {lowest_until:g}."]
+        until = f"the evaluations up to online step {int(lowest_until)} (a run with none: its first online one)"
+        lines += ["", f"Deepest dip and lowest online evaluation: {until}."]
     if incomplete:
         lines += ["", f"Incomplete runs, counted nowhere: {', '.join(incomplete)}."]
     lines += ["", "Aggregate over datasets, final score: IQM [95% stratified bootstrap CI, 50,000 resamples]", ""]

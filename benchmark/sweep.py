@@ -12,11 +12,11 @@ start from the offline sweep's checkpoints:
     python benchmark/sweep.py --algorithms opt --label td3 ... -- \
         --pretrained "runs/offline/opt/{dataset}/seed{seed}/*/offline.pt" --no-new-critic ...
 
-Run (algorithm, dataset, seed) writes into <sweep-dir>/<label or algorithm>/<dataset>/seed<seed>/; a run
-with a final.pt there is finished and skipped, and one with a checkpoint.pt (killed, preempted, crashed)
-continues with `--resume`, so a sweep can be started again after an interruption and loses at most the
-steps since each run's last checkpoint. A failed run is retried once (resumed where it can be), then
-reported in <sweep-dir>/failures.json; it never stops the sweep. Each attempt's command and output are in
+Run (algorithm, dataset, seed) writes into <sweep-dir>/<label or algorithm>/<dataset>/seed<seed>/; a run with a
+final.pt there is finished and skipped, and one with a checkpoint.pt (killed, preempted, crashed) continues with
+`--resume`, so a sweep can be started again after an interruption and loses at most the steps since each run's last
+checkpoint. A failed run is retried once (resumed where it can be), then reported in <sweep-dir>/failures.json
+(merged with other sweeps' records there); it never stops the sweep. Each attempt's command and output are in
 attempt<k>.log.
 Locally, --workers runs share each GPU (CUDA_VISIBLE_DEVICES is set round-robin) or the CPU.
 """
@@ -230,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     codes = run_ray(todo, args.ray_address, args.gpus_per_run) if args.ray_address else run_local(todo, args.workers)
     failures = {name: code for name, code in codes.items() if code != 0}
     args.sweep_dir.mkdir(parents=True, exist_ok=True)
-    (args.sweep_dir / "failures.json").write_text(json.dumps(failures, indent=2))
+    # merged, not replaced: another sweep's runs (other labels or seeds, maybe running beside this one) keep their
+    # records; this sweep's own runs are listed only if they failed now
+    record, planned = args.sweep_dir / "failures.json", {run.name for run in runs}
+    earlier = json.loads(record.read_text()) if record.is_file() else {}
+    merged = {name: code for name, code in earlier.items() if name not in planned} | failures
+    record.write_text(json.dumps(merged, indent=2))
     for name, code in failures.items():
         print(f"FAILED twice: {name} (exit {code}); see {args.sweep_dir / name}/attempt2.log")
     print(f"{len(codes) - len(failures)} runs succeeded, {len(failures)} failed")

@@ -89,11 +89,12 @@ def test_sampling_frequencies_follow_the_priorities_and_new_rows_take_their_mass
 
 
 def test_the_static_priority_replay_refuses_rows_past_its_capacity_instead_of_wrapping():
-    # a wrap would overwrite offline rows under a prefix sum that still counts their priorities
-    replay = filled_replay(torch.ones(8, dtype=torch.float64), 10)
+    # the online loop's case, one row into a full replay: the ring buffer would overwrite row 0 while the prefix
+    # sum (a one-element write into an empty slice) kept its priority
+    replay = filled_replay(torch.ones(10, dtype=torch.float64), 10)
     with pytest.raises(ValueError, match="holds 10 rows; 11 do not fit"):
-        replay.add(torch.zeros(3, 2 * OBS + ACT + 3), torch.zeros(3), torch.ones(3))
-    assert replay.buffer.size == 8 and torch.equal(replay.cumulative[:8], torch.arange(1.0, 9.0, dtype=torch.float64))
+        replay.add(torch.ones(1, 2 * OBS + ACT + 3), torch.zeros(1), torch.ones(1))
+    assert replay.buffer.position == 0 and not replay.buffer.storage.any()
 
 
 def test_cql_weighted_td_loss_matches_a_hand_computation():

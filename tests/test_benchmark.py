@@ -166,8 +166,14 @@ def test_sweep_retries_once_reports_and_resumes(tmp_path, capsys):
         sweep_dir / "fake/flaky/seed0/attempt2.log"
     ).exists()
 
+    # a sweep of other runs beside this one (cpu.sh's units) recorded a failure in the same sweep dir
+    other = {"fake/always-fails/seed0": 3, "other/hopper-x/seed1": 1, "fake/flaky/seed0": 1}  # flaky's: stale
+    (sweep_dir / "failures.json").write_text(json.dumps(other))
     assert sweep.main(argv) == 1  # resumed: finished runs are skipped, the failed one is tried again
     assert (calls(sweep_dir, "ok"), calls(sweep_dir, "flaky"), calls(sweep_dir, "always-fails")) == (1, 2, 4)
+    # the other sweep's record stays; this sweep's failure is written again; flaky is finished: its line goes
+    expected = {"other/hopper-x/seed1": 1, "fake/always-fails/seed0": 3}
+    assert json.loads((sweep_dir / "failures.json").read_text()) == expected
     assert "3 runs, 2 already finished (final.pt or collected), 1 to run" in capsys.readouterr().out
 
 
@@ -451,7 +457,7 @@ def test_report_takes_the_lowest_evaluation_up_to_lowest_until(tmp_path):
     early = (tmp_path / "early" / "report.md").read_text()
     assert "| late | hopper-z | 1 | 100 | 50.0 ± 0.0 | -40.0 ± 0.0 (at 100: the run's end) | -10.0 ± 0.0 |" in early
     assert "- hopper-z: final -35.0 [-35.0, -35.0]; dip -5.0 [-5.0, -5.0]" in early
-    assert "the evaluations up to online step 50." in early
+    assert "the evaluations up to online step 50 (a run with none: its first online one)." in early
     assert "| 0 | 50.0 / 50.0 | 40.0 / 45.0 | 10.0 / 45.0 | 25.0 / 45.0 |" in early  # per seed: lowest to 50
 
 

@@ -7,7 +7,7 @@
 #     bash benchmark/protocols/cpu.sh report     # benchmark/results/protocol-cpu/report.md from what is committed
 #
 # Every reduction from the paper's protocol is in benchmark/protocols/cpu.md, next to the paper's value.
-# Runs go to runs/protocol-cpu{,-offline}/ (two at a time, one thread each); a finished piece's TensorBoard
+# Runs go to runs/protocol-cpu{,-offline}/ (WORKERS at a time, 2 by default, one thread each); a finished piece's TensorBoard
 # events and args.json are copied to benchmark/results/protocol-cpu/ to be committed (no checkpoints).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
