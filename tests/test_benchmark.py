@@ -506,3 +506,6 @@ def test_arm_logs_reads_the_hand_over_and_the_online_means(tmp_path):
     # hand-over (1 + 3) / 2; online ((3 + 5) / 2 + (5 + 7) / 2) / 2; mean Q (15 + 17) / 2; no rank tau, no share
     assert "| arm | hopper-z | 2 | 2.000 | 5.000 |  |  | 16.000 |  |" in text
     assert "missing" not in text
+    per_seed = arm_logs.table(tmp_path, ["arm"], per_seed=True)  # seed 1: hand-over 3, online (5 + 7) / 2, Q 17
+    assert "| arm | hopper-z | 0 | 1.000 | 4.000 |  |  | 15.000 |  |" in per_seed
+    assert "| arm | hopper-z | 1 | 3.000 | 6.000 |  |  | 17.000 |  |" in per_seed
