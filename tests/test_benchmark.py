@@ -495,7 +495,7 @@ def test_arm_logs_reads_the_hand_over_and_the_online_means(tmp_path):
     """Q bias at step 0 vs its mean over later evaluations, and seed means, from synthetic event files."""
     from benchmark.diagnostics import arm_logs
 
-    for seed, shift in ((0, 0.0), (1, 2.0)):
+    for seed, shift in ((0, 0.0), (2, 2.0)):  # seed 2 second: a label taken from the position would read 1
         writer = SummaryWriter(str(tmp_path / "arm" / "hopper-z" / f"seed{seed}" / "run"))
         for step, bias in ((0, 1.0 + shift), (50, 3.0 + shift), (100, 5.0 + shift)):
             writer.add_scalar("eval/q_bias", bias, step)
@@ -506,6 +506,11 @@ def test_arm_logs_reads_the_hand_over_and_the_online_means(tmp_path):
     # hand-over (1 + 3) / 2; online ((3 + 5) / 2 + (5 + 7) / 2) / 2; mean Q (15 + 17) / 2; no rank tau, no share
     assert "| arm | hopper-z | 2 | 2.000 | 5.000 |  |  | 16.000 |  |" in text
     assert "missing" not in text
-    per_seed = arm_logs.table(tmp_path, ["arm"], per_seed=True)  # seed 1: hand-over 3, online (5 + 7) / 2, Q 17
+    per_seed = arm_logs.table(tmp_path, ["arm"], per_seed=True)  # seed 2: hand-over 3, online (5 + 7) / 2, Q 17
     assert "| arm | hopper-z | 0 | 1.000 | 4.000 |  |  | 15.000 |  |" in per_seed
-    assert "| arm | hopper-z | 1 | 3.000 | 6.000 |  |  | 17.000 |  |" in per_seed
+    assert "| arm | hopper-z | 2 | 3.000 | 6.000 |  |  | 17.000 |  |" in per_seed
+    arm_logs.main(["--sweep-dir", str(tmp_path), "--arms", "arm", "--per-seed", "--out", str(tmp_path / "logs.md")])
+    written = (tmp_path / "logs.md").read_text()
+    assert written.startswith(f"Command: python benchmark/diagnostics/arm_logs.py --sweep-dir {tmp_path} --arms arm")
+    assert written.index("Seed means:") < written.index("| arm | hopper-z | 2 | 2.000") < written.index("Per seed:")
+    assert written.index("Per seed:") < written.index("| arm | hopper-z | 2 | 3.000")

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        flags = f"--arms {' '.join(args.arms)}{' --per-seed' if args.per_seed else ''}"
+        flags = f"--sweep-dir {args.sweep_dir} --arms {' '.join(args.arms)}{' --per-seed' if args.per_seed else ''}"
         args.out.write_text(f"Command: python benchmark/diagnostics/arm_logs.py {flags}\n\n{text}")
 
 

@@ -186,11 +186,13 @@ report)
     python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS/so2-ablation" --paired --drop-step 5000 \
         --only so2-rerun so2-no-pvu so2-upc1 --baseline so2-rerun=so2-no-pvu --baseline so2-rerun=so2-upc1 \
         --command "bash benchmark/protocols/cpu.sh so2-ablation (flags: benchmark/protocols/cpu.md)" || true
-    arm_logs() {  # arm_logs <out dir> <arms...>: the logs' Q diagnostics per arm and per seed, beside its report
+    arm_logs() {  # arm_logs <report dir> <arms...>: the logs' Q diagnostics per arm and seed, where that report is
         local out=$1
         shift
-        python benchmark/diagnostics/arm_logs.py --sweep-dir "$RESULTS/online" --arms "$@" --per-seed \
-            --out "$out/logs.md" > /dev/null
+        if [ -d "$out" ]; then
+            python benchmark/diagnostics/arm_logs.py --sweep-dir "$RESULTS/online" --arms "$@" --per-seed \
+                --out "$out/logs.md" > /dev/null || true
+        fi
     }
     arm_logs "$RESULTS/so2-ablation" so2-rerun so2-no-pvu so2-upc1
     # Round 2 (issue #34): ENOTO and Off2On from strong hand-overs (each arm its own pretraining: unpaired), OPT
@@ -204,10 +206,8 @@ report)
         --only opt-1m td3-1m \
         --baseline opt-1m=td3-1m --command "bash benchmark/protocols/cpu.sh opt-1m (flags: benchmark/protocols/cpu.md)" \
         || true
-    if [ -d "$RESULTS/strong" ]; then
-        arm_logs "$RESULTS/strong" enoto-strong cql-sac-strong cql-cql-strong off2on-strong uniform-n1-strong
-    fi
-    if [ -d "$RESULTS/opt-1m" ]; then arm_logs "$RESULTS/opt-1m" opt-1m td3-1m; fi
+    arm_logs "$RESULTS/strong" enoto-strong cql-sac-strong cql-cql-strong off2on-strong uniform-n1-strong
+    arm_logs "$RESULTS/opt-1m" opt-1m td3-1m
     ;;
 *)
     echo "usage: bash benchmark/protocols/cpu.sh opt|baq|so2|so2-ablation|enoto|off2on|enoto-strong|off2on-strong|opt-1m|collect LABEL...|report" >&2
