@@ -214,6 +214,12 @@ MUTATIONS: dict[str, list[tuple[str, ...]]] = {
             "utils/run.py",
         ),
         (
+            "resume: the run's device and checkpoint cadence give way to the defaults",
+            "            keep_run_settings(args.resume, args)",
+            "            pass",
+            "utils/run.py",
+        ),
+        (
             "resume: unflushed metrics are lost",
             '        metrics.sums, metrics.counts = resume["metrics"]\n        (updates, logged_at',
             "        (updates, logged_at",

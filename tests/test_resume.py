@@ -245,15 +245,16 @@ def test_bad_resume_is_one_line_and_writes_nothing(minari_root, tmp_path, stoppe
     assert f"{CHECKPOINT} cannot be read" in cli_error(script, ["--resume", str(run_path)], minari_root)
 
 
-def test_resume_keeps_every_flag_of_the_run(minari_root, tmp_path, stopped_run):
+def test_enoto_resume_keeps_every_flag_of_the_run(minari_root, tmp_path, stopped_run):
     run_path = stopped_run("enoto")
     module = importlib.import_module("algorithms.enoto")
     with pytest.raises(UserError, match="--num-critics 5 differs from the run's 2"):
         module.main(module.Args(resume=str(run_path), num_critics=5))
-    args = module.Args(resume=str(run_path), progress=False)
+    args = module.Args(resume=str(run_path), progress=False)  # --cuda and --checkpoint-freq at their defaults
     module.main(args)
     saved = json.loads((run_path / "args.json").read_text())
     assert (args.online_steps, args.hidden_dim, args.seed) == (saved["online_steps"], 16, saved["seed"])
+    assert (args.cuda, args.checkpoint_freq) == (False, 5)  # the run's device and checkpoint cadence, not defaults
     with pytest.raises(UserError, match="that run is finished"):
         module.main(module.Args(resume=str(run_path)))
 

@@ -9,6 +9,7 @@ logged after it and write each step once.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 from pathlib import Path
@@ -22,10 +23,11 @@ from utils.errors import UserError
 CHECKPOINT = "checkpoint.pt"
 # 2: the online phases keep their loop state as utils.run.online_loop writes it ("loop": updates, logged_at, seconds)
 CHECKPOINT_FORMAT = 2
-# Flags a resumed run may change: they decide where and how fast it runs, not what it computes.
-OPERATIONAL_FLAGS = frozenset(
-    {"resume", "progress", "checkpoint_freq", "cuda", "run_dir", "exp_name", "compile", "cudagraphs"}
-)
+# Flags a resumed run may change: they decide where and how fast it runs, not what it computes. RUN_SETTINGS not
+# given now (or given at their default) keep the run's values, so a --no-cuda run resumes on the CPU and keeps its
+# checkpoint cadence; the others belong to this invocation.
+RUN_SETTINGS = frozenset({"checkpoint_freq", "cuda", "compile", "cudagraphs"})
+OPERATIONAL_FLAGS = RUN_SETTINGS | {"resume", "progress", "run_dir", "exp_name"}
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -123,6 +125,18 @@ def rewind_events(run_path: Path, sizes: dict[str, int]) -> None:
             os.truncate(path, sizes[path.name])
         else:
             path.unlink()
+
+
+def keep_run_settings(run_dir: str, args) -> None:
+    """The RUN_SETTINGS that `args` holds at their defaults take the run's values from its args.json; called before
+    the device is picked. A folder without a readable args.json is left to load_for_resume to refuse."""
+    try:
+        saved = json.loads((Path(run_dir) / "args.json").read_text())
+    except (OSError, ValueError):
+        return
+    for field in dataclasses.fields(args):
+        if field.name in RUN_SETTINGS and field.name in saved and getattr(args, field.name) == field.default:
+            setattr(args, field.name, saved[field.name])
 
 
 def load_for_resume(run_dir: str, algorithm: str, args, device: torch.device) -> tuple[dict, Path]:

@@ -25,6 +25,7 @@ from utils.checkpoint import (
     CHECKPOINT,
     CHECKPOINT_FORMAT,
     atomic_save,
+    keep_run_settings,
     load_for_resume,
     resume_state,
     rewind_events,
@@ -134,6 +135,8 @@ class Run:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
         torch.backends.cudnn.deterministic = args.torch_deterministic
+        if args.resume is not None:  # the run's device and fast-path flags, unless given now
+            keep_run_settings(args.resume, args)
         self.device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
         if args.cuda and self.device.type == "cpu":
             print("CUDA is not available: running on the CPU", file=sys.stderr)
