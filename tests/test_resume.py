@@ -245,6 +245,24 @@ def test_bad_resume_is_one_line_and_writes_nothing(minari_root, tmp_path, stoppe
     assert f"{CHECKPOINT} cannot be read" in cli_error(script, ["--resume", str(run_path)], minari_root)
 
 
+def test_resume_keeps_the_runs_device_cadence_and_fast_path_unless_given(tmp_path):
+    """keep_run_settings: the run's values for flags left at their defaults, the given ones kept; --cudagraphs only
+    where CUDA is (a GPU run resumed on a CPU machine runs eagerly instead of being refused)."""
+    from algorithms import so2
+    from utils.checkpoint import keep_run_settings
+
+    saved = {"cuda": False, "checkpoint_freq": 7, "compile": True, "cudagraphs": True, "seed": 3}
+    (tmp_path / "args.json").write_text(json.dumps(saved))
+    args = so2.Args()
+    keep_run_settings(str(tmp_path), args)
+    assert (args.cuda, args.checkpoint_freq, args.compile) == (False, 7, True)
+    assert args.cudagraphs == torch.cuda.is_available() and args.seed == so2.Args().seed  # load_for_resume's part
+    args = so2.Args(checkpoint_freq=3)
+    keep_run_settings(str(tmp_path), args)
+    assert args.checkpoint_freq == 3
+    keep_run_settings(str(tmp_path / "missing"), args)  # no args.json: left to load_for_resume to refuse
+
+
 def test_enoto_resume_keeps_every_flag_of_the_run(minari_root, tmp_path, stopped_run):
     run_path = stopped_run("enoto")
     module = importlib.import_module("algorithms.enoto")

@@ -135,6 +135,8 @@ def keep_run_settings(run_dir: str, args) -> None:
     except (OSError, ValueError):
         return
     for field in dataclasses.fields(args):
+        if field.name == "cudagraphs" and not torch.cuda.is_available():
+            continue  # a GPU run resumed where there is none runs eagerly on the CPU (--cuda falls back, too)
         if field.name in RUN_SETTINGS and field.name in saved and getattr(args, field.name) == field.default:
             setattr(args, field.name, saved[field.name])
 
