@@ -247,20 +247,41 @@ def test_bad_resume_is_one_line_and_writes_nothing(minari_root, tmp_path, stoppe
 
 def test_resume_keeps_the_runs_device_cadence_and_fast_path_unless_given(tmp_path):
     """keep_run_settings: the run's values for flags left at their defaults, the given ones kept; --cudagraphs only
-    where CUDA is (a GPU run resumed on a CPU machine runs eagerly instead of being refused)."""
+    where the run gets CUDA (elsewhere it runs eagerly instead of being refused for a flag the user cannot drop)."""
     from algorithms import so2
     from utils.checkpoint import keep_run_settings
 
-    saved = {"cuda": False, "checkpoint_freq": 7, "compile": True, "cudagraphs": True, "seed": 3}
-    (tmp_path / "args.json").write_text(json.dumps(saved))
+    saved = {"cuda": False, "checkpoint_freq": 7, "compile": True, "cudagraphs": True, "torch_deterministic": False}
+    (tmp_path / "args.json").write_text(json.dumps(saved | {"seed": 3}))
     args = so2.Args()
     keep_run_settings(str(tmp_path), args)
-    assert (args.cuda, args.checkpoint_freq, args.compile) == (False, 7, True)
-    assert args.cudagraphs == torch.cuda.is_available() and args.seed == so2.Args().seed  # load_for_resume's part
+    assert (args.cuda, args.checkpoint_freq, args.compile, args.torch_deterministic) == (False, 7, True, False)
+    assert not args.cudagraphs and args.seed == so2.Args().seed  # a --no-cuda run; the seed is load_for_resume's
+    (tmp_path / "args.json").write_text(json.dumps(saved | {"cuda": True}))
     args = so2.Args(checkpoint_freq=3)
     keep_run_settings(str(tmp_path), args)
-    assert args.checkpoint_freq == 3
-    keep_run_settings(str(tmp_path / "missing"), args)  # no args.json: left to load_for_resume to refuse
+    assert args.checkpoint_freq == 3 and args.cudagraphs == torch.cuda.is_available()
+    args = so2.Args()
+    keep_run_settings(str(tmp_path / "missing"), args)  # no args.json: as given
+    assert (args.cuda, args.checkpoint_freq) == (True, None)
+
+
+def test_a_resumed_run_takes_its_device_and_determinism_before_setting_them_up(tmp_path, monkeypatch):
+    """Run picks the device and sets determinism from the run's flags: a --no-cuda run stays on the CPU where CUDA
+    is (patched in here), a --no-torch-deterministic one stays non-deterministic."""
+    import utils.run
+    from algorithms import so2
+
+    (tmp_path / "args.json").write_text(json.dumps({"cuda": False, "torch_deterministic": False}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(utils.run, "load_for_resume", lambda *_: ({}, tmp_path))
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        run = utils.run.Run(so2.Args(resume=str(tmp_path), progress=False), "so2", "an SO2")
+        assert run.device.type == "cpu" and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic = before[0]
 
 
 def test_enoto_resume_keeps_every_flag_of_the_run(minari_root, tmp_path, stopped_run):

@@ -23,9 +23,9 @@ from utils.errors import UserError
 CHECKPOINT = "checkpoint.pt"
 # 2: the online phases keep their loop state as utils.run.online_loop writes it ("loop": updates, logged_at, seconds)
 CHECKPOINT_FORMAT = 2
-# Flags a resumed run may change: they decide where and how fast it runs, not what it computes. RUN_SETTINGS not
-# given now (or given at their default) keep the run's values, so a --no-cuda run resumes on the CPU and keeps its
-# checkpoint cadence; the others belong to this invocation.
+# Flags a resumed run may change: they decide where and how fast it runs, not what it computes. RUN_SETTINGS left
+# at their defaults keep the run's values (a --no-cuda run resumes on the CPU with its checkpoint cadence); the
+# others belong to this invocation.
 RUN_SETTINGS = frozenset({"checkpoint_freq", "cuda", "compile", "cudagraphs"})
 OPERATIONAL_FLAGS = RUN_SETTINGS | {"resume", "progress", "run_dir", "exp_name"}
 
@@ -128,21 +128,24 @@ def rewind_events(run_path: Path, sizes: dict[str, int]) -> None:
 
 
 def keep_run_settings(run_dir: str, args) -> None:
-    """The RUN_SETTINGS that `args` holds at their defaults take the run's values from its args.json; called before
-    the device is picked. A folder without a readable args.json is left to load_for_resume to refuse."""
+    """Before Run sets up determinism and the device: the RUN_SETTINGS and --torch-deterministic that `args` holds at
+    their defaults take the run's values from its args.json (a value equal to the default counts as not given).
+    --cudagraphs only where the run gets a CUDA device: elsewhere it runs eagerly instead of being refused. Without
+    a readable args.json, `args` stays as given."""
     try:
         saved = json.loads((Path(run_dir) / "args.json").read_text())
     except (OSError, ValueError):
         return
-    for field in dataclasses.fields(args):
-        if field.name == "cudagraphs" and not torch.cuda.is_available():
-            continue  # a GPU run resumed where there is none runs eagerly on the CPU (--cuda falls back, too)
-        if field.name in RUN_SETTINGS and field.name in saved and getattr(args, field.name) == field.default:
-            setattr(args, field.name, saved[field.name])
+    for field in dataclasses.fields(args):  # cuda before cudagraphs: RunArgs' order
+        name = field.name
+        if name not in RUN_SETTINGS | {"torch_deterministic"} or getattr(args, name) != field.default:
+            continue
+        if name in saved and (name != "cudagraphs" or (args.cuda and torch.cuda.is_available())):
+            setattr(args, name, saved[name])
 
 
 def load_for_resume(run_dir: str, algorithm: str, args, device: torch.device) -> tuple[dict, Path]:
-    """The checkpoint of RUN_DIR, checked, and its run path; `args` takes the run's flags (args.json).
+    """The checkpoint of RUN_DIR, checked, and its run path; `args` takes the run's flags (the checkpoint's).
 
     Refuses, with one line and before anything is written: a folder without (or with a corrupt) checkpoint.pt,
     another script's run, a checkpoint of another version (a flag more or less than today's), and any flag

@@ -128,6 +128,8 @@ class Run:
 
     def __init__(self, args: RunArgs, algorithm: str, title: str):  # title: "an SO2", for the messages
         self.args, self.algorithm, self.title = args, algorithm, title
+        if args.resume is not None:  # the run's determinism, device, fast path and checkpoint cadence
+            keep_run_settings(args.resume, args)
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
@@ -135,8 +137,6 @@ class Run:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
         torch.backends.cudnn.deterministic = args.torch_deterministic
-        if args.resume is not None:  # the run's device and fast-path flags, unless given now
-            keep_run_settings(args.resume, args)
         self.device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
         if args.cuda and self.device.type == "cpu":
             print("CUDA is not available: running on the CPU", file=sys.stderr)
