@@ -514,3 +514,25 @@ def test_arm_logs_reads_the_hand_over_and_the_online_means(tmp_path):
     assert written.startswith(f"Command: python benchmark/diagnostics/arm_logs.py --sweep-dir {tmp_path} --arms arm")
     assert written.index("Seed means:") < written.index("| arm | hopper-z | 2 | 2.000") < written.index("Per seed:")
     assert written.index("Per seed:") < written.index("| arm | hopper-z | 2 | 3.000")
+
+
+def test_handover_score_repeats_a_runs_evaluation_on_its_seeds_and_differs_on_others(minari_root, tmp_path, capsys):
+    """On the run's own reset seeds (seed + 100) it gives the run's last logged score; on other seeds another."""
+    from algorithms import opt
+    from benchmark.diagnostics import handover_score
+    from tests.conftest import scalars
+
+    torch.set_num_threads(1)
+    sizes = {"hidden_dim": 16, "batch_size": 8, "offline_steps": 6, "offline_eval_freq": 6, "online_steps": 0}
+    args = opt.Args(env_id="hopper-medium", run_dir=str(tmp_path), cuda=False, progress=False, seed=3,
+                    eval_episodes=3, **sizes)  # fmt: skip
+    run = opt.main(args)
+    logged = scalars(run)["offline/normalized_score"][-1]
+    same = handover_score.score(str(run / "final.pt"), episodes=3, seed=103)
+    assert same["score"] == pytest.approx(logged, abs=1e-4) and same["stderr"] > 0
+    other = handover_score.score(str(run / "final.pt"), episodes=3, seed=50_000)
+    assert other["score"] != pytest.approx(logged, abs=1e-3)
+    capsys.readouterr()
+    handover_score.main([str(run / "final.pt"), "--episodes", "3", "--seed", "103"])
+    printed = f"{run / 'final.pt'}: {same['score']:.1f} +- {same['stderr']:.1f} (length {same['length']:.0f})"
+    assert capsys.readouterr().out.strip() == printed
