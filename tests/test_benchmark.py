@@ -534,5 +534,5 @@ def test_handover_score_repeats_a_runs_evaluation_on_its_seeds_and_differs_on_ot
     assert other["score"] != pytest.approx(logged, abs=1e-3)
     capsys.readouterr()
     handover_score.main([str(run / "final.pt"), "--episodes", "3", "--seed", "103"])
-    printed = f"{run / 'final.pt'}: {same['score']:.1f} +- {same['stderr']:.1f} (length {same['length']:.0f})"
+    printed = f"{run / 'final.pt'}: {same['score']:.1f} +- {same['stderr']:.2f} (length {same['length']:.0f})"
     assert capsys.readouterr().out.strip() == printed

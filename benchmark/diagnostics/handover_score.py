@@ -4,8 +4,9 @@
 
 Every run evaluates on reset seeds seed + 100 + i, so the online phase's step-0 evaluation of an offline.pt repeats
 the offline phase's last one exactly. Where an offline phase was stopped, or a checkpoint chosen, by that number,
-the number is biased upward (it was selected on its noise) and a "drop" after the hand-over is partly regression
-to the mean. This scores the same policy on other episodes (reset seeds SEED + i) to give the unselected level.
+part of its level may be the noise of those episodes, and a "drop" after the hand-over partly regression to the
+mean. This scores the same policy on other episodes (reset seeds SEED + i): the policy's level without that
+selection, and the standard error that says how much of a score the episodes' noise can explain.
 Prints one line per checkpoint: normalized score, its standard error over episodes, and the mean episode length.
 """
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for path in args.checkpoints:
         result = score(path, args.episodes, args.seed)
-        print(f"{path}: {result['score']:.1f} +- {result['stderr']:.1f} (length {result['length']:.0f})")
+        print(f"{path}: {result['score']:.1f} +- {result['stderr']:.2f} (length {result['length']:.0f})")
 
 
 if __name__ == "__main__":
