@@ -536,3 +536,25 @@ def test_handover_score_repeats_a_runs_evaluation_on_its_seeds_and_differs_on_ot
     handover_score.main([str(run / "final.pt"), "--episodes", "3", "--seed", "103"])
     printed = f"{run / 'final.pt'}: {same['score']:.1f} +- {same['stderr']:.2f} (length {same['length']:.0f})"
     assert capsys.readouterr().out.strip() == printed
+
+
+def test_offline_curves_lists_each_seeds_evaluations_up_to_the_hand_over(tmp_path):
+    """Synthetic offline runs: updates done, the last evaluation, the range before it, every evaluation."""
+    from benchmark.diagnostics import offline_curves
+
+    curves = {0: [(2500, 24.0), (5000, 20.5), (7500, 23.7), (10000, 61.0)], 2: [(2500, 80.0), (10000, 90.5)]}
+    for seed, points in curves.items():
+        writer = SummaryWriter(str(tmp_path / "arm" / "hopper-z" / f"seed{seed}" / "run"))
+        for step, score in points:
+            writer.add_scalar("offline/normalized_score", score, step)
+        writer.add_scalar("offline/qf_loss", 1.0, 100)
+        writer.close()
+    text = offline_curves.table(tmp_path, ["arm", "missing"])
+    assert "| arm | hopper-z | 0 | 10000 | 61.0 | 20.5 - 24.0 | 2.5k: 24.0, 5k: 20.5, 7.5k: 23.7, 10k: 61.0 |" in text
+    assert "| arm | hopper-z | 2 | 10000 | 90.5 | 80.0 - 80.0 | 2.5k: 80.0, 10k: 90.5 |" in text
+    assert len(text.splitlines()) == 4 and "missing" not in text
+    out = tmp_path / "out" / "offline.md"
+    offline_curves.main(["--sweep-dir", str(tmp_path), "--labels", "arm", "--out", str(out)])
+    written = out.read_text()
+    assert written.startswith(f"Command: python benchmark/diagnostics/offline_curves.py --sweep-dir {tmp_path}")
+    assert text in written

@@ -208,6 +208,16 @@ report)
         || true
     arm_logs "$RESULTS/strong" enoto-strong cql-sac-strong cql-cql-strong off2on-strong uniform-n1-strong
     arm_logs "$RESULTS/opt-1m" opt-1m td3-1m
+    offline_curves() {  # offline_curves <report dir> <labels...>: every seed's offline evaluations up to the hand-over
+        local out=$1
+        shift
+        if [ -d "$out" ]; then
+            python benchmark/diagnostics/offline_curves.py --sweep-dir "$RESULTS/offline" --labels "$@" \
+                --out "$out/offline.md" || true
+        fi
+    }
+    offline_curves "$RESULTS/strong" enoto-strong cql2-strong off2on-strong uniform-n1-strong
+    offline_curves "$RESULTS/opt-1m" opt-1m
     ;;
 *)
     echo "usage: bash benchmark/protocols/cpu.sh opt|baq|so2|so2-ablation|enoto|off2on|enoto-strong|off2on-strong|opt-1m|collect LABEL...|report" >&2
