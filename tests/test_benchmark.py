@@ -529,12 +529,17 @@ def test_handover_score_repeats_a_runs_evaluation_on_its_seeds_and_differs_on_ot
     run = opt.main(args)
     logged = scalars(run)["offline/normalized_score"][-1]
     same = handover_score.score(str(run / "final.pt"), episodes=3, seed=103)
-    assert same["score"] == pytest.approx(logged, abs=1e-4) and same["stderr"] > 0
+    assert same["score"] == pytest.approx(logged, abs=1e-4)
+    # the standard error from the three episodes' own scores, each run alone
+    single = [handover_score.score(str(run / "final.pt"), episodes=1, seed=103 + i)["score"] for i in range(3)]
+    assert np.mean(single) == pytest.approx(same["score"], abs=1e-6)
+    assert same["stderr"] == pytest.approx(np.std(single, ddof=1) / np.sqrt(3), rel=1e-6) and same["stderr"] > 0
     other = handover_score.score(str(run / "final.pt"), episodes=3, seed=50_000)
     assert other["score"] != pytest.approx(logged, abs=1e-3)
     capsys.readouterr()
     handover_score.main([str(run / "final.pt"), "--episodes", "3", "--seed", "103"])
-    printed = f"{run / 'final.pt'}: {same['score']:.1f} +- {same['stderr']:.2f} (length {same['length']:.0f})"
+    printed = f"{run / 'final.pt'}: {same['score']:.1f} +- {same['stderr']:.2f} (return {same['return']:.1f}, length"
+    printed += f" {same['length']:.0f})"
     assert capsys.readouterr().out.strip() == printed
 
 
@@ -542,17 +547,22 @@ def test_offline_curves_lists_each_seeds_evaluations_up_to_the_hand_over(tmp_pat
     """Synthetic offline runs: updates done, the last evaluation, the range before it, every evaluation."""
     from benchmark.diagnostics import offline_curves
 
-    curves = {0: [(2500, 24.0), (5000, 20.5), (7500, 23.7), (10000, 61.0)], 2: [(2500, 80.0), (10000, 90.5)]}
-    for seed, points in curves.items():
-        writer = SummaryWriter(str(tmp_path / "arm" / "hopper-z" / f"seed{seed}" / "run"))
-        for step, score in points:
-            writer.add_scalar("offline/normalized_score", score, step)
-        writer.add_scalar("offline/qf_loss", 1.0, 100)
-        writer.close()
+    # seed 0's run resumed once: its evaluations in two event files
+    curves = {(0, "run"): [[(2500, 24.0), (5000, 20.5)], [(7500, 23.7), (10000, 61.0)]],
+              (2, "run"): [[(2500, 80.0), (10000, 90.5)]], (2, "bare"): [[]]}  # fmt: skip
+    for (seed, name), files in curves.items():
+        for points in files:
+            writer = SummaryWriter(str(tmp_path / "arm" / "hopper-z" / f"seed{seed}" / name))
+            for step, score in points:
+                writer.add_scalar("offline/normalized_score", score, step)
+            writer.add_scalar("offline/qf_loss", 1.0, 100)
+            writer.close()
     text = offline_curves.table(tmp_path, ["arm", "missing"])
-    assert "| arm | hopper-z | 0 | 10000 | 61.0 | 20.5 - 24.0 | 2.5k: 24.0, 5k: 20.5, 7.5k: 23.7, 10k: 61.0 |" in text
-    assert "| arm | hopper-z | 2 | 10000 | 90.5 | 80.0 - 80.0 | 2.5k: 80.0, 10k: 90.5 |" in text
-    assert len(text.splitlines()) == 4 and "missing" not in text
+    evaluations = "2.5k: 24.0, 5k: 20.5, 7.5k: 23.7, 10k: 61.0"
+    assert f"| arm | hopper-z | 0 | 10000 | 61.0 | 20.5 - 24.0 | {evaluations} | run |" in text
+    assert "| arm | hopper-z | 2 | 10000 | 90.5 | 80.0 - 80.0 | 2.5k: 80.0, 10k: 90.5 | run |" in text
+    assert "| arm | hopper-z | 2 |  |  |  | no offline evaluation | bare |" in text
+    assert len(text.splitlines()) == 5 and "missing" not in text
     out = tmp_path / "out" / "offline.md"
     offline_curves.main(["--sweep-dir", str(tmp_path), "--labels", "arm", "--out", str(out)])
     written = out.read_text()

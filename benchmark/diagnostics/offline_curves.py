@@ -6,8 +6,8 @@ whatever the online algorithm does).
         --labels enoto-strong cql2-strong --out benchmark/results/protocol-cpu/strong/offline.md
 
 Reads <sweep-dir>/<label>/<dataset>/seed<N>/<run>/events.* (offline/normalized_score); one row per label, dataset
-and seed: the offline updates done, the hand-over (the last evaluation), the range of the evaluations before it,
-and every evaluation as step: score.
+and run: the offline updates done, the hand-over (the last evaluation), the range of the evaluations before it,
+every evaluation as step: score, and the run folder (a seed may hold more than one).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def offline_scores(run_dir: Path) -> list[tuple[int, float]]:
     events = EventAccumulator(str(run_dir)).Reload()
     if "offline/normalized_score" not in events.Tags()["scalars"]:
         return []
-    return sorted((s.step, s.value) for s in events.Scalars("offline/normalized_score"))
+    by_step = {event.step: event.value for event in events.Scalars("offline/normalized_score")}  # the last one logged
+    return sorted(by_step.items())
 
 
 def steps_label(step: int) -> str:
@@ -32,20 +33,22 @@ def steps_label(step: int) -> str:
 
 def table(sweep_dir: Path, labels: list[str]) -> str:
     lines = [
-        "| label | dataset | seed | updates | hand-over | earlier evaluations: min - max | evaluations |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| label | dataset | seed | updates | hand-over | earlier evaluations: min - max | evaluations | run |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for label in labels:
         for run in sorted({p.parent for p in (sweep_dir / label).glob("*/seed*/*/events.out.tfevents.*")}):
+            seed, dataset = run.parent.name.removeprefix("seed"), run.parent.parent.name
             scores = offline_scores(run)
             if not scores:
+                lines.append(f"| {label} | {dataset} | {seed} |  |  |  | no offline evaluation | {run.name} |")
                 continue
             earlier = [score for _, score in scores[:-1]]
             spread = f"{min(earlier):.1f} - {max(earlier):.1f}" if earlier else ""
             curve = ", ".join(f"{steps_label(step)}: {score:.1f}" for step, score in scores)
-            seed, dataset = run.parent.name.removeprefix("seed"), run.parent.parent.name
             (last_step, last_score) = scores[-1]
-            lines.append(f"| {label} | {dataset} | {seed} | {last_step} | {last_score:.1f} | {spread} | {curve} |")
+            row = f"| {label} | {dataset} | {seed} | {last_step} | {last_score:.1f} | {spread} | {curve} | {run.name} |"
+            lines.append(row)
     return "\n".join(lines)
 
 
