@@ -114,7 +114,7 @@ def test_a_resumed_run_is_the_uninterrupted_run(minari_root, tmp_path, monkeypat
 
     with monkeypatch.context() as patch:
         interrupt_after(module, patch, phase, step)
-        module, args = make_args(script, tmp_path / "resumed", **flags)
+        module, args = make_args(script, tmp_path / "resumed", exp_name="interrupted", **flags)
         with pytest.raises(Interrupted):
             module.main(args)
     (run_path,) = (tmp_path / "resumed").iterdir()
@@ -122,6 +122,9 @@ def test_a_resumed_run_is_the_uninterrupted_run(minari_root, tmp_path, monkeypat
     module, args = make_args(script, tmp_path / "elsewhere", resume=str(run_path))
     assert module.main(args) == run_path
     assert not (run_path / CHECKPOINT).exists(), "a finished run keeps final.pt only"
+    # the checkpoints written after the resume name the run, not the resuming command's defaults
+    final_args = torch.load(run_path / "final.pt", weights_only=False)["args"]
+    assert (final_args["exp_name"], final_args["run_dir"]) == ("interrupted", str((tmp_path / "resumed").resolve()))
 
     expected, resumed = networks(reference / "final.pt"), networks(run_path / "final.pt")
     assert expected.keys() == resumed.keys()

@@ -191,6 +191,9 @@ def load_for_resume(run_dir: str, algorithm: str, args, device: torch.device) ->
                 "its flags (start a new run to change it)"
             )
         setattr(args, name, saved[name])
+    # The run's own name and the folder it is in now (not this invocation's defaults): the checkpoints written from
+    # here on, and the pretrained_with of a run started from its offline.pt, name the run they came from.
+    args.exp_name, args.run_dir = saved["exp_name"], str(run_path.resolve().parent)
     return checkpoint, run_path
 
 
