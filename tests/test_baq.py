@@ -8,7 +8,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import baq
-from tests.conftest import REPO, cli_error, no_host_sync, recording_env, run_cli, scalars
+from tests.conftest import REPO, main_error, no_host_sync, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -322,8 +322,8 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path, backbone):
         (["--pretrained", "/nonexistent/offline.pt"], "cannot be used"),
     ],
 )
-def test_bad_input_is_one_line(minari_root, tmp_path, extra, message):
-    assert message in cli_error("baq", [*SMOKE, "--run-dir", str(tmp_path), *extra], minari_root)
+def test_bad_input_is_one_line(minari_root, tmp_path, monkeypatch, extra, message):
+    assert message in main_error("baq", [*SMOKE, "--run-dir", str(tmp_path), *extra], monkeypatch)
 
 
 @pytest.mark.cuda

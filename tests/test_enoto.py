@@ -12,7 +12,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import enoto
-from tests.conftest import REPO, assert_sgd_step, cli_error, no_host_sync, recording_env, run_cli, scalars
+from tests.conftest import REPO, assert_sgd_step, main_error, no_host_sync, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 from utils.run import apply_preset, save_checkpoint
 
@@ -480,8 +480,8 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
         (["--pretrained", "/nonexistent/offline.pt"], "cannot be used"),
     ],
 )
-def test_bad_input_is_one_line(minari_root, tmp_path, extra, message):
-    assert message in cli_error("enoto", [*SMOKE, "--run-dir", str(tmp_path), *extra], minari_root)
+def test_bad_input_is_one_line(minari_root, tmp_path, monkeypatch, extra, message):
+    assert message in main_error("enoto", [*SMOKE, "--run-dir", str(tmp_path), *extra], monkeypatch)
 
 
 @pytest.mark.cuda

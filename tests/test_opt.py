@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import opt
-from tests.conftest import REPO, assert_sgd_step, cli_error, no_host_sync, recording_env, run_cli, scalars
+from tests.conftest import REPO, assert_sgd_step, main_error, no_host_sync, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -531,8 +531,8 @@ def test_smoke_three_phases_then_pretrained(minari_root, tmp_path, backbone):
         (["--pretrained", "/nonexistent/offline.pt"], "cannot be used"),
     ],
 )
-def test_bad_input_is_one_line(minari_root, tmp_path, extra, message):
-    assert message in cli_error("opt", [*SMOKE, "--run-dir", str(tmp_path), *extra], minari_root)
+def test_bad_input_is_one_line(minari_root, tmp_path, monkeypatch, extra, message):
+    assert message in main_error("opt", [*SMOKE, "--run-dir", str(tmp_path), *extra], monkeypatch)
 
 
 @pytest.mark.cuda

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from algorithms import so2
-from tests.conftest import REPO, assert_sgd_step, cli_error, no_host_sync, recording_env, run_cli, scalars
+from tests.conftest import REPO, assert_sgd_step, main_error, no_host_sync, recording_env, run_cli, scalars
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -364,8 +364,8 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
         (["--env-id", "hopper-medium-replay"], "Minari has no medium-replay"),
     ],
 )
-def test_bad_input_is_one_line(minari_root, tmp_path, extra, message):
-    assert message in cli_error("so2", [*SMOKE, "--run-dir", str(tmp_path), *extra], minari_root)
+def test_bad_input_is_one_line(minari_root, tmp_path, monkeypatch, extra, message):
+    assert message in main_error("so2", [*SMOKE, "--run-dir", str(tmp_path), *extra], monkeypatch)
 
 
 @pytest.mark.cuda
