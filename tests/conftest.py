@@ -50,25 +50,58 @@ def run_cli(args: list[str], env_extra: dict[str, str] | None = None, timeout: f
 
 
 def cli_error(script: str, args: list[str], minari_root: Path) -> str:
-    """Run algorithms/<script>.py with args on the tiny datasets; it must fail. Returns its one error line."""
+    """Run algorithms/<script>.py with args on the tiny datasets as a user would: it must exit 1 with one
+    `error: ...` line and no traceback. Returns that line."""
     result = run_cli([str(REPO / f"algorithms/{script}.py"), *args], {"MINARI_DATASETS_PATH": str(minari_root)})
-    assert result.returncode != 0, result.stdout
-    return error_line(result.stderr)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = error_line(result.stderr)
+    assert line.startswith("error: "), line
+    return line
 
 
-def main_error(script: str, args: list[str], monkeypatch) -> str:
-    """algorithms/<script>.py's entry point (tyro, then main, as `python <script>.py args` runs it) in this process,
-    on the tiny datasets: it must end with the one `error: ...` line it exits with. Returns that line. cli_error
-    checks the same line from a real process; this saves the ~4 s start of one per case."""
+def main_error(script: str, args: list[str], minari_root: Path, monkeypatch) -> str:
+    """The scripts' entry point, `utils.run.cli(main, Args)` (tyro, then main), in this process with these flags on
+    the tiny datasets: it must end with the one `error: ...` line that cli exits with. Returns that line. It is not
+    the script's `__main__` block, which cli_error runs in a real process (once per script in test_resume); this
+    saves the ~4 s start of a process per case."""
     from utils.run import cli
 
     module = importlib.import_module(f"algorithms.{script}")
     monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(minari_root))
     with pytest.raises(SystemExit) as exit_info:
         cli(module.main, module.Args)
     line = exit_info.value.code
     assert isinstance(line, str) and line.startswith("error: ") and "\n" not in line, line
     return line
+
+
+@pytest.fixture(autouse=True)
+def restore_global_torch_state(monkeypatch):
+    """Every test leaves the process as it found it: a script's main, run in-process, seeds the global RNGs and
+    switches on deterministic kernels (and their cuBLAS workspace), which would otherwise hold for the tests after."""
+    import random
+
+    import numpy as np
+    import torch
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn, precision = torch.backends.cudnn.deterministic, torch.get_float32_matmul_precision()
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    name = "CUBLAS_WORKSPACE_CONFIG"
+    if name in os.environ:  # monkeypatch puts back the value it records here, after the test
+        monkeypatch.setenv(name, os.environ[name])
+    else:  # recorded as unset, so removed after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.deterministic = cudnn
+    torch.set_float32_matmul_precision(precision)
+    random.setstate(rng[0])
+    np.random.set_state(rng[1])
+    torch.set_rng_state(rng[2])
 
 
 def error_line(stderr: str) -> str:

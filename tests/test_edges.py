@@ -53,13 +53,9 @@ def test_online_training_runs_in_the_evaluation_env_spec(minari_root, tmp_path, 
             raise EnvsMade
 
     monkeypatch.setattr(utils.run, "make_env", record)  # where every script's run opens its envs
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
-        with pytest.raises(EnvsMade):
-            module.main(module.Args(env_id="hopper-medium", run_dir=str(tmp_path), torch_deterministic=deterministic))
-        assert torch.are_deterministic_algorithms_enabled() == deterministic  # --torch-deterministic does that
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    with pytest.raises(EnvsMade):  # conftest's autouse fixture puts the determinism setting back afterwards
+        module.main(module.Args(env_id="hopper-medium", run_dir=str(tmp_path), torch_deterministic=deterministic))
+    assert torch.are_deterministic_algorithms_enabled() == deterministic  # --torch-deterministic does that
     seed = module.Args().seed
     assert specs == [(data.eval_env_spec, seed), (data.eval_env_spec, seed + 100)]
 

@@ -532,7 +532,7 @@ def test_smoke_three_phases_then_pretrained(minari_root, tmp_path, backbone):
     ],
 )
 def test_bad_input_is_one_line(minari_root, tmp_path, monkeypatch, extra, message):
-    assert message in main_error("opt", [*SMOKE, "--run-dir", str(tmp_path), *extra], monkeypatch)
+    assert message in main_error("opt", [*SMOKE, "--run-dir", str(tmp_path), *extra], minari_root, monkeypatch)
 
 
 @pytest.mark.cuda

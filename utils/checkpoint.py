@@ -24,10 +24,10 @@ CHECKPOINT = "checkpoint.pt"
 # 2: the online phases keep their loop state as utils.run.online_loop writes it ("loop": updates, logged_at, seconds)
 CHECKPOINT_FORMAT = 2
 # Flags a resumed run may change: they decide where and how fast it runs, not what it computes. RUN_SETTINGS left
-# at their defaults keep the run's values (a --no-cuda run resumes on the CPU with its checkpoint cadence); the
-# others belong to this invocation.
+# at their defaults keep the run's values (a --no-cuda run resumes on the CPU with its checkpoint cadence);
+# --resume and --progress belong to this invocation; --run-dir is not used (the run stays in its folder).
 RUN_SETTINGS = frozenset({"checkpoint_freq", "cuda", "compile", "cudagraphs"})
-OPERATIONAL_FLAGS = RUN_SETTINGS | {"resume", "progress", "run_dir", "exp_name"}
+OPERATIONAL_FLAGS = RUN_SETTINGS | {"resume", "progress", "run_dir"}
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -191,9 +191,9 @@ def load_for_resume(run_dir: str, algorithm: str, args, device: torch.device) ->
                 "its flags (start a new run to change it)"
             )
         setattr(args, name, saved[name])
-    # The run's own name and the folder it is in now (not this invocation's defaults): the checkpoints written from
-    # here on, and the pretrained_with of a run started from its offline.pt, name the run they came from.
-    args.exp_name, args.run_dir = saved["exp_name"], str(run_path.resolve().parent)
+    # The folder the run is in now, not this invocation's default: the checkpoints written from here on, and the
+    # pretrained_with of a run started from its offline.pt, name the run they came from (with its --exp-name above).
+    args.run_dir = os.path.dirname(os.path.abspath(run_path))
     return checkpoint, run_path
 
 
