@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,16 @@ def run_cli(args: list[str], env_extra: dict[str, str] | None = None, timeout: f
         text=True,
         timeout=timeout,
     )
+
+
+def script_run(script: str, args: list[str], minari_root: Path, run_dir: Path) -> tuple[Path, str]:
+    """Run algorithms/<script>.py with args on the tiny datasets as a user would, writing under `run_dir`: it must
+    exit 0. Returns the one run folder it made there and what it wrote on stderr."""
+    command = [str(REPO / f"algorithms/{script}.py"), *args, "--run-dir", str(run_dir)]
+    result = run_cli(command, {"MINARI_DATASETS_PATH": str(minari_root)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = run_dir.iterdir()
+    return run, result.stderr
 
 
 def cli_error(script: str, args: list[str], minari_root: Path) -> str:
@@ -111,12 +122,15 @@ def error_line(stderr: str) -> str:
     return lines[-1]
 
 
-def scalars(run_dir: Path) -> dict[str, list[float]]:
-    """Every TensorBoard scalar a run wrote, by tag."""
+def scalars(run_dir: Path, required: tuple[str, ...] | list[str] = ()) -> dict[str, list[float]]:
+    """Every TensorBoard scalar a run wrote, by tag; each `required` tag must be there, with finite values only."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir)).Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    tags = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    for tag in required:
+        assert tag in tags and np.isfinite(tags[tag]).all(), tag
+    return tags
 
 
 def recording_env(env_spec: str, max_episode_steps: int = 12):

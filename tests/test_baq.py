@@ -8,7 +8,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import baq
-from tests.conftest import REPO, main_error, no_host_sync, recording_env, run_cli, scalars
+from tests.conftest import main_error, no_host_sync, recording_env, scalars, script_run
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -269,14 +269,7 @@ SMOKE = [
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["cql", "iql"])
 def test_smoke_both_phases_then_pretrained(minari_root, tmp_path, backbone):
-    env = {"MINARI_DATASETS_PATH": str(minari_root)}
-    script = str(REPO / "algorithms/baq.py")
-    result = run_cli(
-        [script, *SMOKE, "--backbone", backbone, "--offline-steps", "20", "--run-dir", str(tmp_path / "a")], env, 300
-    )
-    assert result.returncode == 0, result.stderr
-    (run,) = (tmp_path / "a").iterdir()
-    tags = scalars(run)
+    run, _ = script_run("baq", [*SMOKE, "--backbone", backbone, "--offline-steps", "20"], minari_root, tmp_path / "a")
     required = [
         "offline/bc_loss", "offline/bc_val_mse", "offline/normalized_score", "offline/qf_loss", "offline/UPS",
         "eval/normalized_score", "eval/episodic_return", "eval/q_bias", "eval/q_rank_tau", "charts/episodic_return",
@@ -285,8 +278,7 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path, backbone):
         "losses/qf_values", "losses/actor_loss",
     ]  # fmt: skip
     required += ["losses/cql_loss", "losses/alpha"] if backbone == "cql" else ["losses/value_loss"]
-    for tag in required:
-        assert tag in tags and np.isfinite(tags[tag]).all(), tag
+    tags = scalars(run, required)
     assert all(0 < w <= 1 for w in tags["charts/w_mean"])
     assert all(ups > sps for ups, sps in zip(tags["charts/UPS"], tags["charts/SPS"], strict=True))  # update time only
     assert len(tags["eval/normalized_score"]) == 3  # steps 0, 30, 60
@@ -298,14 +290,8 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path, backbone):
         assert lrs == [pytest.approx(0.0, abs=1e-12), pytest.approx(3e-4)]
     assert baq.policy_from_checkpoint(final)(np.zeros(11)).shape == (3,)  # evaluates without the dataset
 
-    again = run_cli(
-        [script, *SMOKE, "--backbone", backbone, "--pretrained", str(run / "offline.pt"), "--no-use-priority",
-         "--run-dir", str(tmp_path / "b")],
-        env,
-        300,
-    )  # fmt: skip
-    assert again.returncode == 0, again.stderr
-    (second,) = (tmp_path / "b").iterdir()
+    online = [*SMOKE, "--backbone", backbone, "--pretrained", str(run / "offline.pt"), "--no-use-priority"]
+    second, _ = script_run("baq", online, minari_root, tmp_path / "b")
     assert not (second / "offline.pt").exists() and not any(tag.startswith("offline/") for tag in scalars(second))
     for name in ("bc_model", "actor", "critic"):  # pi_BC is frozen; the backbone moved
         same = [torch.equal(a, b) for a, b in zip(offline[name].values(), torch.load(second / "final.pt",

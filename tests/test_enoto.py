@@ -12,7 +12,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import enoto
-from tests.conftest import REPO, assert_sgd_step, main_error, no_host_sync, recording_env, run_cli, scalars
+from tests.conftest import assert_sgd_step, main_error, no_host_sync, recording_env, scalars, script_run
 from utils import load_dataset, make_env
 from utils.run import apply_preset, save_checkpoint
 
@@ -403,15 +403,7 @@ SMOKE = [
 
 @pytest.mark.slow
 def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
-    env = {"MINARI_DATASETS_PATH": str(minari_root)}
-    result = run_cli(
-        [str(REPO / "algorithms/enoto.py"), *SMOKE, "--offline-steps", "20", "--run-dir", str(tmp_path / "a")],
-        env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    (run,) = (tmp_path / "a").iterdir()
-    tags = scalars(run)
+    run, _ = script_run("enoto", [*SMOKE, "--offline-steps", "20"], minari_root, tmp_path / "a")
     required = [
         "offline/normalized_score",
         "offline/episodic_return",
@@ -434,8 +426,7 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
         "losses/actor_loss",
         "losses/alpha",
     ]
-    for tag in required:
-        assert tag in tags and np.isfinite(tags[tag]).all(), tag
+    tags = scalars(run, required)
     assert "losses/cql_loss" not in tags
     assert all(0.5 <= w <= 1.0 for w in tags["charts/sunrise_weight"])
     assert len(tags["eval/normalized_score"]) == 3  # steps 0, 50, 100
@@ -445,27 +436,10 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
         assert key in final
     assert enoto.policy_from_checkpoint(final)(np.zeros(11)).shape == (3,)  # evaluates without the dataset
 
-    again = run_cli(
-        [
-            str(REPO / "algorithms/enoto.py"),
-            *SMOKE,
-            "--pretrained",
-            str(run / "offline.pt"),
-            "--num-critics",
-            "5",  # ignored: the networks come from the checkpoint
-            "--exploration",
-            "oac",
-            "--q-target",
-            "rem",
-            "--run-dir",
-            str(tmp_path / "b"),
-        ],
-        env,
-        timeout=300,
-    )
-    assert again.returncode == 0, again.stderr
-    assert "using the checkpoint's --num-critics 3 --hidden-dim 32" in again.stderr
-    (second,) = (tmp_path / "b").iterdir()
+    online = [*SMOKE, "--pretrained", str(run / "offline.pt"), "--exploration", "oac", "--q-target", "rem"]
+    online += ["--num-critics", "5"]  # ignored: the networks come from the checkpoint
+    second, stderr = script_run("enoto", online, minari_root, tmp_path / "b")
+    assert "using the checkpoint's --num-critics 3 --hidden-dim 32" in stderr
     assert not (second / "offline.pt").exists()
     assert not any(tag.startswith("offline/") for tag in scalars(second))
     assert torch.load(second / "final.pt", weights_only=False)["num_critics"] == 3

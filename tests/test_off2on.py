@@ -10,7 +10,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import off2on, opt
-from tests.conftest import REPO, assert_sgd_step, main_error, no_host_sync, recording_env, run_cli, scalars
+from tests.conftest import assert_sgd_step, main_error, no_host_sync, recording_env, scalars, script_run
 from utils import load_dataset, make_env
 from utils.buffers import SAMPLER_BLOCK
 
@@ -321,15 +321,7 @@ SMOKE = [
 
 @pytest.mark.slow
 def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
-    env = {"MINARI_DATASETS_PATH": str(minari_root)}
-    result = run_cli(
-        [str(REPO / "algorithms/off2on.py"), *SMOKE, "--offline-steps", "20", "--run-dir", str(tmp_path / "a")],
-        env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    (run,) = (tmp_path / "a").iterdir()
-    tags = scalars(run)
+    run, _ = script_run("off2on", [*SMOKE, "--offline-steps", "20"], minari_root, tmp_path / "a")
     required = [
         "offline/normalized_score", "offline/episodic_return", "offline/qf_loss", "offline/cql_loss",
         "offline/alpha", "offline/UPS", "eval/normalized_score", "eval/episodic_return", "eval/q_bias",
@@ -337,8 +329,7 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
         "charts/density_online", "charts/density_offline", "charts/p_new", "losses/qf_loss", "losses/qf_values",
         "losses/actor_loss", "losses/alpha", "losses/density_loss",
     ]  # fmt: skip
-    for tag in required:
-        assert tag in tags and np.isfinite(tags[tag]).all(), tag
+    tags = scalars(run, required)
     assert all(0 <= share <= 1 for share in tags["charts/offline_share"])
     assert len(tags["eval/normalized_score"]) == 3  # steps 0, 50, 100
     offline, final = (torch.load(run / name, weights_only=False) for name in ("offline.pt", "final.pt"))
@@ -347,16 +338,8 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
         assert key in final
     assert off2on.policy_from_checkpoint(final)(np.zeros(11)).shape == (3,)  # evaluates without the dataset
 
-    again = run_cli(
-        [
-            str(REPO / "algorithms/off2on.py"), *SMOKE, "--pretrained", str(run / "offline.pt"),
-            "--replay", "uniform", "--run-dir", str(tmp_path / "b"),
-        ],
-        env,
-        timeout=300,
-    )  # fmt: skip
-    assert again.returncode == 0, again.stderr
-    (second,) = (tmp_path / "b").iterdir()
+    online = [*SMOKE, "--pretrained", str(run / "offline.pt"), "--replay", "uniform"]
+    second, _ = script_run("off2on", online, minari_root, tmp_path / "b")
     assert not (second / "offline.pt").exists()
     tags = scalars(second)
     assert not any(tag.startswith("offline/") for tag in tags) and "losses/density_loss" not in tags

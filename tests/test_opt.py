@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
 from algorithms import opt
-from tests.conftest import REPO, assert_sgd_step, main_error, no_host_sync, recording_env, run_cli, scalars
+from tests.conftest import assert_sgd_step, main_error, no_host_sync, recording_env, scalars, script_run
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -474,14 +474,7 @@ SMOKE = [
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["td3bc", "spot"])
 def test_smoke_three_phases_then_pretrained(minari_root, tmp_path, backbone):
-    env = {"MINARI_DATASETS_PATH": str(minari_root)}
-    script = str(REPO / "algorithms/opt.py")
-    result = run_cli(
-        [script, *SMOKE, "--backbone", backbone, "--offline-steps", "20", "--run-dir", str(tmp_path / "a")], env, 300
-    )
-    assert result.returncode == 0, result.stderr
-    (run,) = (tmp_path / "a").iterdir()
-    tags = scalars(run)
+    run, _ = script_run("opt", [*SMOKE, "--backbone", backbone, "--offline-steps", "20"], minari_root, tmp_path / "a")
     required = [
         "offline/normalized_score", "offline/qf_loss", "offline/actor_loss", "offline/UPS", "pretrain/offline_loss",
         "pretrain/online_loss", "pretrain/meta_weight", "pretrain/UPS", "eval/normalized_score",
@@ -491,8 +484,7 @@ def test_smoke_three_phases_then_pretrained(minari_root, tmp_path, backbone):
         "losses/qf_on_loss", "losses/qf_on_values", "losses/actor_loss", "losses/density_loss",
     ]  # fmt: skip
     required += ["offline/bc_loss"] if backbone == "td3bc" else ["offline/vae_loss", "losses/spot_lambda"]
-    for tag in required:
-        assert tag in tags and np.isfinite(tags[tag]).all(), tag
+    tags = scalars(run, required)
     scores = tags["eval/normalized_score"]
     assert len(scores) == 4 and scores[0] == scores[1]  # steps 0, 20 (the frozen N_tau window), 40, 60
     assert len(tags["eval/q_bias_on"]) == 2 and all(0 < c <= 1 for c in tags["pretrain/meta_weight"])
@@ -505,14 +497,8 @@ def test_smoke_three_phases_then_pretrained(minari_root, tmp_path, backbone):
     assert ("vae" in final) == (backbone == "spot")
     assert opt.policy_from_checkpoint(final)(np.zeros(11)).shape == (3,)  # evaluates without the dataset
 
-    again = run_cli(
-        [script, *SMOKE, "--pretrained", str(run / "offline.pt"), "--no-new-critic", "--replay", "uniform",
-         "--run-dir", str(tmp_path / "b")],
-        env,
-        300,
-    )  # fmt: skip
-    assert again.returncode == 0, again.stderr
-    (second,) = (tmp_path / "b").iterdir()
+    online = [*SMOKE, "--pretrained", str(run / "offline.pt"), "--no-new-critic", "--replay", "uniform"]
+    second, _ = script_run("opt", online, minari_root, tmp_path / "b")
     tags = scalars(second)
     assert not (second / "offline.pt").exists() and not any(tag.startswith("offline/") for tag in tags)
     assert "losses/qf_on_loss" not in tags and "losses/density_loss" not in tags and "pretrain/online_loss" in tags

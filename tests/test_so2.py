@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from algorithms import so2
-from tests.conftest import REPO, assert_sgd_step, main_error, no_host_sync, recording_env, run_cli, scalars
+from tests.conftest import assert_sgd_step, main_error, no_host_sync, recording_env, scalars, script_run
 from utils import load_dataset, make_env
 
 OBS, ACT = 4, 3
@@ -298,15 +298,7 @@ SMOKE = [
 
 @pytest.mark.slow
 def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
-    env = {"MINARI_DATASETS_PATH": str(minari_root)}
-    result = run_cli(
-        [str(REPO / "algorithms/so2.py"), *SMOKE, "--offline-steps", "20", "--run-dir", str(tmp_path / "a")],
-        env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    (run,) = (tmp_path / "a").iterdir()
-    tags = scalars(run)
+    run, _ = script_run("so2", [*SMOKE, "--offline-steps", "20"], minari_root, tmp_path / "a")
     required = [
         "offline/normalized_score",
         "offline/episodic_return",
@@ -327,8 +319,7 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
         "charts/offline_share",
         "charts/pvu_noise",
     ]
-    for tag in required:
-        assert tag in tags and np.isfinite(tags[tag]).all(), tag
+    tags = scalars(run, required)
     assert len(tags["eval/normalized_score"]) == 3  # steps 0, 60, 120
     assert json.loads((run / "args.json").read_text())["offline_steps"] == 20
     offline, final = (torch.load(run / name, weights_only=False) for name in ("offline.pt", "final.pt"))
@@ -338,20 +329,7 @@ def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
     policy = so2.policy_from_checkpoint(final)  # evaluates without the dataset
     assert policy(np.zeros(11)).shape == (3,)
 
-    again = run_cli(
-        [
-            str(REPO / "algorithms/so2.py"),
-            *SMOKE,
-            "--pretrained",
-            str(run / "offline.pt"),
-            "--run-dir",
-            str(tmp_path / "b"),
-        ],
-        env,
-        timeout=300,
-    )
-    assert again.returncode == 0, again.stderr
-    (second,) = (tmp_path / "b").iterdir()
+    second, _ = script_run("so2", [*SMOKE, "--pretrained", str(run / "offline.pt")], minari_root, tmp_path / "b")
     assert not (second / "offline.pt").exists()
     assert not any(tag.startswith("offline/") for tag in scalars(second))
 
