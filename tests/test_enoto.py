@@ -375,57 +375,21 @@ def test_online_buffer_holds_exactly_the_online_transitions(online_run):
 
 # hopper-expert keeps the env's 1000-step limit, so evaluation episodes have exact Monte-Carlo returns
 SMOKE = [
-    "--env-id",
-    "hopper-expert",
-    "--num-critics",
-    "3",
-    "--hidden-dim",
-    "32",
-    "--batch-size",
-    "16",
-    "--online-steps",
-    "100",
-    "--warmup-steps",
-    "20",
-    "--eval-freq",
-    "50",
-    "--eval-episodes",
-    "2",
-    "--offline-eval-freq",
-    "10",
-    "--log-freq",
-    "10",
-    "--cql-samples",
-    "4",
-    "--no-cuda",
-]
+    "--env-id", "hopper-expert", "--num-critics", "3", "--hidden-dim", "32", "--batch-size", "16",
+    "--online-steps", "100", "--warmup-steps", "20", "--eval-freq", "50", "--eval-episodes", "2",
+    "--offline-eval-freq", "10", "--log-freq", "10", "--cql-samples", "4", "--no-cuda",
+]  # fmt: skip
 
 
 @pytest.mark.slow
 def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
     run, _ = script_run("enoto", [*SMOKE, "--offline-steps", "20"], minari_root, tmp_path / "a")
     required = [
-        "offline/normalized_score",
-        "offline/episodic_return",
-        "offline/qf_loss",
-        "offline/cql_loss",
-        "offline/q_std",
-        "offline/alpha",
-        "offline/UPS",
-        "eval/normalized_score",
-        "eval/episodic_return",
-        "eval/q_bias",
-        "eval/q_rank_tau",
-        "charts/episodic_return",
-        "charts/SPS",
-        "charts/UPS",
-        "charts/sunrise_weight",
-        "losses/qf_loss",
-        "losses/qf_values",
-        "losses/q_std",
-        "losses/actor_loss",
-        "losses/alpha",
-    ]
+        "offline/normalized_score", "offline/episodic_return", "offline/qf_loss", "offline/cql_loss", "offline/q_std",
+        "offline/alpha", "offline/UPS", "eval/normalized_score", "eval/episodic_return", "eval/q_bias",
+        "eval/q_rank_tau", "charts/episodic_return", "charts/SPS", "charts/UPS", "charts/sunrise_weight",
+        "losses/qf_loss", "losses/qf_values", "losses/q_std", "losses/actor_loss", "losses/alpha",
+    ]  # fmt: skip
     tags = scalars(run, required)
     assert "losses/cql_loss" not in tags
     assert all(0.5 <= w <= 1.0 for w in tags["charts/sunrise_weight"])

@@ -266,59 +266,22 @@ def test_hand_over_keeps_the_policy():
 
 # hopper-expert keeps the env's 1000-step limit, so evaluation episodes have exact Monte-Carlo returns
 SMOKE = [
-    "--env-id",
-    "hopper-expert",
-    "--num-critics",
-    "3",
-    "--batch-size",
-    "8",
-    "--mixed-batch-size",
-    "24",
-    "--online-steps",
-    "120",
-    "--warmup-steps",
-    "10",
-    "--eval-freq",
-    "60",
-    "--eval-episodes",
-    "2",
-    "--offline-eval-freq",
-    "10",
-    "--log-freq",
-    "10",
-    "--no-cuda",
-    "--hidden-dim",
-    "32",
-    "--updates-per-step",
-    "2",
-    "--actor-update-freq",
-    "2",
-]
+    "--env-id", "hopper-expert", "--num-critics", "3", "--batch-size", "8", "--mixed-batch-size", "24",
+    "--online-steps", "120", "--warmup-steps", "10", "--eval-freq", "60", "--eval-episodes", "2",
+    "--offline-eval-freq", "10", "--log-freq", "10", "--no-cuda", "--hidden-dim", "32", "--updates-per-step", "2",
+    "--actor-update-freq", "2",
+]  # fmt: skip
 
 
 @pytest.mark.slow
 def test_smoke_both_phases_then_pretrained(minari_root, tmp_path):
     run, _ = script_run("so2", [*SMOKE, "--offline-steps", "20"], minari_root, tmp_path / "a")
     required = [
-        "offline/normalized_score",
-        "offline/episodic_return",
-        "offline/qf_loss",
-        "offline/diversity_loss",
-        "offline/UPS",
-        "eval/normalized_score",
-        "eval/episodic_return",
-        "eval/q_bias",
-        "eval/q_rank_tau",
-        "charts/episodic_return",
-        "charts/SPS",
-        "charts/UPS",
-        "losses/qf_loss",
-        "losses/qf_values",
-        "losses/actor_loss",
-        "losses/alpha",
-        "charts/offline_share",
-        "charts/pvu_noise",
-    ]
+        "offline/normalized_score", "offline/episodic_return", "offline/qf_loss", "offline/diversity_loss",
+        "offline/UPS", "eval/normalized_score", "eval/episodic_return", "eval/q_bias", "eval/q_rank_tau",
+        "charts/episodic_return", "charts/SPS", "charts/UPS", "losses/qf_loss", "losses/qf_values", "losses/actor_loss",
+        "losses/alpha", "charts/offline_share", "charts/pvu_noise",
+    ]  # fmt: skip
     tags = scalars(run, required)
     assert len(tags["eval/normalized_score"]) == 3  # steps 0, 60, 120
     assert json.loads((run / "args.json").read_text())["offline_steps"] == 20
