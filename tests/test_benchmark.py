@@ -568,3 +568,40 @@ def test_offline_curves_lists_each_seeds_evaluations_up_to_the_hand_over(tmp_pat
     written = out.read_text()
     assert written.startswith(f"Command: python benchmark/diagnostics/offline_curves.py --sweep-dir {tmp_path}")
     assert text in written
+
+
+def test_q_probe_reads_the_data_through_the_checkpoints_normalisation(minari_root, tmp_path, capsys):
+    """Q of every other episode's (state, action) pairs as the critics see them, on the checkpoint's standardised
+    states (by hand through the critic), not raw ones; the policy's distance from the data's actions; a checkpoint
+    of a script it cannot read is one error line."""
+    from algorithms import enoto
+    from benchmark.diagnostics import q_probe
+    from utils import load_dataset
+
+    torch.set_num_threads(1)
+    sizes = {"hidden_dim": 16, "batch_size": 8, "num_critics": 3, "cql_samples": 2, "offline_steps": 6}
+    args = enoto.Args(env_id="hopper-medium", run_dir=str(tmp_path), cuda=False, progress=False, eval_episodes=1,
+                      offline_eval_freq=6, online_steps=0, **sizes)  # fmt: skip
+    path = enoto.main(args) / "offline.pt"
+    result = q_probe.probe(str(path), every=2)
+
+    data, checkpoint = load_dataset("hopper-medium"), torch.load(path, weights_only=False)
+    ends = np.flatnonzero(data.episode_ends) + 1
+    rows = np.concatenate([np.arange(start, end) for start, end in zip(np.r_[0, ends[:-1]], ends, strict=True)][::2])
+    obs, action = data.observations[rows], torch.as_tensor(data.actions[rows])
+    agent = q_probe.load_agent(checkpoint)[0]
+    standardised = torch.as_tensor((obs - checkpoint["obs_mean"]) / checkpoint["obs_std"], dtype=torch.float32)
+    with torch.no_grad():
+        expected = agent.critic(standardised, action).min(0).values.mean().item()
+        raw = agent.critic(torch.as_tensor(obs), action).min(0).values.mean().item()
+    assert result["states"] == len(rows) < len(data.observations)
+    assert result["q data"] == pytest.approx(expected, rel=1e-5) and raw != pytest.approx(expected, rel=1e-3)
+    policy_action = enoto.policy_from_checkpoint(checkpoint)(obs)
+    assert result["policy-data mse"] == pytest.approx(np.square(policy_action - data.actions[rows]).mean(), rel=1e-5)
+
+    capsys.readouterr()
+    q_probe.main([str(path), "--every", "2"])
+    assert capsys.readouterr().out.startswith(f"{path} (offline step 6, {len(rows)} states): q data {expected:.2f}, ")
+    torch.save({"algorithm": "opt"}, tmp_path / "opt.pt")
+    with pytest.raises(SystemExit, match="error: q_probe reads enoto, off2on, baq checkpoints, not opt"):
+        q_probe.probe(str(tmp_path / "opt.pt"))
