@@ -12,6 +12,7 @@ policy's deterministic action and the dataset's (over states and action dimensio
 """
 
 import argparse
+import functools
 import importlib
 import sys
 from pathlib import Path
@@ -38,8 +39,10 @@ def load_agent(checkpoint: dict):
     return agent, getattr(agent, AGENTS[name][1])
 
 
+@functools.cache  # several checkpoints of one dataset load it once
 def dataset_states(env_id: str, every: int) -> tuple[np.ndarray, np.ndarray]:
-    """(observations, actions) of every `every`-th episode of the dataset, from its first."""
+    """(observations, actions) of every `every`-th episode of the dataset, from its first (shared: not to be
+    modified)."""
     data = load_dataset(env_id)
     episode = np.r_[0, np.cumsum(data.episode_ends[:-1] > 0)]  # each transition's episode index
     rows = episode % every == 0
