@@ -605,3 +605,36 @@ def test_q_probe_reads_the_data_through_the_checkpoints_normalisation(minari_roo
     torch.save({"algorithm": "opt"}, tmp_path / "opt.pt")
     with pytest.raises(SystemExit, match="error: q_probe reads enoto, off2on, baq checkpoints, not opt"):
         q_probe.probe(str(tmp_path / "opt.pt"))
+
+
+def test_cpu_protocol_carries_finished_offline_checkpoints_for_a_later_session(tmp_path):
+    """`cpu.sh carry` copies each finished offline phase's offline.pt (and args.json) to where round 2's online arms
+    start from, again when it changes (a hand-over rule extension), never an unfinished one's; git ignores the copy."""
+    shutil.copytree(REPO / "benchmark" / "protocols", tmp_path / "benchmark" / "protocols")
+    shutil.copy(REPO / ".gitignore", tmp_path / ".gitignore")
+    offline = tmp_path / "runs" / "protocol-cpu-offline" / "opt-1m" / "hopper-sac-medium"
+    for seed, finished in ((0, True), (1, False)):
+        run = offline / f"seed{seed}" / "run_a"
+        run.mkdir(parents=True)
+        (run / "offline.pt").write_text(f"weights {seed}")
+        (run / "args.json").write_text("{}")
+        if finished:
+            (run / "final.pt").write_text("")
+
+    def carry():
+        subprocess.run(["bash", "benchmark/protocols/cpu.sh", "carry", "opt-1m"], cwd=tmp_path, check=True)
+
+    carry()
+    carried = tmp_path / "benchmark/results/protocol-cpu/checkpoints/opt-1m/hopper-sac-medium"
+    assert (carried / "seed0" / "run_a" / "offline.pt").read_text() == "weights 0"
+    assert (carried / "seed0" / "run_a" / "args.json").is_file()
+    assert not (carried / "seed1").exists()
+    extended = offline / "seed0/run_a/offline.pt"
+    extended.write_text("weights 0, extended")
+    later = extended.stat().st_mtime + 5  # written after the copy, whatever the file system's time resolution
+    os.utime(extended, (later, later))
+    carry()
+    assert (carried / "seed0" / "run_a" / "offline.pt").read_text() == "weights 0, extended"
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    ignored = subprocess.run(["git", "check-ignore", str(carried / "seed0/run_a/offline.pt")], cwd=tmp_path)
+    assert ignored.returncode == 0

@@ -4,14 +4,16 @@
 #
 #     bash benchmark/protocols/cpu.sh opt        # offline sweep, then method and baseline from its offline.pt
 #     bash benchmark/protocols/cpu.sh collect opt td3   # copy the finished runs' events into the results tree now
+#     bash benchmark/protocols/cpu.sh carry opt-1m      # finished offline.pt files to results/protocol-cpu/checkpoints/
 #     bash benchmark/protocols/cpu.sh report     # benchmark/results/protocol-cpu/report.md from what is committed
 #
 # Every reduction from the paper's protocol is in benchmark/protocols/cpu.md, next to the paper's value.
 # Runs go to runs/protocol-cpu{,-offline}/ (WORKERS at a time, 2 by default, one thread each); a finished piece's TensorBoard
-# events and args.json are copied to benchmark/results/protocol-cpu/ to be committed (no checkpoints).
+# events and args.json are copied to benchmark/results/protocol-cpu/ to be committed (round 2 also carries offline.pt:
+# cpu.md, "Sessions").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+export OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1}  # THREADS=2 WORKERS=1: one run on both cores
 # glibc hands each large temporary (a CQL batch of 30 actions per state is megabytes) to mmap and back, a page fault
 # per 4 KB: keeping freed memory in the heap removes that system time (cpu.md); the numbers are bit-identical.
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296}
@@ -23,6 +25,10 @@ OFFLINE=runs/protocol-cpu-offline
 ONLINE=runs/protocol-cpu
 RESULTS=benchmark/results/protocol-cpu
 PRETRAINED="$OFFLINE/{label}/{dataset}/seed{seed}/*/offline.pt"
+# Round 2's online arms start from a copy of the offline.pt here (carry), so that one session can pretrain and a later
+# one, on a fresh machine, fine-tune: git add -f the copies a later session needs (cpu.md, "Sessions")
+CARRIED=$RESULTS/checkpoints
+CARRIED_PRETRAINED="$CARRIED/{label}/{dataset}/seed{seed}/*/offline.pt"
 COMMON="--no-cuda --eval-episodes 10"
 
 sweep() {  # sweep <sweep-dir> <algorithm> <label> <flags...>; online runs whose events are committed are skipped
@@ -47,6 +53,27 @@ collect() {  # collect <label>: events and args.json of the finished runs (final
         done
     done
     return 0
+}
+
+carry() {  # carry <label>: each finished offline run's offline.pt and args.json to $CARRIED/<label>/<dataset>/seed<N>/<run>/
+    local label=$1 run dest
+    for run in "$OFFLINE/$label"/*/seed*/*/final.pt; do
+        [ -f "$run" ] || continue
+        run=$(dirname "$run")
+        dest=$CARRIED/${run#"$OFFLINE"/}
+        [ "$dest/offline.pt" -nt "$run/offline.pt" ] && continue
+        mkdir -p "$dest" && cp "$run/offline.pt" "$run/args.json" "$dest/"
+    done
+    return 0
+}
+
+round2_offline() {  # round2_offline <algorithm> <label> <flags...>: the offline sweep, skipping the seeds whose events
+    # are committed (their offline.pt is carried, or their online arms are done), then carry
+    local algorithm=$1 label=$2
+    shift 2
+    python benchmark/sweep.py --algorithms "$algorithm" --label "$label" --datasets $DATASETS --seeds $SEEDS \
+        --sweep-dir "$OFFLINE" --workers "$WORKERS" --collected "$RESULTS/offline" -- $COMMON "$@" || true
+    carry "$label"
 }
 
 piece() {  # piece <algorithm> <baseline label> <offline flags> -- <online flags> -- <baseline flags>
@@ -138,12 +165,12 @@ enoto-strong)
     # beside CQL -> SAC and CQL -> CQL, both from ONE 2-critic CQL pretraining of the same length per seed.
     DATASETS=hopper-sac-medium
     offline=(--offline-steps 10000 --offline-eval-freq 2500 --checkpoint-freq 1000 --online-steps 0)
-    sweep "$OFFLINE" enoto enoto-strong "${offline[@]}"
-    sweep "$OFFLINE" enoto cql2-strong "${offline[@]}" --preset cql_sac
+    round2_offline enoto enoto-strong "${offline[@]}"
+    round2_offline enoto cql2-strong "${offline[@]}" --preset cql_sac
     online=(--online-steps 30000 --eval-freq 2500 --checkpoint-freq 2500)
-    sweep "$ONLINE" enoto enoto-strong --pretrained "${PRETRAINED//\{label\}/enoto-strong}" "${online[@]}"
+    sweep "$ONLINE" enoto enoto-strong --pretrained "${CARRIED_PRETRAINED//\{label\}/enoto-strong}" "${online[@]}"
     for preset in cql_sac cql_cql; do
-        sweep "$ONLINE" enoto "${preset//_/-}-strong" --pretrained "${PRETRAINED//\{label\}/cql2-strong}" \
+        sweep "$ONLINE" enoto "${preset//_/-}-strong" --pretrained "${CARRIED_PRETRAINED//\{label\}/cql2-strong}" \
             "${online[@]}" --preset "$preset"
     done
     mkdir -p "$RESULTS/online" "$RESULTS/offline"
@@ -154,11 +181,11 @@ off2on-strong)
     # pretraining; width 256, standardised states (the defaults).
     DATASETS=hopper-sac-medium
     offline=(--offline-steps 10000 --bc-steps 400 --offline-eval-freq 2500 --checkpoint-freq 1000 --online-steps 0)
-    sweep "$OFFLINE" off2on off2on-strong "${offline[@]}"
-    sweep "$OFFLINE" off2on uniform-n1-strong "${offline[@]}" --num-agents 1
+    round2_offline off2on off2on-strong "${offline[@]}"
+    round2_offline off2on uniform-n1-strong "${offline[@]}" --num-agents 1
     online=(--online-steps 30000 --eval-freq 2500 --checkpoint-freq 2500)
-    sweep "$ONLINE" off2on off2on-strong --pretrained "${PRETRAINED//\{label\}/off2on-strong}" "${online[@]}"
-    sweep "$ONLINE" off2on uniform-n1-strong --pretrained "${PRETRAINED//\{label\}/uniform-n1-strong}" \
+    sweep "$ONLINE" off2on off2on-strong --pretrained "${CARRIED_PRETRAINED//\{label\}/off2on-strong}" "${online[@]}"
+    sweep "$ONLINE" off2on uniform-n1-strong --pretrained "${CARRIED_PRETRAINED//\{label\}/uniform-n1-strong}" \
         "${online[@]}" --replay uniform
     mkdir -p "$RESULTS/online" "$RESULTS/offline"
     for label in off2on-strong uniform-n1-strong; do collect "$label"; done
@@ -167,9 +194,8 @@ opt-1m)
     # Issue #34 item 4: OPT at the paper's offline budget (1M TD3+BC updates, width 256), then OPT and plain TD3
     # from each offline.pt at the protocol's online settings. Resumable: run it again after an interruption.
     DATASETS=hopper-sac-medium
-    sweep "$OFFLINE" opt opt-1m --offline-steps 1000000 --offline-eval-freq 50000 --checkpoint-freq 10000 \
-        --online-steps 0
-    online=(--pretrained "${PRETRAINED//\{label\}/opt-1m}" --online-steps 20000 --n-tau 2500 --n-pretrain 5000)
+    round2_offline opt opt-1m --offline-steps 1000000 --offline-eval-freq 50000 --checkpoint-freq 10000 --online-steps 0
+    online=(--pretrained "${CARRIED_PRETRAINED//\{label\}/opt-1m}" --online-steps 20000 --n-tau 2500 --n-pretrain 5000)
     online+=(--kappa-steps 10000 --eval-freq 1000)
     sweep "$ONLINE" opt opt-1m "${online[@]}"
     sweep "$ONLINE" opt td3-1m "${online[@]}" --no-new-critic --no-online-pretraining --n-tau 0 --replay uniform
@@ -180,6 +206,10 @@ collect)  # collect <label...>: copy what has finished so far (e.g. before a ses
     shift
     mkdir -p "$RESULTS/online" "$RESULTS/offline"
     for label in "$@"; do collect "$label"; done
+    ;;
+carry)  # carry <label...>: copy finished offline.pt files to $CARRIED again (e.g. after a hand-over rule extension)
+    shift
+    for label in "$@"; do carry "$label"; done
     ;;
 report)
     python benchmark/report.py --sweep-dir "$RESULTS/online" --out "$RESULTS" --baseline opt=td3 --baseline baq=iql \
@@ -224,7 +254,7 @@ report)
     offline_curves "$RESULTS/opt-1m" opt-1m
     ;;
 *)
-    echo "usage: bash benchmark/protocols/cpu.sh opt|baq|so2|so2-ablation|enoto|off2on|enoto-strong|off2on-strong|opt-1m|collect LABEL...|report" >&2
+    echo "usage: bash benchmark/protocols/cpu.sh opt|baq|so2|so2-ablation|enoto|off2on|enoto-strong|off2on-strong|opt-1m|collect LABEL...|carry LABEL...|report" >&2
     exit 2
     ;;
 esac
