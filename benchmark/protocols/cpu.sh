@@ -68,11 +68,21 @@ carry() {  # carry <label>: each finished offline run's offline.pt and args.json
 }
 
 round2_offline() {  # round2_offline <algorithm> <label> <flags...>: the offline sweep, skipping the seeds whose events
-    # are committed (their offline.pt is carried, or their online arms are done), then carry
-    local algorithm=$1 label=$2
+    # are committed (their offline.pt is carried, or their online arms are done); with RULE=1 the hand-over rule
+    # (handover_rule.py: its keeper links the checkpoints meanwhile); then carry
+    local algorithm=$1 label=$2 keeper=
     shift 2
+    if [ "${RULE:-0}" = 1 ]; then
+        mkdir -p "$OFFLINE/$label"
+        python benchmark/protocols/handover_rule.py keep "$OFFLINE/$label" &
+        keeper=$!
+    fi
     python benchmark/sweep.py --algorithms "$algorithm" --label "$label" --datasets $DATASETS --seeds $SEEDS \
         --sweep-dir "$OFFLINE" --workers "$WORKERS" --collected "$RESULTS/offline" -- $COMMON "$@" || true
+    if [ -n "$keeper" ]; then
+        kill "$keeper" 2>/dev/null || true
+        python benchmark/protocols/handover_rule.py apply "$OFFLINE/$label"
+    fi
     carry "$label"
 }
 
@@ -165,8 +175,8 @@ enoto-strong)
     # beside CQL -> SAC and CQL -> CQL, both from ONE 2-critic CQL pretraining of the same length per seed.
     DATASETS=hopper-sac-medium
     offline=(--offline-steps 10000 --offline-eval-freq 2500 --checkpoint-freq 1000 --online-steps 0)
-    round2_offline enoto enoto-strong "${offline[@]}"
-    round2_offline enoto cql2-strong "${offline[@]}" --preset cql_sac
+    RULE=1 round2_offline enoto enoto-strong "${offline[@]}"
+    RULE=1 round2_offline enoto cql2-strong "${offline[@]}" --preset cql_sac
     online=(--online-steps 30000 --eval-freq 2500 --checkpoint-freq 2500)
     sweep "$ONLINE" enoto enoto-strong --pretrained "${CARRIED_PRETRAINED//\{label\}/enoto-strong}" "${online[@]}"
     for preset in cql_sac cql_cql; do
@@ -181,8 +191,8 @@ off2on-strong)
     # pretraining; width 256, standardised states (the defaults).
     DATASETS=hopper-sac-medium
     offline=(--offline-steps 10000 --bc-steps 400 --offline-eval-freq 2500 --checkpoint-freq 1000 --online-steps 0)
-    round2_offline off2on off2on-strong "${offline[@]}"
-    round2_offline off2on uniform-n1-strong "${offline[@]}" --num-agents 1
+    RULE=1 round2_offline off2on off2on-strong "${offline[@]}"
+    RULE=1 round2_offline off2on uniform-n1-strong "${offline[@]}" --num-agents 1
     online=(--online-steps 30000 --eval-freq 2500 --checkpoint-freq 2500)
     sweep "$ONLINE" off2on off2on-strong --pretrained "${CARRIED_PRETRAINED//\{label\}/off2on-strong}" "${online[@]}"
     sweep "$ONLINE" off2on uniform-n1-strong --pretrained "${CARRIED_PRETRAINED//\{label\}/uniform-n1-strong}" \
