@@ -687,3 +687,18 @@ def test_handover_rule_extends_a_weak_offline_phase_to_the_run_launched_with_tha
     with pytest.raises(SystemExit, match="no kept checkpoint at or before step 40"):
         handover_rule.apply(folder, threshold=1e9, block=10, most=50, interval=0.001)
     capsys.readouterr()
+
+
+def test_handover_rule_keeps_a_checkpoint_written_under_an_inode_seen_before(tmp_path):
+    """A pruned link frees its inode, and the file system may give it to a later checkpoint.pt: the keeper tells the
+    files apart by inode and modification time, not by inode alone (here: the same inode, rewritten in place)."""
+    from benchmark.protocols import handover_rule
+
+    run, seen = tmp_path / "label" / "run", set()
+    run.mkdir(parents=True)
+    for step in (1, 2, 3, 4, 5):
+        with open(run / "checkpoint.pt", "r+b" if step > 1 else "wb") as file:  # r+b: the same inode
+            torch.save({"step": step}, file)
+        os.utime(run / "checkpoint.pt", ns=(step * 10**9, step * 10**9))
+        handover_rule.keep_once(tmp_path, seen)
+    assert sorted(handover_rule.kept_checkpoints(run)) == [3, 4, 5]

@@ -37,20 +37,21 @@ def kept_checkpoints(run: Path) -> dict[int, Path]:
     return {int(path.stem.split("-")[1]): path for path in (run / "kept").glob("checkpoint-*.pt")}
 
 
-def keep_once(folder: Path, seen: set[int]) -> None:
+def keep_once(folder: Path, seen: set[tuple[int, int]]) -> None:
     """Link each checkpoint.pt under `folder` not linked yet into its run's kept/ and drop the oldest beyond KEPT."""
     for checkpoint in folder.glob("**/checkpoint.pt"):
         kept = checkpoint.parent / "kept"
         try:
-            inode = checkpoint.stat().st_ino
-            if inode in seen:
+            stat = checkpoint.stat()
+            version = (stat.st_ino, stat.st_mtime_ns)  # a pruned link frees its inode for a later checkpoint
+            if version in seen:
                 continue
             kept.mkdir(exist_ok=True)
-            link = kept / f"link-{inode}.pt"
+            link = kept / f"link-{stat.st_ino}.pt"
             os.link(checkpoint, link)  # the file stays when the run replaces or removes checkpoint.pt
         except OSError:
             continue  # replaced or removed meanwhile: the next one is linked
-        seen.add(inode)
+        seen.add(version)
         try:
             step = torch.load(link, map_location="cpu", weights_only=False)["step"]
         except Exception:
@@ -63,7 +64,7 @@ def keep_once(folder: Path, seen: set[int]) -> None:
 
 
 def keep(folder: Path, stop: threading.Event, interval: float) -> None:
-    seen: set[int] = set()
+    seen: set[tuple[int, int]] = set()
     while not stop.is_set():
         keep_once(folder, seen)
         stop.wait(interval)
