@@ -641,52 +641,65 @@ def test_cpu_protocol_carries_finished_offline_checkpoints_for_a_later_session(t
 
 
 def test_handover_rule_extends_a_weak_offline_phase_to_the_run_launched_with_that_budget(minari_root, tmp_path, capsys):
-    """`keep` links the checkpoints a run writes; `apply` puts the newest one back with a larger --offline-steps and
-    resumes: the extended run equals, bit for bit, the run launched with that budget; a strong one is left alone."""
+    """`keep` links the checkpoints a run writes; `apply` puts the newest one at or before the last step back with a
+    larger --offline-steps and resumes (here from an older one: the updates after it are made again): the extended
+    Off2On run (its BC phase crossing the first budget's end) equals, bit for bit, the run launched with that budget,
+    every evaluation logged once; a strong run is left as it is."""
     import threading
 
-    from algorithms import opt
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from algorithms import off2on
     from benchmark.diagnostics.offline_curves import offline_scores
     from benchmark.protocols import handover_rule
-    from tests.conftest import scalars
 
     torch.set_num_threads(1)
-    sizes = {"hidden_dim": 16, "batch_size": 8, "offline_eval_freq": 10, "checkpoint_freq": 3, "online_steps": 0}
+    sizes = {"hidden_dim": 16, "batch_size": 8, "num_agents": 2, "bc_steps": 25, "offline_eval_freq": 10,
+             "checkpoint_freq": 3, "online_steps": 0}  # fmt: skip
 
     def offline(folder, steps):
-        return opt.main(opt.Args(env_id="hopper-medium", run_dir=str(folder), cuda=False, progress=False, seed=2,
-                                 eval_episodes=1, offline_steps=steps, **sizes))  # fmt: skip
+        return off2on.main(off2on.Args(env_id="hopper-medium", run_dir=str(folder), cuda=False, progress=False,
+                                       seed=2, eval_episodes=1, offline_steps=steps, **sizes))  # fmt: skip
+
+    def logged(run):  # every offline evaluation event, duplicates included
+        events = [
+            event for path in sorted(run.glob("events.out.tfevents.*")) for event in EventFileLoader(str(path)).Load()
+        ]
+        return sorted((e.step, v.tensor.float_val[0] if v.HasField("tensor") else v.simple_value)
+                      for e in events for v in e.summary.value if v.tag == "offline/normalized_score")  # fmt: skip
 
     folder, stop = tmp_path / "weak", threading.Event()
-    keeper = threading.Thread(target=handover_rule.keep, args=(folder, stop, 0.001))
+    keeper = threading.Thread(target=handover_rule.keep, args=([folder], stop, 0.001))
     keeper.start()
     try:
         run = offline(folder, 20)
     finally:
         stop.set()
         keeper.join()
-    assert not (run / "checkpoint.pt").exists() and handover_rule.kept_checkpoints(run)
-    assert max(handover_rule.kept_checkpoints(run)) <= 20 and len(handover_rule.kept_checkpoints(run)) <= 3
-
-    lines = handover_rule.apply(folder, threshold=1e9, block=20, most=40, interval=0.001)  # always weak: to the most
+    kept = handover_rule.kept_checkpoints(run)
+    assert not (run / "checkpoint.pt").exists() and 1 < len(kept) <= 3 and max(kept) <= 20
+    kept[max(kept)].unlink()  # the newest kept one gone: apply goes back further
+    older = max(handover_rule.kept_checkpoints(run))
+    capsys.readouterr()
+    lines = handover_rule.apply([folder], threshold=1e9, block=20, most=40, interval=0.001)  # always weak: to the most
+    assert f"on to 40 from checkpoint-{older}.pt" in capsys.readouterr().out
     assert lines == [f"{run}: hand-over at 40 updates, last evaluation {offline_scores(run)[-1][1]:.1f}"]
     assert json.loads((run / "args.json").read_text())["offline_steps"] == 40
     direct = offline(tmp_path / "direct", 40)
-    assert offline_scores(run) == offline_scores(direct)
-    assert [step for step, _ in offline_scores(run)] == [10, 20, 30, 40]
+    assert logged(run) == logged(direct) and [step for step, _ in logged(run)] == [10, 20, 30, 40]
     extended, launched = (torch.load(path / "offline.pt", weights_only=False) for path in (run, direct))
     assert extended.keys() == launched.keys() and extended["step"] == 40
     for name in extended.keys() - {"args"}:  # args: the run folders differ
         flat = [torch.utils._pytree.tree_leaves(checkpoint[name]) for checkpoint in (extended, launched)]
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*flat, strict=True)), name
-    assert scalars(run)["offline/normalized_score"] == scalars(direct)["offline/normalized_score"]
 
-    strong = handover_rule.apply(tmp_path / "direct", threshold=-1e9, block=10, most=80, interval=0.001)
+    before = {name: (direct / name).read_bytes() for name in ("final.pt", "offline.pt", "args.json")}
+    strong = handover_rule.apply([tmp_path / "direct"], threshold=-1e9, block=10, most=80, interval=0.001)
     assert strong == [f"{direct}: hand-over at 40 updates, last evaluation {offline_scores(direct)[-1][1]:.1f}"]
+    assert {name: (direct / name).read_bytes() for name in before} == before
     shutil.rmtree(run / "kept")
     with pytest.raises(SystemExit, match="no kept checkpoint at or before step 40"):
-        handover_rule.apply(folder, threshold=1e9, block=10, most=50, interval=0.001)
-    capsys.readouterr()
+        handover_rule.apply([folder], threshold=1e9, block=10, most=50, interval=0.001)
 
 
 def test_handover_rule_keeps_a_checkpoint_written_under_an_inode_seen_before(tmp_path):
@@ -700,5 +713,5 @@ def test_handover_rule_keeps_a_checkpoint_written_under_an_inode_seen_before(tmp
         with open(run / "checkpoint.pt", "r+b" if step > 1 else "wb") as file:  # r+b: the same inode
             torch.save({"step": step}, file)
         os.utime(run / "checkpoint.pt", ns=(step * 10**9, step * 10**9))
-        handover_rule.keep_once(tmp_path, seen)
+        handover_rule.keep_once([tmp_path], seen)
     assert sorted(handover_rule.kept_checkpoints(run)) == [3, 4, 5]

@@ -8,9 +8,9 @@
 #     bash benchmark/protocols/cpu.sh report     # benchmark/results/protocol-cpu/report.md from what is committed
 #
 # Every reduction from the paper's protocol is in benchmark/protocols/cpu.md, next to the paper's value.
-# Runs go to runs/protocol-cpu{,-offline}/ (WORKERS at a time, 2 by default, one thread each); a finished piece's TensorBoard
-# events and args.json are copied to benchmark/results/protocol-cpu/ to be committed (round 2 also carries offline.pt:
-# cpu.md, "Sessions").
+# Runs go to runs/protocol-cpu{,-offline}/ (WORKERS at a time, 2 by default, THREADS threads each, 1 by default); a
+# finished piece's TensorBoard events and args.json are copied to benchmark/results/protocol-cpu/ to be committed
+# (round 2 also carries offline.pt: cpu.md, "Sessions").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1}  # THREADS=2 WORKERS=1: one run on both cores
@@ -55,7 +55,8 @@ collect() {  # collect <label>: events and args.json of the finished runs (final
     return 0
 }
 
-carry() {  # carry <label>: each finished offline run's offline.pt and args.json to $CARRIED/<label>/<dataset>/seed<N>/<run>/
+carry() {  # carry <label>: each finished offline run's offline.pt and args.json to
+    # $CARRIED/<label>/<dataset>/seed<N>/<run>/
     local label=$1 run dest
     for run in "$OFFLINE/$label"/*/seed*/*/final.pt; do
         [ -f "$run" ] || continue
@@ -67,23 +68,30 @@ carry() {  # carry <label>: each finished offline run's offline.pt and args.json
     return 0
 }
 
-round2_offline() {  # round2_offline <algorithm> <label> <flags...>: the offline sweep, skipping the seeds whose events
-    # are committed (their offline.pt is carried, or their online arms are done); with RULE=1 the hand-over rule
-    # (handover_rule.py: its keeper links the checkpoints meanwhile); then carry
-    local algorithm=$1 label=$2 keeper=
+round2_offline() {  # round2_offline <algorithm> <label> <flags...>: the offline sweep, skipping the seeds whose offline
+    # events are committed; with RULE=1 the hand-over rule on this sweep's seeds (handover_rule.py, its keeper linking
+    # their checkpoints meanwhile); then the finished phases carried and their events collected
+    local algorithm=$1 label=$2 keeper= folders=() dataset seed
     shift 2
+    for dataset in $DATASETS; do for seed in $SEEDS; do folders+=("$OFFLINE/$label/$dataset/seed$seed"); done; done
     if [ "${RULE:-0}" = 1 ]; then
-        mkdir -p "$OFFLINE/$label"
-        python benchmark/protocols/handover_rule.py keep "$OFFLINE/$label" &
+        python benchmark/protocols/handover_rule.py keep "${folders[@]}" &
         keeper=$!
+        trap 'kill $keeper 2>/dev/null' EXIT  # also when this script is interrupted
     fi
     python benchmark/sweep.py --algorithms "$algorithm" --label "$label" --datasets $DATASETS --seeds $SEEDS \
         --sweep-dir "$OFFLINE" --workers "$WORKERS" --collected "$RESULTS/offline" -- $COMMON "$@" || true
     if [ -n "$keeper" ]; then
-        kill "$keeper" 2>/dev/null || true
-        python benchmark/protocols/handover_rule.py apply "$OFFLINE/$label"
+        kill -0 "$keeper" 2>/dev/null || { echo "error: the checkpoint keeper of $label stopped early" >&2; exit 1; }
+        kill "$keeper"
+        wait "$keeper" 2>/dev/null || true
+        trap - EXIT
+        # a failure stops the piece: its online arms must not start from a hand-over the rule has not passed
+        python benchmark/protocols/handover_rule.py apply "${folders[@]}"
     fi
     carry "$label"
+    mkdir -p "$RESULTS/offline"
+    collect "$label"
 }
 
 piece() {  # piece <algorithm> <baseline label> <offline flags> -- <online flags> -- <baseline flags>

@@ -1,12 +1,13 @@
 """Round 2's hand-over rule (benchmark/protocols/cpu.md): an offline phase whose last evaluation is below 60 goes on
 in blocks of 2.5k updates until a block's last evaluation reaches 60, at most to 20k updates.
 
-    python benchmark/protocols/handover_rule.py keep runs/protocol-cpu-offline/enoto-strong &   # during the sweep
-    python benchmark/protocols/handover_rule.py apply runs/protocol-cpu-offline/enoto-strong    # after it
+    python benchmark/protocols/handover_rule.py keep runs/protocol-cpu-offline/enoto-strong/*/seed2 &  # while it runs
+    python benchmark/protocols/handover_rule.py apply runs/protocol-cpu-offline/enoto-strong/*/seed2  # after it
 
 The scripts cannot lengthen a finished run (--resume refuses a run with final.pt), and a finished run has removed its
-checkpoint.pt. `keep` hard-links every checkpoint.pt written under the folder (the scripts write each atomically, a
-new file each time) into the run's kept/ folder as checkpoint-<step>.pt, the newest three per run. `apply` reads
+checkpoint.pt. `keep` hard-links every checkpoint.pt written under the folders (the scripts write each atomically, a
+new file each time) into the run's kept/ folder as checkpoint-<step>.pt, the newest three per run. Give both the
+folders of the seeds one sweep runs: another sweep's runs are its own keeper's and `apply`'s. `apply` reads
 each finished run's last `offline/normalized_score`; below the threshold, it puts the newest kept checkpoint at or
 before that step back as checkpoint.pt with `offline_steps` one block further (args.json too), removes final.pt and
 offline.pt, and resumes the run (`<script> --resume RUN`), keeping its checkpoints meanwhile, until the rule holds.
@@ -28,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmark.diagnostics.offline_curves import offline_scores
+from utils.checkpoint import atomic_save
 
 REPO = Path(__file__).resolve().parents[2]
 KEPT = 3  # checkpoints kept per run: the newest at or before the last step is one of them
@@ -37,9 +39,9 @@ def kept_checkpoints(run: Path) -> dict[int, Path]:
     return {int(path.stem.split("-")[1]): path for path in (run / "kept").glob("checkpoint-*.pt")}
 
 
-def keep_once(folder: Path, seen: set[tuple[int, int]]) -> None:
-    """Link each checkpoint.pt under `folder` not linked yet into its run's kept/ and drop the oldest beyond KEPT."""
-    for checkpoint in folder.glob("**/checkpoint.pt"):
+def keep_once(folders: list[Path], seen: set[tuple[int, int]]) -> None:
+    """Link each checkpoint.pt under `folders` not linked yet into its run's kept/ and drop the oldest beyond KEPT."""
+    for checkpoint in (path for folder in folders for path in folder.glob("**/checkpoint.pt")):
         kept = checkpoint.parent / "kept"
         try:
             stat = checkpoint.stat()
@@ -54,21 +56,19 @@ def keep_once(folder: Path, seen: set[tuple[int, int]]) -> None:
         seen.add(version)
         try:
             step = torch.load(link, map_location="cpu", weights_only=False)["step"]
-        except Exception:
-            link.unlink()
-            continue
-        link.rename(kept / f"checkpoint-{step}.pt")
-        steps = sorted(kept_checkpoints(checkpoint.parent))
-        for step in steps[:-KEPT]:
-            (kept / f"checkpoint-{step}.pt").unlink()
+            link.rename(kept / f"checkpoint-{step}.pt")
+            for old in sorted(kept_checkpoints(checkpoint.parent))[:-KEPT]:
+                (kept / f"checkpoint-{old}.pt").unlink(missing_ok=True)
+        except Exception:  # a file that is not a checkpoint, or one removed by hand meanwhile: a keeper lives on
+            link.unlink(missing_ok=True)
 
 
-def keep(folder: Path, stop: threading.Event, interval: float) -> None:
+def keep(folders: list[Path], stop: threading.Event, interval: float) -> None:
     seen: set[tuple[int, int]] = set()
     while not stop.is_set():
-        keep_once(folder, seen)
+        keep_once(folders, seen)
         stop.wait(interval)
-    keep_once(folder, seen)
+    keep_once(folders, seen)
 
 
 def extend(run: Path, steps: int) -> Path:
@@ -76,22 +76,25 @@ def extend(run: Path, steps: int) -> Path:
     done = max(offline_scores(run))[0]
     kept = {step: path for step, path in kept_checkpoints(run).items() if step <= done}
     if not kept:
-        raise SystemExit(f"error: {run} has no kept checkpoint at or before step {done}: run `keep` during its sweep")
+        raise SystemExit(
+            f"error: {run} has no kept checkpoint at or before step {done} (its sweep ran without `keep`): delete "
+            "that run and run the piece again, which makes it again with the keeper on"
+        )
     checkpoint = torch.load(kept[max(kept)], map_location="cpu", weights_only=False)
     checkpoint["args"]["offline_steps"] = steps
-    torch.save(checkpoint, run / "checkpoint.pt.tmp")
-    os.replace(run / "checkpoint.pt.tmp", run / "checkpoint.pt")
+    atomic_save(checkpoint, run / "checkpoint.pt")
     args = json.loads((run / "args.json").read_text())
-    (run / "args.json").write_text(json.dumps({**args, "offline_steps": steps}, indent=2))
+    (run / "args.json.tmp").write_text(json.dumps({**args, "offline_steps": steps}, indent=2))
+    os.replace(run / "args.json.tmp", run / "args.json")
     for name in ("final.pt", "offline.pt"):
         (run / name).unlink(missing_ok=True)
     return kept[max(kept)]
 
 
-def apply(folder: Path, threshold: float, block: int, most: int, interval: float) -> list[str]:
-    """Extend and resume every finished run under `folder` until the rule holds; one line per run."""
+def apply(folders: list[Path], threshold: float, block: int, most: int, interval: float) -> list[str]:
+    """Extend and resume every finished run under `folders` until the rule holds; one line per run."""
     lines = []
-    for final in sorted(folder.glob("**/final.pt")):
+    for final in sorted(path for folder in folders for path in folder.glob("**/final.pt")):
         run = final.parent
         while True:
             if not offline_scores(run):
@@ -104,12 +107,15 @@ def apply(folder: Path, threshold: float, block: int, most: int, interval: float
             print(f"{run}: {score:.1f} at {step} < {threshold:g}: on to {min(step + block, most)} from {source.name}")
             algorithm = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["algorithm"]
             stop = threading.Event()
-            keeper = threading.Thread(target=keep, args=(folder, stop, interval))
+            keeper = threading.Thread(target=keep, args=([run], stop, interval))
             keeper.start()
             try:
                 command = [sys.executable, str(REPO / "algorithms" / f"{algorithm}.py"), "--resume", str(run)]
                 if subprocess.run([*command, "--no-progress"]).returncode != 0:
-                    raise SystemExit(f"error: {' '.join(command)} failed; run it again to go on")
+                    raise SystemExit(
+                        f"error: {' '.join(command)} failed; run the piece again: its sweep resumes the run, then "
+                        "the rule is applied to it again"
+                    )
             finally:
                 stop.set()
                 keeper.join()
@@ -119,15 +125,15 @@ def apply(folder: Path, threshold: float, block: int, most: int, interval: float
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("keep", "apply"))
-    parser.add_argument("folder", type=Path, help="a label's folder of an offline sweep (or one run's)")
+    parser.add_argument("folders", type=Path, nargs="+", help="the seed folders of an offline sweep (or runs)")
     parser.add_argument("--threshold", type=float, default=60.0)
     parser.add_argument("--block", type=int, default=2500, help="updates added per extension")
     parser.add_argument("--most", type=int, default=20000, help="no extension beyond this many updates")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between two looks for checkpoints")
     args = parser.parse_args(argv)
     if args.action == "keep":
-        keep(args.folder, threading.Event(), args.interval)  # until killed
-    for line in apply(args.folder, args.threshold, args.block, args.most, args.interval):
+        keep(args.folders, threading.Event(), args.interval)  # until killed
+    for line in apply(args.folders, args.threshold, args.block, args.most, args.interval):
         print(line)
 
 
