@@ -7,14 +7,20 @@ then the fixture is rewritten with the reason in the commit message:
 
     python -m tests.test_golden            # rewrites tests/golden/*.pt from the scripts as they are
 
-Bit equality holds for one set of library versions on one kind of CPU; the fixture records the versions of
-torch, numpy, mujoco and gymnasium, and where they differ from the ones installed the test skips and says so.
+Bit equality holds for one set of library versions and one set of torch's CPU kernels; the fixture records the
+versions of torch, numpy, mujoco and gymnasium, and where they differ from the ones installed the test skips and says
+so. The kernels are pinned: each golden run is made in its own process with torch's AVX2 kernels (x86), since the
+AVX-512 ones round some reductions differently (a logged mean moves in its last bit) and a process picks its kernels
+once, when torch first needs them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +31,7 @@ import pytest
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
+from tests.conftest import REPO
 from tests.test_resume import all_scalars
 from utils.fast import FastUpdate
 
@@ -43,11 +50,28 @@ RUNS = {
     "opt-spot": ("opt", {"n_tau": 10, "n_pretrain": 5, "backbone": "spot", "vae_steps": 10}),
 }  # fmt: skip
 LARGE = 4096  # tensors with more elements are kept as a digest of their bytes (SPOT's VAE is 750 wide)
+KERNELS = {"ATEN_CPU_CAPABILITY": "avx2"} if platform.machine().lower() in ("x86_64", "amd64") else {}
 
 
 def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "numpy": np.__version__, "mujoco": mujoco.__version__,
             "gymnasium": gymnasium.__version__}  # fmt: skip
+
+
+def golden_or_skip(name: str) -> dict:
+    """tests/golden/<name>.pt, or a skip where the libraries differ from its own."""
+    golden = torch.load(GOLDEN / f"{name}.pt", weights_only=False)
+    if golden["versions"] != versions():
+        pytest.skip(f"golden {name} was written with {golden['versions']}; installed: {versions()}")
+    return golden
+
+
+def same_kernels_or_skip(golden: dict, result: dict) -> None:
+    written = golden.get("cpu kernels", "AVX2")  # the goldens written before this key was kept: AVX2
+    if result["cpu kernels"] != written:
+        pytest.skip(
+            f"golden written with torch's {written} CPU kernels; this machine's run used {result['cpu kernels']}"
+        )
 
 
 def leaves(value, prefix: str = "") -> dict:
@@ -71,8 +95,26 @@ def digest(tensor: torch.Tensor) -> str:
     return f"{tensor.dtype} {tuple(tensor.shape)} {hashlib.sha256(data).hexdigest()}"
 
 
-def golden_run(name: str, run_dir: Path) -> dict:
-    """The run `name` of RUNS on the tests' tiny hopper data (MINARI_DATASETS_PATH set): final.pt and scalars."""
+def golden_run(name: str, run_dir: Path, static_outputs: bool = False) -> dict:
+    """The run `name` of RUNS on the tests' tiny hopper data (MINARI_DATASETS_PATH set), in a process of its own with
+    the pinned CPU kernels: final.pt, scalars and the kernels used. With `static_outputs` the script's FastUpdate
+    is StaticOutputs."""
+    out = run_dir.parent / f"{run_dir.name}-golden.pt"
+    code = "import sys; from tests.test_golden import golden_child; golden_child(*sys.argv[1:])"
+    command = [sys.executable, "-c", code, name, str(run_dir), str(out), str(int(static_outputs))]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, **KERNELS}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def golden_child(name: str, run_dir: str, out: str, static_outputs: str) -> None:
+    if static_outputs == "1":
+        importlib.import_module(f"algorithms.{RUNS[name][0]}").FastUpdate = StaticOutputs
+    kernels = {"cpu kernels": torch.backends.cpu.get_cpu_capability()}
+    torch.save(golden_run_here(name, Path(run_dir)) | kernels, out)
+
+
+def golden_run_here(name: str, run_dir: Path) -> dict:
     script, flags = RUNS[name]
     module = importlib.import_module(f"algorithms.{script}")
     fixed = {"env_id": "hopper-medium", "run_dir": str(run_dir), "cuda": False, "progress": False, "seed": 1}
@@ -85,10 +127,9 @@ def golden_run(name: str, run_dir: Path) -> dict:
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_golden_run_is_reproduced_bit_for_bit(minari_root, tmp_path, name):
-    golden = torch.load(GOLDEN / f"{name}.pt", weights_only=False)
-    if golden["versions"] != versions():
-        pytest.skip(f"golden {name} was written with {golden['versions']}; installed: {versions()}")
-    result = golden_run(name, tmp_path)
+    golden = golden_or_skip(name)
+    result = golden_run(name, tmp_path / "run")
+    same_kernels_or_skip(golden, result)
     assert result["scalars"].keys() == golden["scalars"].keys()
     for tag, points in golden["scalars"].items():
         assert result["scalars"][tag] == points, tag
@@ -120,14 +161,13 @@ class StaticOutputs(FastUpdate):
 
 
 @pytest.mark.parametrize("name", list(RUNS))
-def test_metrics_survive_update_outputs_that_the_next_call_overwrites(minari_root, tmp_path, monkeypatch, name):
+def test_metrics_survive_update_outputs_that_the_next_call_overwrites(minari_root, tmp_path, name):
     """Under --cudagraphs an update returns the same output tensors at every replay; the logged means must be those
     of every update, not the last one's repeated (the golden run's scalars, bit for bit)."""
-    golden = torch.load(GOLDEN / f"{name}.pt", weights_only=False)
-    if golden["versions"] != versions():
-        pytest.skip(f"golden {name} was written with {golden['versions']}; installed: {versions()}")
-    monkeypatch.setattr(importlib.import_module(f"algorithms.{RUNS[name][0]}"), "FastUpdate", StaticOutputs)
-    assert golden_run(name, tmp_path)["scalars"] == golden["scalars"]
+    golden = golden_or_skip(name)
+    result = golden_run(name, tmp_path / "run", static_outputs=True)
+    same_kernels_or_skip(golden, result)
+    assert result["scalars"] == golden["scalars"]
 
 
 def write_goldens(names: list[str]) -> None:
