@@ -11,7 +11,7 @@ Bit equality holds for one set of library versions and one set of torch's CPU ke
 versions of torch, numpy, mujoco and gymnasium, and where they differ from the ones installed the test skips and says
 so. The kernels are pinned: each golden run is made in its own process with torch's AVX2 kernels (x86), since the
 AVX-512 ones round some reductions differently (a logged mean moves in its last bit) and a process picks its kernels
-once, when torch first needs them.
+once, when torch first needs them; off x86, a golden written with other kernels than the run's skips.
 """
 
 from __future__ import annotations
@@ -67,8 +67,12 @@ def golden_or_skip(name: str) -> dict:
 
 
 def same_kernels_or_skip(golden: dict, result: dict) -> None:
+    """On x86 the run must have used the pinned AVX2 kernels (a pin that stopped working fails, it does not skip);
+    elsewhere a golden written with other kernels than the run's skips."""
     written = golden.get("cpu kernels", "AVX2")  # the goldens written before this key was kept: AVX2
-    if result["cpu kernels"] != written:
+    if KERNELS:
+        assert result["cpu kernels"] == "AVX2" == written, (result["cpu kernels"], written)
+    elif result["cpu kernels"] != written:
         pytest.skip(
             f"golden written with torch's {written} CPU kernels; this machine's run used {result['cpu kernels']}"
         )
@@ -102,8 +106,9 @@ def golden_run(name: str, run_dir: Path, static_outputs: bool = False) -> dict:
     out = run_dir.parent / f"{run_dir.name}-golden.pt"
     code = "import sys; from tests.test_golden import golden_child; golden_child(*sys.argv[1:])"
     command = [sys.executable, "-c", code, name, str(run_dir), str(out), str(int(static_outputs))]
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, **KERNELS}, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    env = {**os.environ, **KERNELS, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
 
@@ -171,8 +176,8 @@ def test_metrics_survive_update_outputs_that_the_next_call_overwrites(minari_roo
 
 
 def write_goldens(names: list[str]) -> None:
-    """Rewrite tests/golden/<name>.pt for `names` on freshly made tiny datasets (the tests' own recipe)."""
-    import os
+    """Rewrite tests/golden/<name>.pt for `names` on freshly made tiny datasets (the tests' own recipe), on x86 with
+    the pinned AVX2 kernels only (a golden written with others would make every x86 run fail)."""
     import tempfile
 
     from tests.conftest import TINY_HORIZON
@@ -184,6 +189,8 @@ def write_goldens(names: list[str]) -> None:
         GOLDEN.mkdir(exist_ok=True)
         for name in names:
             result = golden_run(name, Path(root) / "runs" / name)
+            if KERNELS and result["cpu kernels"] != "AVX2":
+                raise SystemExit(f"error: the golden run used torch's {result['cpu kernels']} kernels, not AVX2")
             torch.save(result | {"versions": versions(), "flags": RUNS[name]}, GOLDEN / f"{name}.pt")
             print(f"wrote {GOLDEN / name}.pt: {len(result['final'])} values, {len(result['scalars'])} tags")
 
