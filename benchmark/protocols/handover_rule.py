@@ -71,9 +71,9 @@ def keep(folders: list[Path], stop: threading.Event, interval: float) -> None:
     keep_once(folders, seen)
 
 
-def extend(run: Path, steps: int) -> Path:
-    """Put the newest kept checkpoint at or before the run's last step back, with `steps` offline updates."""
-    done = max(offline_scores(run))[0]
+def extend(run: Path, done: int, steps: int) -> tuple[Path, str]:
+    """Put the newest kept checkpoint at or before `done` (the run's last step) back, with `steps` offline updates;
+    returns it and the run's algorithm."""
     kept = {step: path for step, path in kept_checkpoints(run).items() if step <= done}
     if not kept:
         raise SystemExit(
@@ -88,7 +88,7 @@ def extend(run: Path, steps: int) -> Path:
     os.replace(run / "args.json.tmp", run / "args.json")
     for name in ("final.pt", "offline.pt"):
         (run / name).unlink(missing_ok=True)
-    return kept[max(kept)]
+    return kept[max(kept)], checkpoint["algorithm"]
 
 
 def apply(folders: list[Path], threshold: float, block: int, most: int, interval: float) -> list[str]:
@@ -97,15 +97,15 @@ def apply(folders: list[Path], threshold: float, block: int, most: int, interval
     for final in sorted(path for folder in folders for path in folder.glob("**/final.pt")):
         run = final.parent
         while True:
-            if not offline_scores(run):
+            scores = offline_scores(run)
+            if not scores:
                 raise SystemExit(f"error: {run} logged no offline/normalized_score: not an offline phase of round 2")
-            step, score = max(offline_scores(run))
+            step, score = scores[-1]
             if score >= threshold or step >= most:
                 lines.append(f"{run}: hand-over at {step} updates, last evaluation {score:.1f}")
                 break
-            source = extend(run, min(step + block, most))
+            source, algorithm = extend(run, step, min(step + block, most))
             print(f"{run}: {score:.1f} at {step} < {threshold:g}: on to {min(step + block, most)} from {source.name}")
-            algorithm = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["algorithm"]
             stop = threading.Event()
             keeper = threading.Thread(target=keep, args=([run], stop, interval))
             keeper.start()
